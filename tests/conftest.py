@@ -5,7 +5,3 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 4) if hasattr(jax.config, "jax_num_cpu_devices") else None
