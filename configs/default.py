@@ -1,0 +1,94 @@
+"""Default configuration: every field ffkd_jax reads, with its default.
+
+Other configs import this one and override a few fields. Any field can be changed from the
+command line: `--config.batch_size=32 --config.ffkd.b_fb=0.5`.
+"""
+
+import ml_collections
+
+from ffkd_jax.input_pipeline import default_dataset_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # What is trained. 'ce' trains `model` alone with cross-entropy (teacher training and the
+  # CE baseline); every other method distils `teacher` into `model` (see ffkd_jax/methods).
+  config.method = 'ce'
+  config.model = 'resnet8x4'
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.model = 'resnet32x4'
+  # A workdir of an earlier run (its best checkpoint is used, else its latest), or a checkpoint
+  # step directory. Required by methods that distil from a pre-trained teacher.
+  config.teacher.checkpoint = ''
+  # Which role of that run to take ('' = 'model' of a CE run, else 'teacher').
+  config.teacher.role = ''
+  # With no checkpoint given, train the teacher first with CE for this many epochs (or steps)
+  # into WORKDIR/teacher, then distil from it: the whole chain in one command. 0 = off.
+  config.teacher.pretrain_epochs = 0.0
+  config.teacher.pretrain_steps = -1
+
+  config.dataset = default_dataset_config()
+
+  # Global batch (all devices of all processes); must be divisible by the device count.
+  config.batch_size = 64
+  config.eval_batch_size = 256
+  config.num_epochs = 240
+  # > 0 overrides num_epochs with an exact number of steps.
+  config.num_train_steps = -1
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'  # 'sgd' or 'adamw'
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.schedule = 'steps'  # 'steps', 'cosine' or 'constant'
+  config.optimizer.decay_epochs = (150, 180, 210)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.warmup_epochs = 0.0
+
+  # Distillation recipes; only the block of the selected method is read.
+  config.kd = ml_collections.ConfigDict(dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9))
+  config.dist = ml_collections.ConfigDict(
+      dict(temperature=4.0, beta=1.0, gamma=1.0, ce_weight=1.0, kd_weight=2.0))
+  config.rkd = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, distance_weight=25.0, angle_weight=50.0))
+  config.ffkd = ffkd_config()
+
+  # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
+  config.dtype = 'float32'
+  # What to do when a loss or gradient is not finite: 'skip' the update (and count it), or 'stop'.
+  config.nonfinite_policy = 'skip'
+
+  config.log_every_steps = 50
+  # Evaluate this often (in steps); <= 0 means once per epoch.
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  return config
+
+
+def ffkd_config() -> ml_collections.ConfigDict:
+  """FFKD as ../shared/FFKD-METHOD.md reconstructs it; the preset picks which terms are on."""
+  c = ml_collections.ConfigDict()
+  # (teacher feature, student feature) pairs, by the names the models expose.
+  c.layer_pairs = (('stage1', 'stage1'), ('stage2', 'stage2'), ('stage3', 'stage3'))
+  c.temperature = 4.0  # tau of the softened outputs
+  # Forward loss (student and its connectors).
+  c.a_ce = 1.0
+  c.a_kd = 1.0
+  c.a_feat = 1.0
+  # Feedback loss (teacher).
+  c.b_ce = 1.0
+  c.b_fb = 1.0
+  c.b_kd = 0.5
+  # Weighting constraint w = scale * softmax_c((1 - omega) / weight_temperature).
+  c.use_channel_weights = True
+  c.weight_temperature = 0.1
+  c.weight_scale = -1.0  # <= 0 means the channel count, so the mean weight is 1
+  c.unbiased_hsic = False
+  c.feedback_start_step = 0
+  c.teacher_lr_scale = 0.1
+  return c

@@ -1,0 +1,137 @@
+"""Orbax checkpoints of a run, and loading a pre-trained teacher.
+
+Layout under the workdir:
+  checkpoints/<step>/{state, meta}   the last `keep_checkpoints`, every N steps and at the end
+  best/<step>/{state, meta}          the best by validation top-1 (one kept)
+`state` is the whole TrainState as a plain tree (every role's parameters, batch statistics and
+optimizer state, the step, which is also the input position); `meta` is JSON: the method, each
+role's model, the class count, and the evaluation that made it.
+
+Saving is asynchronous; orbax writes into a temporary directory and renames it when complete,
+so the last good checkpoint stays until a newer one is whole. A checkpoint that fails to restore
+is skipped for the previous one, with a warning naming both steps.
+"""
+
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ffkd_jax.states import TrainState
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+  """The latest-k and best managers of one workdir."""
+
+  def __init__(self, workdir: str, keep: int):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
+                                           enable_async_checkpointing=True)
+    self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                                        options=options)
+    self.best = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'best'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             enable_async_checkpointing=True))
+
+  def save(self, state: TrainState, meta: Mapping[str, Any], best: bool = False) -> None:
+    """Saves `state` at its step (asynchronously); refuses non-finite parameters."""
+    step = int(jax.device_get(state.step))
+    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(
+        {n: r.params for n, r in state.roles.items()}))):
+      raise FloatingPointError(f'refusing to checkpoint step {step}: parameters are not finite.')
+    manager = self.best if best else self.latest
+    if step in manager.all_steps():
+      return
+    args = ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                              meta=ocp.args.JsonSave(dict(meta, step=step)))
+    manager.save(step, args=args, force=True)
+
+  def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
+    """The newest checkpoint that restores, shaped and placed like `template`; None if none."""
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    abstract = _abstract(flax.serialization.to_state_dict(template))
+    for index, step in enumerate(steps):
+      try:
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except
+        fallback = steps[index + 1] if index + 1 < len(steps) else None
+        logging.warning('checkpoint at step %d does not restore (%s: %s); falling back to %s.',
+                        step, type(error).__name__, str(error)[:200],
+                        f'step {fallback}' if fallback is not None else 'a fresh start')
+        continue
+      return flax.serialization.from_state_dict(template, restored['state']), dict(
+          restored['meta'])
+    return None
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def _checkpoint_step_dirs(path: str) -> list[tuple[int, str]]:
+  """(step, directory) of the checkpoints at `path`: a workdir, a manager dir or a step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return [(-1, path)]
+  for sub in ('best', 'checkpoints', ''):
+    root = os.path.join(path, sub)
+    if not os.path.isdir(root):
+      continue
+    steps = sorted((int(d), os.path.join(root, d)) for d in os.listdir(root)
+                   if d.isdigit() and os.path.isdir(os.path.join(root, d, 'state')))
+    if steps:
+      return steps[::-1]
+  return []
+
+
+def load_pretrained_role(path: str, model: str, num_classes: int, template_params: Any,
+                         template_stats: Any, role: str = '') -> tuple[Any, Any, dict]:
+  """Backbone parameters and batch statistics of a trained model from another run's checkpoint.
+
+  path: a workdir (its best checkpoint, else its latest), or a checkpoint step directory.
+  role: which role of that run to take; '' takes 'model' (a CE run) or else 'teacher'.
+  Raises ValueError naming both sides when the architecture or the shapes differ.
+  """
+  candidates = _checkpoint_step_dirs(path)
+  if not candidates:
+    raise ValueError(
+        f"config.teacher.checkpoint='{path}' holds no checkpoint: expected a workdir of an "
+        "earlier run (with best/ or checkpoints/) or a checkpoint step directory "
+        "(with state/ and meta/). Train one with --config=configs/<teacher config>.py, or "
+        "convert a PyTorch one with `python -m ffkd_jax.import_torch`.")
+  step, directory = candidates[0]
+  meta = ocp.JsonCheckpointHandler().restore(os.path.join(directory, 'meta'))
+  saved_roles = meta.get('roles', {})
+  chosen = role or ('model' if 'model' in saved_roles else 'teacher')
+  if chosen not in saved_roles:
+    raise ValueError(f"config.teacher.role='{chosen}' is not a role of the checkpoint at "
+                     f"'{directory}'; it has {sorted(saved_roles)}.")
+  if saved_roles[chosen] != model or meta.get('num_classes', num_classes) != num_classes:
+    raise ValueError(
+        f"config.teacher.model='{model}' with {num_classes} classes does not match the "
+        f"checkpoint at '{directory}': its role '{chosen}' is '{saved_roles[chosen]}' with "
+        f"{meta.get('num_classes')} classes.")
+  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, 'state'))
+  role_tree = restored['roles'][chosen]
+  params, stats = role_tree['params']['backbone'], role_tree['batch_stats']['backbone']
+  want = jax.tree.map(np.shape, (template_params, template_stats))
+  got = jax.tree.map(np.shape, (params, stats))
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise ValueError(f"config.teacher.checkpoint='{path}': parameter shapes of '{model}' do not "
+                     f"match the checkpoint's ({directory}).")
+  logging.info("Loaded teacher '%s' (role '%s', step %s) from %s.", model, chosen,
+               meta.get('step', step), directory)
+  return params, stats, meta

@@ -1,0 +1,28 @@
+"""Command line: python -m ffkd_jax.main --config configs/<name>.py --workdir DIR [--config.x=y]."""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
+config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py); override any '
+                                'field with --config.<field>=<value>.', lock_config=True)
+flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() before anything else '
+                  '(also done when JAX_COORDINATOR_ADDRESS is set).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from ffkd_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize(FLAGS.multihost)
+  from ffkd_jax import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,22 @@
+"""Distillation methods by name: `create_method(config)` reads `config.method`."""
+
+from ffkd_jax.methods.base import Method, Role, RoleOutput, gather
+from ffkd_jax.methods.ce import CrossEntropy
+from ffkd_jax.methods.ffkd import FFKD, PRESETS as FFKD_PRESETS
+
+_REGISTRY = {'ce': CrossEntropy}
+_REGISTRY.update({preset: FFKD for preset in FFKD_PRESETS})
+
+
+def available_methods() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def create_method(config) -> Method:
+  if config.method not in _REGISTRY:
+    raise ValueError(f"config.method='{config.method}' is not a method; valid: "
+                     f"{', '.join(available_methods())}.")
+  return _REGISTRY[config.method](config)
+
+
+__all__ = ['Method', 'Role', 'RoleOutput', 'gather', 'available_methods', 'create_method']

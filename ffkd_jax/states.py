@@ -1,0 +1,109 @@
+"""The networks of a run and their train states: one RoleState a role, kept as separate pytrees.
+
+A role's parameters are `{'backbone': ..., 'heads': ...}` (heads only where the method adds
+trainable extras). Only the trainable part has an optimizer and optimizer state: a frozen teacher
+has neither.
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ffkd_jax import models
+from ffkd_jax.methods.base import Method, Role
+from ffkd_jax.parallel import DATA_AXIS
+
+
+@flax.struct.dataclass
+class RoleState:
+  params: dict  # {'backbone': ..., 'heads': ...}
+  batch_stats: dict  # same keys as params, where the module has batch norm
+  opt_state: Any  # optimizer state of the trainable part; () when frozen
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied (skipped non-finite steps included)
+  roles: dict[str, RoleState]
+  skipped_steps: jax.Array  # int32 scalar: updates skipped for non-finite values
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleProgram:
+  """The static part of a role: its modules and optimizer (not part of any pytree)."""
+  role: Role
+  backbone: nn.Module
+  heads: nn.Module | None
+  optimizer: optax.GradientTransformation | None
+  schedule: optax.Schedule | None
+
+  @property
+  def trainable_keys(self) -> tuple[str, ...]:
+    keys = ('backbone',) if self.role.train_backbone else ()
+    return keys + (('heads',) if self.heads is not None else ())
+
+
+def trainable_part(program: RoleProgram, params: Mapping[str, Any]) -> dict:
+  return {k: params[k] for k in program.trainable_keys}
+
+
+def _split_variables(variables) -> tuple[dict, dict]:
+  variables = flax.core.unfreeze(variables)
+  return variables.get('params', {}), variables.get('batch_stats', {})
+
+
+def build_programs(method: Method, num_classes: int, image_size: int, make_optimizer,
+                   dtype=jnp.float32) -> tuple[dict[str, RoleProgram], dict]:
+  """Modules and optimizers of every role, and the shapes of every role's features.
+
+  make_optimizer(lr_scale) -> (optax transformation, schedule).
+  """
+  backbones = {r.name: models.create_model(r.model, num_classes, axis_name=DATA_AXIS, dtype=dtype)
+               for r in method.roles()}
+  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+  feature_shapes = {}
+  for name, backbone in backbones.items():
+    variables = jax.eval_shape(backbone.init, jax.random.key(0), x, train=False)
+    _, features = jax.eval_shape(lambda v, x, b=backbone: b.apply(v, x, train=False), variables, x)
+    feature_shapes[name] = features
+  programs = {}
+  for role in method.roles():
+    heads = method.heads(role.name, feature_shapes)
+    trainable = role.train_backbone or heads is not None
+    optimizer, schedule = make_optimizer(role.lr_scale) if trainable else (None, None)
+    programs[role.name] = RoleProgram(role, backbones[role.name], heads, optimizer, schedule)
+  return programs, feature_shapes
+
+
+def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) -> TrainState:
+  """Fresh parameters for every role (pre-trained ones are loaded over them afterwards)."""
+  x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  roles = {}
+  for index, (name, program) in enumerate(programs.items()):
+    key_backbone, key_heads = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
+    params, stats = {}, {}
+    params['backbone'], stats['backbone'] = _split_variables(
+        program.backbone.init(key_backbone, x, train=False))
+    if program.heads is not None:
+      _, features = program.backbone.apply(
+          {'params': params['backbone'], 'batch_stats': stats['backbone']}, x, train=False)
+      params['heads'], stats['heads'] = _split_variables(
+          program.heads.init(key_heads, features, train=False))
+    roles[name] = RoleState(params, stats, init_opt_state(program, params))
+  return TrainState(step=jnp.zeros((), jnp.int32), roles=roles,
+                    skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def init_opt_state(program: RoleProgram, params: Mapping[str, Any]) -> Any:
+  if program.optimizer is None:
+    return ()
+  return program.optimizer.init(trainable_part(program, params))
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,283 @@
+"""Training and evaluation of any method: `train_and_evaluate(config, workdir)`.
+
+Sections in order: set-up, mesh, input, networks and optimizers, restore, the jitted steps, the
+loop (with evaluation, checkpoints and preemption), the end. The CLI (`ffkd_jax.main`) and the
+notebooks call this same function.
+"""
+
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ffkd_jax import checkpoint as checkpoint_lib
+from ffkd_jax import config_checks
+from ffkd_jax import input_pipeline
+from ffkd_jax import methods
+from ffkd_jax import metrics as metrics_lib
+from ffkd_jax import optim
+from ffkd_jax import parallel
+from ffkd_jax import states as states_lib
+from ffkd_jax import step as step_lib
+
+
+class Preempted(Exception):
+  """Raised inside the loop when SIGTERM or SIGINT asked the run to stop."""
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop reads after each step."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _dtype(config):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.dtype]
+
+
+def _load_teachers(config, method, programs, state):
+  """Loads every pre-trained role's backbone from config.teacher.checkpoint."""
+  roles = dict(state.roles)
+  for role in method.roles():
+    if not role.pretrained:
+      continue
+    current = roles[role.name]
+    params, stats, _ = checkpoint_lib.load_pretrained_role(
+        config.teacher.checkpoint, role.model, programs[role.name].backbone.num_classes,
+        current.params['backbone'], current.batch_stats['backbone'],
+        role=config.teacher.get('role', ''))
+    new_params = dict(current.params, backbone=params)
+    new_stats = dict(current.batch_stats, backbone=stats)
+    roles[role.name] = states_lib.RoleState(
+        new_params, new_stats, states_lib.init_opt_state(programs[role.name], new_params))
+  return state.replace(roles=roles)
+
+
+def _evaluate(eval_step, state, batches, mesh, programs) -> dict[str, float]:
+  totals = None
+  for batch in batches:
+    counts = parallel.fetch(eval_step(state, parallel.global_batch(mesh, batch)))
+    totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
+  count = max(float(totals['count']), 1.0)
+  result = {}
+  for name in programs:
+    result[f'{name}_top1'] = 100.0 * float(totals[f'{name}_top1']) / count
+    result[f'{name}_top5'] = 100.0 * float(totals[f'{name}_top5']) / count
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.method` and evaluates it; returns the final evaluation's metrics."""
+  # --- Set-up -----------------------------------------------------------------------------
+  config_checks.validate(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = parallel.make_mesh()
+  logging.info('Devices: %d (%s), processes: %d', jax.device_count(),
+               jax.devices()[0].device_kind, jax.process_count())
+
+  # --- Input ------------------------------------------------------------------------------
+  info = input_pipeline.get_dataset_info(config.dataset)
+  local_batch = parallel.local_batch_size(config.batch_size)
+  local_eval_batch = parallel.local_batch_size(config.eval_batch_size, 'config.eval_batch_size')
+  steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(config.num_epochs * steps_per_epoch))
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  logging.info('Dataset %s: %d classes, %d train / %d val / %d test; %d steps (%d per epoch).',
+               info.name, info.num_classes, info.num_train, info.num_val, info.num_test,
+               total_steps, steps_per_epoch)
+
+  # --- Networks and optimizers ------------------------------------------------------------
+  method = methods.create_method(config)
+  config = _pretrain_teacher_if_asked(config, method, workdir)
+
+  def make_optimizer(lr_scale):
+    schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps,
+                                            scale=lr_scale)
+    return optim.make_optimizer(config.optimizer, schedule), schedule
+
+  programs, feature_shapes = states_lib.build_programs(
+      method, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config))
+  config_checks.check_features(method, feature_shapes)
+  state = states_lib.init_state(programs, info.image_size, config.seed)
+  for name, role_state in state.roles.items():
+    logging.info('Role %s: %s, %.3fM parameters%s.', name, programs[name].role.model,
+                 states_lib.count_params(role_state.params['backbone']) / 1e6,
+                 '' if programs[name].optimizer else ' (frozen)')
+
+  # --- Restore ----------------------------------------------------------------------------
+  checkpoints = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
+  restored = checkpoints.restore_latest(state)
+  best_top1 = -1.0
+  if restored is not None:
+    state, meta = restored
+    best_top1 = meta.get('best_top1', -1.0)
+    logging.info('Resuming from step %d.', int(state.step))
+  else:
+    state = _load_teachers(config, method, programs, state)
+  meta_base = {'method': config.method, 'num_classes': info.num_classes,
+               'image_size': info.image_size,
+               'roles': {name: p.role.model for name, p in programs.items()}}
+  state = parallel.replicate(mesh, state)
+  start_step = int(jax.device_get(state.step))
+
+  # --- The jitted steps -------------------------------------------------------------------
+  train_step = step_lib.make_train_step(method, programs, mesh)
+  eval_step = step_lib.make_eval_step(programs, mesh)
+  diagnostics_step = step_lib.make_diagnostics_step(method, programs, mesh)
+  eval_splits = {'eval': 'val'}
+  if info.num_val > 0:
+    eval_splits['test'] = 'test'
+  eval_batches = {}  # read once, at the first evaluation, and kept in memory
+
+  def load_eval_batches():
+    if not eval_batches:
+      eval_batches.update({prefix: list(input_pipeline.eval_iterator(
+          config.dataset, split, local_batch_size=local_eval_batch))
+                           for prefix, split in eval_splits.items()})
+    return eval_batches
+
+  writer = metrics_lib.MetricWriter(workdir)
+
+  def evaluate(state, step) -> dict[str, Any]:
+    record = {}
+    for prefix, batches in load_eval_batches().items():
+      for key, value in _evaluate(eval_step, state, batches, mesh, programs).items():
+        record[f'{prefix}/{key}'] = value
+    record['eval/top1'] = record[f'eval/{method.primary_role}_top1']
+    record['eval/top5'] = record[f'eval/{method.primary_role}_top5']
+    first = eval_batches['eval'][0]
+    diagnostics = parallel.fetch(diagnostics_step(state, parallel.global_batch(mesh, first)))
+    for key, value in diagnostics.items():
+      record[key] = value
+    record['epoch'] = step / steps_per_epoch
+    writer.write(step, record)
+    logging.info('eval at step %d: %s', step, ', '.join(
+        f'{k}={v:.2f}' for k, v in record.items() if k.startswith(('eval/', 'test/'))))
+    return record
+
+  def save(state, best=False, extra=None):
+    meta = dict(meta_base, best_top1=best_top1, **(extra or {}))
+    checkpoints.save(state, meta, best=best)
+
+  # --- The loop ---------------------------------------------------------------------------
+  train_iter = input_pipeline.train_iterator(config.dataset, local_batch_size=local_batch,
+                                             seed=config.seed, start_step=start_step)
+  progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
+  last_record: dict[str, Any] = {}
+  step = start_step
+  pending_metrics = []
+  with _StopSignal() as stop:
+    try:
+      while step < total_steps:
+        batch = parallel.global_batch(mesh, next(train_iter))
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        pending_metrics.append(step_metrics)
+        if step % config.log_every_steps == 0 or step == total_steps or stop.received:
+          host = parallel.fetch(pending_metrics)
+          pending_metrics = []
+          _check_finite(config, host, step)
+          averaged = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+          averaged['skipped_steps'] = int(jax.device_get(state.skipped_steps))
+          averaged.update(progress.report(step, averaged))
+          writer.write(step, averaged)
+        if step % eval_every == 0 or step == total_steps:
+          last_record = evaluate(state, step)
+          if last_record['eval/top1'] > best_top1:
+            best_top1 = last_record['eval/top1']
+            save(state, best=True, extra={'eval': _scalars(last_record)})
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+          save(state)
+        if stop.received:
+          raise Preempted(stop.received)
+    except Preempted as signal_name:
+      save(state)
+      checkpoints.wait()
+      writer.flush()
+      logging.warning('Received %s: saved step %d to %s; the same command resumes.',
+                      signal_name, step, workdir)
+      writer.close()
+      checkpoints.close()
+      return {'preempted_at': step}
+  checkpoints.wait()
+  summary = {'step': step, 'best/eval_top1': best_top1}
+  summary.update(_scalars(last_record))
+  writer.write(step, {'final/' + k: v for k, v in summary.items()
+                      if isinstance(v, (int, float))})
+  writer.close()
+  checkpoints.close()
+  return summary
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CE run that pre-trains config.teacher.model for the chain (same data and optimizer)."""
+  teacher = ml_collections.ConfigDict(config.to_dict())
+  teacher.method = 'ce'
+  teacher.model = config.teacher.model
+  teacher.num_train_steps = config.teacher.pretrain_steps
+  teacher.num_epochs = config.teacher.pretrain_epochs
+  return teacher
+
+
+def _pretrain_teacher_if_asked(config, method, workdir):
+  """Trains the teacher first (into WORKDIR/teacher) when the method needs one and none is given."""
+  if not any(role.pretrained for role in method.roles()) or config.teacher.checkpoint:
+    return config
+  if config.teacher.pretrain_steps <= 0 and config.teacher.pretrain_epochs <= 0:
+    raise ValueError(
+        f"config.method='{config.method}' distils from a pre-trained teacher, but "
+        "config.teacher.checkpoint is empty: give a workdir of a teacher run (e.g. "
+        "configs/cifar100_teacher_resnet32x4.py), a converted PyTorch teacher "
+        "(python -m ffkd_jax.import_torch), or set config.teacher.pretrain_steps > 0 to train "
+        "one first.")
+  teacher_workdir = os.path.join(workdir, 'teacher')
+  logging.info('Pre-training the teacher %s into %s.', config.teacher.model, teacher_workdir)
+  train_and_evaluate(teacher_config(config), teacher_workdir)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.teacher.checkpoint = teacher_workdir
+  return config
+
+
+def _scalars(record):
+  return {k: v for k, v in record.items() if isinstance(v, (int, float))}
+
+
+def _check_finite(config, host_metrics, step):
+  """Under nonfinite_policy='stop', stops with the step and the loss that went non-finite."""
+  for offset, metrics in enumerate(host_metrics):
+    if metrics['nonfinite'] > 0 and config.nonfinite_policy == 'stop':
+      at = step - len(host_metrics) + offset + 1
+      bad = [k.split('/', 1)[1] for k, v in metrics.items()
+             if k.startswith('loss_finite/') and v < 1.0]
+      raise FloatingPointError(
+          f'non-finite value at step {at}: loss of {", ".join(bad) or "(losses finite)"}'
+          f'{"" if bad else "; a gradient"} is not finite (config.nonfinite_policy=stop; '
+          "'skip' skips such updates and counts them). The update was not applied.")
+
