@@ -73,8 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
 def ffkd_config() -> ml_collections.ConfigDict:
   """FFKD as ../shared/FFKD-METHOD.md reconstructs it; the preset picks which terms are on."""
   c = ml_collections.ConfigDict()
-  # (teacher feature, student feature) pairs, by the names the models expose.
-  c.layer_pairs = (('stage1', 'stage1'), ('stage2', 'stage2'), ('stage3', 'stage3'))
+  # Teacher:student feature pairs by the names the models expose, e.g.
+  # 'stage2:stage2,stage3:stage3'; 'auto' pairs the deepest maps of each common resolution.
+  c.layer_pairs = 'auto'
   c.temperature = 4.0  # tau of the softened outputs
   # Forward loss (student and its connectors).
   c.a_ce = 1.0

@@ -6,6 +6,7 @@ has neither.
 """
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax
@@ -68,9 +69,11 @@ def build_programs(method: Method, num_classes: int, image_size: int, make_optim
   x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
   feature_shapes = {}
   for name, backbone in backbones.items():
-    variables = jax.eval_shape(backbone.init, jax.random.key(0), x, train=False)
-    _, features = jax.eval_shape(lambda v, x, b=backbone: b.apply(v, x, train=False), variables, x)
+    variables = jax.eval_shape(functools.partial(backbone.init, train=False),
+                               jax.random.key(0), x)
+    _, features = jax.eval_shape(functools.partial(backbone.apply, train=False), variables, x)
     feature_shapes[name] = features
+  method.setup(feature_shapes)
   programs = {}
   for role in method.roles():
     heads = method.heads(role.name, feature_shapes)

@@ -61,6 +61,10 @@ class Method(abc.ABC):
   def roles(self) -> tuple[Role, ...]:
     """The networks of the method, trained or read."""
 
+  def setup(self, feature_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]) -> None:
+    """Called once with every role's feature shapes before `heads` (e.g. to pick layer pairs)."""
+    del feature_shapes
+
   def heads(self, role: str, feature_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]
             ) -> nn.Module | None:
     """The trainable extras of `role`, or None. feature_shapes: role -> feature name -> shape.

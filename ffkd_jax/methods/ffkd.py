@@ -67,6 +67,40 @@ def terms_for_preset(preset: str, ffkd_config) -> FFKDTerms:
   return FFKDTerms(**fields)
 
 
+def auto_layer_pairs(teacher_shapes, student_shapes, max_pairs: int = 3):
+  """Pairs, for each spatial resolution both networks have, their deepest stage outputs at it.
+
+  Keeps the `max_pairs` deepest such pairs; a student map must be at least the teacher's size.
+  """
+  def deepest_by_size(shapes):
+    by_size = {}
+    for name in sorted((k for k in shapes if k.startswith('stage') and not k.endswith('_preact')),
+                       key=lambda k: int(k[len('stage'):])):
+      by_size[tuple(shapes[name].shape[1:3])] = name
+    return by_size
+
+  teacher, student = deepest_by_size(teacher_shapes), deepest_by_size(student_shapes)
+  common = sorted(set(teacher) & set(student), key=lambda hw: -hw[0] * hw[1])
+  pairs = tuple((teacher[hw], student[hw]) for hw in common)[-max_pairs:]
+  if not pairs:
+    raise ValueError('config.ffkd.layer_pairs=auto: the teacher and the student have no feature '
+                     'map of the same spatial size; list the pairs explicitly.')
+  return pairs
+
+
+def parse_layer_pairs(spec: str) -> tuple[tuple[str, str], ...]:
+  """'stage2:stage2,stage3:stage3' -> (('stage2', 'stage2'), ('stage3', 'stage3'))."""
+  pairs = []
+  for item in spec.split(','):
+    names = [n.strip() for n in item.split(':')]
+    if len(names) != 2 or not all(names):
+      raise ValueError(f"config.ffkd.layer_pairs='{spec}' is not valid: give 'auto' or "
+                       "comma-separated teacher:student feature names, e.g. "
+                       "'stage2:stage2,stage3:stage3'.")
+    pairs.append(tuple(names))
+  return tuple(pairs)
+
+
 def pair_key(teacher_feature: str, student_feature: str) -> str:
   return f'{teacher_feature}-{student_feature}'
 
@@ -79,7 +113,12 @@ class FFKD(Method):
     self.terms = terms_for_preset(config.method, config.ffkd)
     self.teacher_model = config.teacher.model
     self.student_model = config.model
-    self.layer_pairs = tuple((t, s) for t, s in config.ffkd.layer_pairs)
+    self._pairs_spec = config.ffkd.layer_pairs
+    self.layer_pairs = () if self._pairs_spec == 'auto' else parse_layer_pairs(self._pairs_spec)
+
+  def setup(self, feature_shapes):
+    if self._pairs_spec == 'auto':
+      self.layer_pairs = auto_layer_pairs(feature_shapes['teacher'], feature_shapes['student'])
 
   @property
   def uses_features(self) -> bool:

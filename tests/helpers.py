@@ -1,0 +1,45 @@
+"""Shared builders for tests: tiny configs, states and batches, without any input pipeline."""
+
+import jax
+import numpy as np
+
+from configs import default
+from ffkd_jax import methods, optim, parallel
+from ffkd_jax import states as states_lib
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 16
+
+
+def tiny_config(method='ffkd', model='resnet8', teacher='resnet8'):
+  config = default.get_config()
+  config.method = method
+  config.model = model
+  config.teacher.model = teacher
+  config.optimizer.schedule = 'constant'
+  config.optimizer.learning_rate = 0.05
+  return config
+
+
+def build(config, steps_per_epoch=10, total_steps=100):
+  """(method, programs, initial state on the host)."""
+  method = methods.create_method(config)
+
+  def make_optimizer(lr_scale):
+    schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps,
+                                            scale=lr_scale)
+    return optim.make_optimizer(config.optimizer, schedule), schedule
+
+  programs, _ = states_lib.build_programs(method, NUM_CLASSES, IMAGE_SIZE, make_optimizer)
+  state = states_lib.init_state(programs, IMAGE_SIZE, config.seed)
+  return method, programs, state
+
+
+def random_batch(seed, batch_size=16):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+          'label': rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32)}
+
+
+def mesh_of(num_devices):
+  return parallel.make_mesh(jax.devices()[:num_devices])
