@@ -16,7 +16,7 @@ def cifar100_protocol(config, model: str):
   config.dataset.name = 'cifar100'
   config.dataset.augment = 'cifar'
   config.batch_size = 64
-  config.num_epochs = 240
+  config.num_epochs = 240.0
   config.optimizer.name = 'sgd'
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 5e-4

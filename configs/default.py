@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Global batch (all devices of all processes); must be divisible by the device count.
   config.batch_size = 64
   config.eval_batch_size = 256
-  config.num_epochs = 240
+  config.num_epochs = 240.0
   # > 0 overrides num_epochs with an exact number of steps.
   config.num_train_steps = -1
 
@@ -56,6 +56,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.rkd = ml_collections.ConfigDict(
       dict(ce_weight=1.0, distance_weight=25.0, angle_weight=50.0))
   config.ffkd = ffkd_config()
+  # The FFKD paper's comparison methods; defaults and their sources in ffkd_jax/methods/<name>.py.
+  # layer_pairs / layer_pair: 'auto' or teacher:student feature names, e.g. 'stage3:stage3'.
+  config.cc = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, kd_weight=1.0, temperature=4.0, cc_weight=100.0, gamma=0.4, order=2))
+  config.sp = ml_collections.ConfigDict(dict(ce_weight=1.0, sp_weight=3000.0, layer_pairs='auto'))
+  config.ickd = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, kd_weight=1.0, temperature=4.0, ickd_weight=2.5, layer_pairs='auto'))
+  config.fitnet = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, hint_weight=100.0, layer_pair='auto'))
+  config.at = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, at_weight=1000.0, p=2.0, layer_pairs='auto'))
+  config.iekd = iekd_config()
+  # Online methods: peers trained together from scratch. `models`: comma-separated model names
+  # ('' = two copies of config.model).
+  config.dml = ml_collections.ConfigDict(dict(models='', temperature=1.0, kl_weight=1.0))
+  config.iedml = iedml_config()
 
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
   config.dtype = 'float32'
@@ -92,4 +108,33 @@ def ffkd_config() -> ml_collections.ConfigDict:
   c.unbiased_hsic = False
   c.feedback_start_step = 0
   c.teacher_lr_scale = 0.1
+  return c
+
+
+def iekd_config() -> ml_collections.ConfigDict:
+  """IE-KD (ffkd_jax/methods/iekd.py): the official code's CIFAR settings."""
+  c = ml_collections.ConfigDict()
+  c.ce_weight = 1.0
+  c.inh_weight = 1.0  # inheritance: pull the student's first channel half toward the code
+  c.exp_weight = 1.0  # exploration: push the second half away from it
+  # The teacher's auto-encoder trains alone for this many steps (30 CIFAR-100 epochs at batch
+  # 64), then stays fixed and the inheritance and exploration terms start.
+  c.ae_steps = 23460
+  c.code_channels = -1  # <= 0: half the teacher feature's channels
+  c.teacher_feature = ''  # '' = the last stage output
+  c.student_feature = ''
+  return c
+
+
+def iedml_config() -> ml_collections.ConfigDict:
+  """IE-DML (ffkd_jax/methods/iedml.py): this project's symmetric extension of IE-KD to DML."""
+  c = ml_collections.ConfigDict()
+  c.models = ''  # two model names, comma-separated; '' = two copies of config.model
+  c.temperature = 1.0
+  c.kl_weight = 1.0
+  c.rec_weight = 1.0
+  c.inh_weight = 1.0
+  c.exp_weight = 1.0
+  c.ae_steps = 23460  # inheritance and exploration start here (the auto-encoders train always)
+  c.code_channels = -1  # <= 0: half the smaller peer's last-stage channels
   return c

@@ -16,6 +16,9 @@ def get_config():
   config = default.get_config()
   config.method = 'ffkd'
   config.dataset.name = 'cifar10'
+  # CIFAR-10's statistics also when the images come from a folder.
+  config.dataset.mean = (0.4914, 0.4822, 0.4465)
+  config.dataset.std = (0.2470, 0.2435, 0.2616)
   config.model = 'resnet8'
   config.teacher.model = 'resnet14'
   config.teacher.pretrain_steps = 800

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from ffkd_jax.states import TrainState
 
@@ -113,7 +114,7 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
         "(with state/ and meta/). Train one with --config=configs/<teacher config>.py, or "
         "convert a PyTorch one with `python -m ffkd_jax.import_torch`.")
   step, directory = candidates[0]
-  meta = ocp.JsonCheckpointHandler().restore(os.path.join(directory, 'meta'))
+  meta = ocp.JsonCheckpointHandler().restore(epath.Path(directory) / 'meta')
   saved_roles = meta.get('roles', {})
   chosen = role or ('model' if 'model' in saved_roles else 'teacher')
   if chosen not in saved_roles:

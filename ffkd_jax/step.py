@@ -169,7 +169,8 @@ def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], m
                for s in stage_names(gathered['student'])]
               for t in stage_names(gathered['teacher'])]
       result['cka_matrix'] = jnp.asarray(rows)
-    return result
+    # Every device computed the same numbers from the gathered batch; pmean makes that explicit.
+    return jax.lax.pmean(result, DATA_AXIS)
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())
   return jax.jit(sharded)
