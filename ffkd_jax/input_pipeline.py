@@ -7,7 +7,9 @@ The trainer calls four functions: `get_dataset_info`, `train_iterator`, `eval_it
                 `cars196`, `imagenet2012`, ...) or `image_folder`.
   path          image_folder only: a folder holding `train/<class>/*` and `test/<class>/*`
                 (.jpg .jpeg .png .bmp). Class names are the sorted folder names of `train/`,
-                labels index into them.
+                labels index into them. Or a .tar.gz/.tgz/.tar archive of such a folder
+                (e.g. ../shared/data/cifar10-jpeg.tar.gz): unpacked once into FFKD_DATA_CACHE
+                (default ~/.cache/ffkd_jax) and read from there.
   data_dir      TFDS: folder of prepared datasets (None: TFDS's default, ~/tensorflow_datasets).
   manual_dir    TFDS: folder of downloaded archives for datasets prepared from them (imagenet2012).
   download      TFDS: download and prepare a dataset absent from data_dir (needs the internet).
@@ -47,7 +49,9 @@ import functools
 import itertools
 import math
 import os
+import shutil
 import socket
+import tarfile
 from collections.abc import Callable, Iterator
 
 from absl import logging
@@ -224,8 +228,11 @@ def _folder_source(path, val_fraction, on_bad_image, cache) -> _Source:
   if not path:
     raise ValueError(f"config.dataset.path={path!r}: config.dataset.name='{IMAGE_FOLDER}' needs "
                      f'config.dataset.path, {layout}.')
+  if os.path.isfile(path) and path.endswith(ARCHIVE_SUFFIXES):
+    path = _unpacked(path)
   if not os.path.isdir(path):
-    raise ValueError(f'config.dataset.path={path!r} is not a directory; it must be {layout}.')
+    raise ValueError(f'config.dataset.path={path!r} is not a directory; it must be {layout}, '
+                     f'or a {"/".join(ARCHIVE_SUFFIXES)} archive of one.')
   classes = {}
   for sub in ('train', 'test'):
     folder = os.path.join(path, sub)
@@ -292,6 +299,37 @@ def _folder_source(path, val_fraction, on_bad_image, cache) -> _Source:
     splits[split] = _Split(len(labels), labels=labels, files=split_files, pixels=pixels)
   splits.setdefault('val', splits['test'])
   return _Source(IMAGE_FOLDER, len(class_names), tuple(class_names), native, splits, cache)
+
+
+ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
+
+
+def _unpacked(archive: str) -> str:
+  """Unpacks an image-folder archive once, into FFKD_DATA_CACHE (default ~/.cache/ffkd_jax).
+
+  The archive holds train/ and test/, at its top level or inside a single top-level folder.
+  Returns that folder. A finished unpack is marked, so an interrupted one is redone.
+  """
+  stat = os.stat(archive)
+  key = f'{os.path.basename(archive)}-{stat.st_size}-{int(stat.st_mtime)}'
+  cache_root = os.environ.get('FFKD_DATA_CACHE',
+                              os.path.join(os.path.expanduser('~'), '.cache', 'ffkd_jax'))
+  target = os.path.join(cache_root, key)
+  done = os.path.join(target, '.unpacked')
+  if not os.path.exists(done):
+    logging.info('Unpacking %s into %s (once).', archive, target)
+    partial = f'{target}.partial-{os.getpid()}'
+    os.makedirs(partial, exist_ok=True)
+    with tarfile.open(archive) as tar:
+      tar.extractall(partial, filter='data')
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    os.replace(partial, target)
+    open(done, 'w', encoding='utf-8').close()
+  if os.path.isdir(os.path.join(target, 'train')):
+    return target
+  subdirs = [e.path for e in os.scandir(target) if e.is_dir()]
+  return subdirs[0] if len(subdirs) == 1 else target
 
 
 def _exts() -> str:

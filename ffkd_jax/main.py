@@ -22,7 +22,7 @@ def main(argv):
   from ffkd_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep its warnings and errors only.
-  logging.get_absl_handler().addFilter(
+  logging.get_absl_handler().python_handler.addFilter(
       lambda record: record.levelno >= logging.WARNING or '/orbax/' not in record.pathname)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

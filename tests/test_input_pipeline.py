@@ -304,3 +304,24 @@ def test_real_cifar10_jpegs(cifar10_jpeg):
   first = read_images(cifar10_jpeg, 'test', ['airplane'], limit=1)[0][0]  # decoded by PIL
   np.testing.assert_allclose(test['image'][0], (first / 255 - np.array(mean)) / np.array(std),
                              atol=1e-5)
+
+
+def test_image_folder_archive_is_unpacked_once(tmp_path, monkeypatch):
+  """config.dataset.path may name a .tar.gz of an image folder; it is unpacked once, cached."""
+  root = tmp_path / 'folder'
+  write_image_folder(root)
+  archive = tmp_path / 'folder.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(root, arcname='myimages')
+  monkeypatch.setenv('FFKD_DATA_CACHE', str(tmp_path / 'cache'))
+  config = input_pipeline.default_dataset_config()
+  config.name = 'image_folder'
+  config.path = str(archive)
+  from_archive = input_pipeline.get_dataset_info(config)
+  config.path = str(root)
+  from_folder = input_pipeline.get_dataset_info(config)
+  assert from_archive.class_names == from_folder.class_names
+  assert (from_archive.num_train, from_archive.num_test) == (from_folder.num_train,
+                                                             from_folder.num_test)
+  unpacked = list((tmp_path / 'cache').iterdir())
+  assert len(unpacked) == 1 and (unpacked[0] / 'myimages' / 'train').is_dir()
