@@ -12,7 +12,8 @@ from ffkd_jax import models
 _POSITIVE = ('batch_size', 'eval_batch_size', 'optimizer.learning_rate', 'log_every_steps',
              'checkpoint_every_steps', 'keep_checkpoints')
 _TEMPERATURES = ('kd.temperature', 'dist.temperature', 'ffkd.temperature',
-                 'ffkd.weight_temperature', 'cc.temperature', 'ickd.temperature')
+                 'ffkd.weight_temperature', 'cc.temperature', 'ickd.temperature',
+                 'dml.temperature', 'iedml.temperature')
 
 
 def _get(config, dotted: str):

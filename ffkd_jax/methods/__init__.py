@@ -5,9 +5,12 @@ from ffkd_jax.methods.base import Method, Role, RoleOutput, gather
 from ffkd_jax.methods.cc import CC
 from ffkd_jax.methods.ce import CrossEntropy
 from ffkd_jax.methods.dist import DIST
+from ffkd_jax.methods.dml import DML
 from ffkd_jax.methods.ffkd import FFKD, PRESETS as FFKD_PRESETS
 from ffkd_jax.methods.fitnet import FitNet
 from ffkd_jax.methods.ickd import ICKD
+from ffkd_jax.methods.iedml import IEDML
+from ffkd_jax.methods.iekd import IEKD
 from ffkd_jax.methods.kd import KD
 from ffkd_jax.methods.rkd import RKD
 from ffkd_jax.methods.sp import SP
@@ -17,7 +20,9 @@ _REGISTRY = {
     # Logit and relation distillation from a frozen teacher.
     'kd': KD, 'dist': DIST, 'rkd': RKD, 'cc': CC,
     # Feature distillation from a frozen teacher.
-    'fitnet': FitNet, 'at': AT, 'sp': SP, 'ickd': ICKD,
+    'fitnet': FitNet, 'at': AT, 'sp': SP, 'ickd': ICKD, 'iekd': IEKD,
+    # Online: peers trained together from scratch.
+    'dml': DML, 'iedml': IEDML,
 }
 _REGISTRY.update({preset: FFKD for preset in FFKD_PRESETS})
 
