@@ -1,0 +1,202 @@
+"""The methods around FFKD behind the one distiller interface: two data-parallel steps each."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar100_distill
+from ffkd_jax import config_checks, methods, parallel
+from ffkd_jax import step as step_lib
+from ffkd_jax.methods import common
+from ffkd_jax.methods.base import RoleOutput
+from tests import helpers
+
+METHODS = ('kd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd', 'dml', 'iedml')
+ONLINE = ('dml', 'iedml')
+
+
+def method_config(method):
+  config = helpers.tiny_config(method)
+  # Without weight decay a parameter moves only where a gradient reaches it.
+  config.optimizer.weight_decay = 0.0
+  # IE: the auto-encoders train at step 0, the inheritance / exploration terms start at step 1.
+  config.iekd.ae_steps = 1
+  config.iedml.ae_steps = 1
+  return config
+
+
+def run(config, num_devices, num_steps=2, batch_size=16):
+  """(programs, [state before step 0, after step 0, ...] on the host, [metrics per step])."""
+  method, programs, state = helpers.build(config)
+  mesh = helpers.mesh_of(num_devices)
+  train_step = step_lib.make_train_step(method, programs, mesh)
+  states = [jax.tree.map(np.asarray, state)]
+  state = parallel.replicate(mesh, state)
+  history = []
+  for i in range(num_steps):
+    batch = parallel.global_batch(mesh, helpers.random_batch(i, batch_size))
+    state, metrics = train_step(state, batch)
+    states.append(parallel.fetch(state))
+    history.append(parallel.fetch(metrics))
+  return programs, states, history
+
+
+@functools.lru_cache(maxsize=None)
+def two_device_run(method):
+  return run(method_config(method), 2)
+
+
+def changed(before, after) -> list[bool]:
+  """Per leaf: whether it changed."""
+  return [not np.array_equal(np.asarray(a), np.asarray(b))
+          for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_two_steps_on_two_devices(method):
+  programs, states, history = two_device_run(method)
+  initial, final = states[0], states[-1]
+  for metrics in history:
+    assert metrics['nonfinite'] == 0
+    losses = {k: v for k, v in metrics.items() if k.startswith('loss')}
+    assert losses and all(np.isfinite(v) for v in losses.values()), losses
+  for name, program in programs.items():
+    before, after = initial.roles[name], final.roles[name]
+    if program.role.train_backbone:
+      assert any(changed(before.params['backbone'], after.params['backbone'])), name
+    else:  # a frozen backbone: parameters and batch statistics untouched
+      assert not any(changed(before.params['backbone'], after.params['backbone'])), name
+      assert not any(changed(before.batch_stats['backbone'], after.batch_stats['backbone']))
+    if program.heads is not None:  # every head parameter receives a gradient
+      assert all(changed(before.params['heads'], after.params['heads'])), name
+    if program.optimizer is None:
+      assert after.opt_state == ()
+  if method in ONLINE:
+    assert all(program.role.train_backbone and not program.role.pretrained
+               for program in programs.values())
+    assert methods.create_method(method_config(method)).primary_role == 'peer0'
+  else:
+    assert not programs['teacher'].role.train_backbone and programs['teacher'].role.pretrained
+
+
+def test_iekd_trains_the_autoencoder_first_then_inherits_and_explores():
+  _, (initial, after_ae, final), (first, second) = two_device_run('iekd')
+  # Step 0 (< ae_steps): the inheritance and exploration terms are off ...
+  assert first['iekd/active'] == 0
+  assert first['loss/student_inheritance'] == 0 and first['loss/student_exploration'] == 0
+  assert not any(changed(initial.roles['student'].params['heads'],
+                         after_ae.roles['student'].params['heads']))
+  # ... while the teacher's auto-encoder trains.
+  assert all(changed(initial.roles['teacher'].params['heads'],
+                     after_ae.roles['teacher'].params['heads']))
+  assert first['loss/teacher_reconstruction'] > 0
+  # Step 1 (>= ae_steps): they are on, and the auto-encoder stays fixed.
+  assert second['iekd/active'] == 1
+  assert second['loss/student_inheritance'] > 0 and second['loss/student_exploration'] < 0
+  assert all(changed(after_ae.roles['student'].params['heads'],
+                     final.roles['student'].params['heads']))
+  assert not any(changed(after_ae.roles['teacher'], final.roles['teacher']))
+
+
+def test_iedml_starts_inheritance_and_exploration_at_ae_steps():
+  _, _, (first, second) = two_device_run('iedml')
+  for peer in ('peer0', 'peer1'):
+    assert first[f'loss/{peer}_inheritance'] == 0 and first[f'loss/{peer}_exploration'] == 0
+    assert second[f'loss/{peer}_inheritance'] > 0 and second[f'loss/{peer}_exploration'] < 0
+    assert first[f'loss/{peer}_kl'] > 0 and first[f'loss/{peer}_reconstruction'] > 0
+
+
+def test_rkd_two_devices_equal_one_device():
+  """The RKD terms are statistics over the (gathered) global batch."""
+  _, states_2, history_2 = two_device_run('rkd')
+  _, states_1, history_1 = run(method_config('rkd'), 1)
+  flat_1 = jax.tree_util.tree_leaves_with_path(states_1[-1])
+  flat_2 = dict(jax.tree_util.tree_leaves_with_path(states_2[-1]))
+  for path, leaf in flat_1:
+    np.testing.assert_allclose(flat_2[path], leaf, rtol=2e-4, atol=2e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  for m1, m2 in zip(history_1, history_2):
+    for key in m1:
+      np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def _outputs(logits_by_role):
+  return {name: RoleOutput(jnp.asarray(z), {}, {}) for name, z in logits_by_role.items()}
+
+
+def test_dml_with_three_peers():
+  config = method_config('dml')
+  config.dml.models = 'resnet8,resnet14,resnet8'
+  method = methods.create_method(config)
+  assert [(r.name, r.model, r.train_backbone, r.pretrained) for r in method.roles()] == [
+      ('peer0', 'resnet8', True, False), ('peer1', 'resnet14', True, False),
+      ('peer2', 'resnet8', True, False)]
+  rng = np.random.default_rng(0)
+  logits = {f'peer{k}': rng.normal(size=(8, 10)).astype(np.float32) for k in range(3)}
+  labels = jnp.asarray(rng.integers(0, 10, size=(8,)))
+
+  def total(logits):
+    losses, _ = method.loss(_outputs(logits), labels, jnp.int32(0))
+    return sum(losses.values()), losses
+
+  grads, losses = jax.grad(total, has_aux=True)(logits)
+  assert set(losses) == {'peer0', 'peer1', 'peer2'}
+  # The summed objective gives each peer the gradient of its own loss only.
+  for k in range(3):
+    own = jax.grad(lambda z, k=k: method.loss(_outputs({**logits, f'peer{k}': z}), labels,
+                                              jnp.int32(0))[0][f'peer{k}'])(logits[f'peer{k}'])
+    np.testing.assert_allclose(grads[f'peer{k}'], own, rtol=1e-5, atol=1e-7)
+
+
+def test_peer_lists_are_checked():
+  config = method_config('dml')
+  config.dml.models = 'resnet8,resnet_nope'
+  with pytest.raises(ValueError, match='config.dml.models'):
+    methods.create_method(config)
+  config.dml.models = 'resnet8'
+  with pytest.raises(ValueError, match='at least 2'):
+    methods.create_method(config)
+  config = method_config('iedml')
+  config.iedml.models = 'resnet8,resnet8,resnet8'
+  with pytest.raises(ValueError, match='exactly 2'):
+    methods.create_method(config)
+
+
+def _shapes(*sizes_and_channels):
+  return {f'stage{i}': jax.ShapeDtypeStruct((2, hw, hw, c), jnp.float32)
+          for i, (hw, c) in enumerate(sizes_and_channels, start=1)}
+
+
+def test_stage_pairs_align_at_the_deepest_stage():
+  vgg = _shapes((32, 64), (16, 128), (8, 256), (4, 512), (4, 512))
+  mobilenet = _shapes((16, 12), (8, 16), (4, 48), (2, 160))
+  assert common.aligned_stage_pairs(vgg, mobilenet) == (
+      ('stage2', 'stage1'), ('stage3', 'stage2'), ('stage4', 'stage3'), ('stage5', 'stage4'))
+  assert common.common_size((8, 8), (4, 4), 'x') == (4, 4)
+  with pytest.raises(ValueError, match='6x6'):
+    common.common_size((6, 6), (4, 4), 'x')
+  x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+  pooled = common.pool_to(x, (2, 2))
+  np.testing.assert_allclose(pooled[0, 0, 0], x[0, :2, :2].mean(axis=(0, 1)))
+
+
+def test_unknown_layer_names_name_the_field():
+  config = method_config('at')
+  config.at.layer_pairs = 'stage3:stage9'
+  with pytest.raises(ValueError, match=r'config.at.layer_pairs.*stage9'):
+    helpers.build(config)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_cifar100_distill_config(method):
+  config = cifar100_distill.get_config(f'{method},resnet32x4,resnet8x4')
+  config_checks.validate(config)
+  assert config.method == method and config.model == 'resnet8x4'
+  roles = {r.name: r for r in methods.create_method(config).roles()}
+  if method in ONLINE:
+    assert (roles['peer0'].model, roles['peer1'].model) == ('resnet8x4', 'resnet32x4')
+  else:
+    assert (roles['teacher'].model, roles['student'].model) == ('resnet32x4', 'resnet8x4')
