@@ -98,6 +98,22 @@ def _checkpoint_step_dirs(path: str) -> list[tuple[int, str]]:
   return []
 
 
+def restore_state_tree(state_dir: str) -> Any:
+  """A saved `state` as a plain tree on this process's first device, whatever wrote it.
+
+  Restoring without a target would place the arrays as they were sharded when saved, which fails
+  under any other device topology ("Topology mismatch"): a teacher trained by several processes
+  or on a pod slice would not load on one machine, nor one machine's on a pod slice.
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local)
+      if hasattr(m, 'shape') and hasattr(m, 'dtype') else m,
+      checkpointer.metadata(state_dir).item_metadata.tree)
+  return checkpointer.restore(state_dir, target)
+
+
 def load_pretrained_role(path: str, model: str, num_classes: int, template_params: Any,
                          template_stats: Any, role: str = '') -> tuple[Any, Any, dict]:
   """Backbone parameters and batch statistics of a trained model from another run's checkpoint.
@@ -125,7 +141,7 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
         f"config.teacher.model='{model}' with {num_classes} classes does not match the "
         f"checkpoint at '{directory}': its role '{chosen}' is '{saved_roles[chosen]}' with "
         f"{meta.get('num_classes')} classes.")
-  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, 'state'))
+  restored = restore_state_tree(os.path.join(directory, 'state'))
   role_tree = restored['roles'][chosen]
   params, stats = role_tree['params']['backbone'], role_tree['batch_stats']['backbone']
   want = jax.tree.map(np.shape, (template_params, template_stats))
