@@ -110,7 +110,7 @@ def restore_state_tree(state_dir: str) -> Any:
   target = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local)
       if hasattr(m, 'shape') and hasattr(m, 'dtype') else m,
-      checkpointer.metadata(state_dir).item_metadata.tree)
+      ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree)
   return checkpointer.restore(state_dir, target)
 
 
