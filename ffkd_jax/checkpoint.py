@@ -98,6 +98,20 @@ def _checkpoint_step_dirs(path: str) -> list[tuple[int, str]]:
   return []
 
 
+def find_checkpoint(path: str) -> tuple[str, dict] | None:
+  """(step directory, meta) of the checkpoint `path` names, or None where it holds none.
+
+  path: a workdir (its best checkpoint, else its latest), a manager directory, or a step
+  directory. meta has the run's `method`, `roles` (role -> model name), `num_classes`,
+  `image_size` and `step`.
+  """
+  candidates = _checkpoint_step_dirs(path)
+  if not candidates:
+    return None
+  _, directory = candidates[0]
+  return directory, dict(ocp.JsonCheckpointHandler().restore(epath.Path(directory) / 'meta'))
+
+
 def restore_state_tree(state_dir: str) -> Any:
   """A saved `state` as a plain tree on this process's first device, whatever wrote it.
 
@@ -114,6 +128,12 @@ def restore_state_tree(state_dir: str) -> Any:
   return checkpointer.restore(state_dir, target)
 
 
+def restore_role(directory: str, role: str) -> dict:
+  """One role's {'params': {...}, 'batch_stats': {...}} (host arrays) from a step directory."""
+  restored = restore_state_tree(os.path.join(directory, 'state'))
+  return restored['roles'][role]
+
+
 def load_pretrained_role(path: str, model: str, num_classes: int, template_params: Any,
                          template_stats: Any, role: str = '') -> tuple[Any, Any, dict]:
   """Backbone parameters and batch statistics of a trained model from another run's checkpoint.
@@ -122,15 +142,14 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
   role: which role of that run to take; '' takes 'model' (a CE run) or else 'teacher'.
   Raises ValueError naming both sides when the architecture or the shapes differ.
   """
-  candidates = _checkpoint_step_dirs(path)
-  if not candidates:
+  found = find_checkpoint(path)
+  if found is None:
     raise ValueError(
         f"config.teacher.checkpoint='{path}' holds no checkpoint: expected a workdir of an "
         "earlier run (with best/ or checkpoints/) or a checkpoint step directory "
         "(with state/ and meta/). Train one with --config=configs/<teacher config>.py, or "
         "convert a PyTorch one with `python -m ffkd_jax.import_torch`.")
-  step, directory = candidates[0]
-  meta = ocp.JsonCheckpointHandler().restore(epath.Path(directory) / 'meta')
+  directory, meta = found
   saved_roles = meta.get('roles', {})
   chosen = role or ('model' if 'model' in saved_roles else 'teacher')
   if chosen not in saved_roles:
@@ -150,5 +169,5 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
     raise ValueError(f"config.teacher.checkpoint='{path}': parameter shapes of '{model}' do not "
                      f"match the checkpoint's ({directory}).")
   logging.info("Loaded teacher '%s' (role '%s', step %s) from %s.", model, chosen,
-               meta.get('step', step), directory)
+               meta.get('step', '?'), directory)
   return params, stats, meta

@@ -255,3 +255,29 @@ def layer_cka(u: jax.Array, v: jax.Array, *, unbiased: bool = False,
     x = u.reshape(n, math.prod(u.shape[1:]))  # (n, h*w*c)
     y = v.reshape(n, math.prod(v.shape[1:]))  # (n, h'*w'*c')
     return linear_cka(x, y, unbiased=unbiased, eps=eps)
+
+
+def layer_cka_matrix(row_features, column_features, *, unbiased: bool = False,
+                     eps: float = 1e-6) -> jax.Array:
+    """Whole-layer linear CKA between every row representation and every column one.
+
+    The teacher-layer x student-layer picture of how two networks' representations relate
+    (Kornblith et al. 2019, Fig. 4): entry [i, j] is `layer_cka(row_features[i],
+    column_features[j])`. Training's diagnostics step and `python -m ffkd_jax.cka_report` both
+    compute their matrix here.
+
+    Args:
+      row_features: sequence of (n, ...) representations (e.g. the teacher's stage outputs).
+      column_features: sequence of (n, ...) representations of the same n examples.
+      unbiased, eps: see `linear_cka`.
+    Returns:
+      (len(row_features), len(column_features)) CKA values.
+    """
+    row_features, column_features = list(row_features), list(column_features)
+    if not row_features or not column_features:
+        raise ValueError(
+            f"layer_cka_matrix needs at least one representation on each side; got "
+            f"{len(row_features)} rows and {len(column_features)} columns")
+    rows = [jnp.stack([layer_cka(u, v, unbiased=unbiased, eps=eps) for v in column_features])
+            for u in row_features]
+    return jnp.stack(rows)  # (rows, columns)

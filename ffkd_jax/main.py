@@ -1,5 +1,7 @@
 """Command line: python -m ffkd_jax.main --config configs/<name>.py --workdir DIR [--config.x=y]."""
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,7 +25,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep its warnings and errors only.
   logging.get_absl_handler().python_handler.addFilter(
-      lambda record: record.levelno >= logging.WARNING or '/orbax/' not in record.pathname)
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -162,13 +162,10 @@ def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], m
                                  batch['image'], train=False)
     result = dict(method.diagnostics(outputs))
     if 'teacher' in outputs and 'student' in outputs:
-      gathered = {role: {k: jax.lax.all_gather(v, DATA_AXIS, tiled=True)
-                         for k, v in outputs[role].features.items()}
-                  for role in ('teacher', 'student')}
-      rows = [[cka.layer_cka(gathered['teacher'][t], gathered['student'][s])
-               for s in stage_names(gathered['student'])]
-              for t in stage_names(gathered['teacher'])]
-      result['cka_matrix'] = jnp.asarray(rows)
+      stages = {role: [jax.lax.all_gather(outputs[role].features[name], DATA_AXIS, tiled=True)
+                       for name in stage_names(outputs[role].features)]
+                for role in ('teacher', 'student')}  # each (n_global, h, w, c)
+      result['cka_matrix'] = cka.layer_cka_matrix(stages['teacher'], stages['student'])
     # Every device computed the same numbers from the gathered batch; pmean makes that explicit.
     return jax.lax.pmean(result, DATA_AXIS)
 

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from ffkd_jax import checkpoint as checkpoint_lib
+from ffkd_jax import cka_plots
 from ffkd_jax import config_checks
 from ffkd_jax import input_pipeline
 from ffkd_jax import methods
@@ -164,6 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return eval_batches
 
   writer = metrics_lib.MetricWriter(workdir)
+  # Row and column names of the diagnostics' teacher x student CKA matrix, for its picture.
+  layer_names = {role: step_lib.stage_names(feature_shapes.get(role, {}))
+                 for role in ('teacher', 'student')}
 
   def evaluate(state, step) -> dict[str, Any]:
     record = {}
@@ -177,7 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for key, value in diagnostics.items():
       record[key] = value
     record['epoch'] = step / steps_per_epoch
-    writer.write(step, record)
+    # Arrays stay out of metrics.jsonl (omega per channel goes to WORKDIR/cka/), but cka_matrix.
+    writer.write(step, {k: v for k, v in record.items()
+                        if np.ndim(v) == 0 or k == cka_plots.MATRIX_KEY})
+    cka_plots.write_eval_figures(workdir, step, record, writer, layer_names['teacher'],
+                                 layer_names['student'])
     logging.info('eval at step %d: %s', step, ', '.join(
         f'{k}={v:.2f}' for k, v in record.items() if k.startswith(('eval/', 'test/'))))
     return record

@@ -193,7 +193,12 @@ class FFKD(Method):
 
   def diagnostics(self, outputs):
     """Layer understanding Omega[l] = CKA(U, V) per pair (V: the connector's output when there
-    is one, else the student's raw map), and the spread of the channel weights."""
+    is one, else the student's raw map), and the spread of the channel weights.
+
+    Also the channel understanding itself, `omega_channels/<pair>` (c,), wherever V has the
+    teacher's channel count (always with a connector): an array, drawn as a histogram by
+    ffkd_jax.cka_plots and kept out of metrics.jsonl.
+    """
     metrics = {}
     for t_name, s_name in self.layer_pairs:
       key = pair_key(t_name, s_name)
@@ -201,8 +206,11 @@ class FFKD(Method):
       heads = outputs['student'].heads
       v = gather(heads[key] if key in heads else outputs['student'].features[s_name])
       metrics[f'cka/{key}'] = cka.layer_cka(u, v)
+      if u.ndim == v.ndim == 4 and u.shape[-1] == v.shape[-1]:
+        omega = cka.channel_cka(u, v, unbiased=self.terms.unbiased_hsic)  # (c,)
+        metrics[f'omega_channels/{key}'] = omega
       if key in heads:
-        weights = self._channel_weights(cka.channel_cka(u, v, unbiased=self.terms.unbiased_hsic))
+        weights = self._channel_weights(omega)
         metrics[f'weights_std/{key}'] = jnp.std(weights)
         metrics[f'weights_max/{key}'] = jnp.max(weights)
     return metrics
