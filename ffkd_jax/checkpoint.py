@@ -129,7 +129,7 @@ def restore_state_tree(state_dir: str) -> Any:
 
 
 def restore_role(directory: str, role: str) -> dict:
-  """One role's {'params': {...}, 'batch_stats': {...}} (host arrays) from a step directory."""
+  """One role's {'params': {...}, 'batch_stats': {...}} from a step directory's state."""
   restored = restore_state_tree(os.path.join(directory, 'state'))
   return restored['roles'][role]
 
