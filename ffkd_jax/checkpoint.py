@@ -7,11 +7,20 @@ Layout under the workdir:
 optimizer state, the step, which is also the input position); `meta` is JSON: the method, each
 role's model, the class count, and the evaluation that made it.
 
-Saving is asynchronous; orbax writes into a temporary directory and renames it when complete,
-so the last good checkpoint stays until a newer one is whole. A checkpoint that fails to restore
-is skipped for the previous one, with a warning naming both steps.
+Saving is asynchronous; orbax writes into a temporary directory (`<step>.orbax-checkpoint-tmp*`,
+never listed as a step, replaced when that step is saved again) and renames it when complete;
+only then are steps beyond `keep_checkpoints` deleted, so the last good checkpoint stays until a
+newer one is whole. Parameters or batch statistics that are not finite are never saved.
+
+`meta` also holds `state_digest`, a SHA-256 of every array of `state`: orbax reads a damaged file
+without complaint where only array bytes changed (a flipped bit restores as a wrong number), so
+a restore is checked against it. A checkpoint that fails to restore, or restores with another
+digest, is skipped for the previous one with a warning naming both steps, and is replaced when
+the run saves that step again. Where checkpoints exist but none restores, the run stops (rather
+than start over and lose them).
 """
 
+import hashlib
 import os
 from typing import Any, Mapping
 
@@ -29,14 +38,45 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+DIGEST_KEY = 'state_digest'
+
+
+def state_digest(tree: Any) -> str:
+  """SHA-256 of a tree's arrays: each leaf's path, dtype, shape and bytes, in tree order."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree)):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}|'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def _describe(error: Exception) -> str:
+  """One line: the error's type and the start of its message (orbax's run to pages)."""
+  return f'{type(error).__name__}: {" ".join(str(error).split())[:300]}'
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint that does not restore, or restores other arrays than were saved."""
+
+
+def check_digest(tree: Any, meta: Mapping[str, Any], where: str) -> None:
+  """Raises CorruptCheckpointError where meta has a digest that `tree` does not match."""
+  expected = meta.get(DIGEST_KEY)
+  if expected is not None and state_digest(tree) != expected:
+    raise CorruptCheckpointError(f'{where}: the restored arrays do not match the digest saved '
+                                 'with them (a damaged file).')
+
+
 class Checkpoints:
   """The latest-k and best managers of one workdir."""
 
   def __init__(self, workdir: str, keep: int):
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
                                            enable_async_checkpointing=True)
-    self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                        options=options)
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.latest = ocp.CheckpointManager(self.directory, options=options)
+    self._unrestorable: set[int] = set()  # latest steps that failed to restore
     self.best = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'best'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
@@ -45,32 +85,56 @@ class Checkpoints:
   def save(self, state: TrainState, meta: Mapping[str, Any], best: bool = False) -> None:
     """Saves `state` at its step (asynchronously); refuses non-finite parameters."""
     step = int(jax.device_get(state.step))
-    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(
-        {n: r.params for n, r in state.roles.items()}))):
-      raise FloatingPointError(f'refusing to checkpoint step {step}: parameters are not finite.')
+    host = jax.device_get(flax.serialization.to_state_dict(state))
+    for name, role in host['roles'].items():
+      for part in ('params', 'batch_stats'):
+        bad = [jax.tree_util.keystr(path) for path, x in
+               jax.tree_util.tree_leaves_with_path(role[part]) if not np.all(np.isfinite(x))]
+        if bad:
+          raise FloatingPointError(f'refusing to checkpoint step {step}: {part} of role '
+                                   f"'{name}' are not finite ({len(bad)} arrays, e.g. {bad[0]}).")
     manager = self.best if best else self.latest
+    if not best and step in self._unrestorable:
+      logging.warning('replacing the checkpoint at step %d, which did not restore.', step)
+      manager.wait_until_finished()
+      manager.delete(step)
+      self._unrestorable.discard(step)
     if step in manager.all_steps():
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-                              meta=ocp.args.JsonSave(dict(meta, step=step)))
+                              meta=ocp.args.JsonSave(dict(meta, step=step,
+                                                          **{DIGEST_KEY: state_digest(host)})))
     manager.save(step, args=args, force=True)
 
   def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
-    """The newest checkpoint that restores, shaped and placed like `template`; None if none."""
+    """The newest checkpoint that restores, shaped and placed like `template`.
+
+    None where there is none (temporary directories of unfinished saves do not count). Raises
+    RuntimeError where there are checkpoints but none restores.
+    """
     steps = sorted(self.latest.all_steps(), reverse=True)
     abstract = _abstract(flax.serialization.to_state_dict(template))
+    failures = []
     for index, step in enumerate(steps):
       try:
         restored = self.latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        check_digest(restored['state'], restored['meta'], f'checkpoint at step {step}')
       except Exception as error:  # pylint: disable=broad-except
+        self._unrestorable.add(step)
+        failures.append(f'step {step}: {_describe(error)}')
         fallback = steps[index + 1] if index + 1 < len(steps) else None
-        logging.warning('checkpoint at step %d does not restore (%s: %s); falling back to %s.',
-                        step, type(error).__name__, str(error)[:200],
-                        f'step {fallback}' if fallback is not None else 'a fresh start')
+        logging.warning('checkpoint at step %d in %s does not restore (%s); falling back to %s.',
+                        step, self.directory, _describe(error),
+                        f'step {fallback}' if fallback is not None else 'none (no other left)')
         continue
       return flax.serialization.from_state_dict(template, restored['state']), dict(
           restored['meta'])
+    if failures:
+      raise RuntimeError(
+          f'none of the checkpoints in {self.directory} restores ({"; ".join(failures)}). If '
+          'the config changed since they were written (e.g. config.model or config.method), '
+          'use a new --workdir; to start this run over, move that directory away.')
     return None
 
   def wait(self) -> None:
@@ -160,7 +224,14 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
         f"config.teacher.model='{model}' with {num_classes} classes does not match the "
         f"checkpoint at '{directory}': its role '{chosen}' is '{saved_roles[chosen]}' with "
         f"{meta.get('num_classes')} classes.")
-  restored = restore_state_tree(os.path.join(directory, 'state'))
+  try:
+    restored = restore_state_tree(os.path.join(directory, 'state'))
+    check_digest(restored, meta, directory)
+  except Exception as error:  # pylint: disable=broad-except
+    raise CorruptCheckpointError(
+        f"config.teacher.checkpoint='{path}': the checkpoint at {directory} does not restore "
+        f'intact ({_describe(error)}); point config.teacher.checkpoint '
+        'at another step directory of that run (e.g. its checkpoints/<step>).') from error
   role_tree = restored['roles'][chosen]
   params, stats = role_tree['params']['backbone'], role_tree['batch_stats']['backbone']
   want = jax.tree.map(np.shape, (template_params, template_stats))

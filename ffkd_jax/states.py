@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ffkd_jax import config_checks
 from ffkd_jax import models
 from ffkd_jax.methods.base import Method, Role
 from ffkd_jax.parallel import DATA_AXIS
@@ -74,6 +75,7 @@ def build_programs(method: Method, num_classes: int, image_size: int, make_optim
     _, features = jax.eval_shape(functools.partial(backbone.apply, train=False), variables, x)
     feature_shapes[name] = features
   method.setup(feature_shapes)
+  config_checks.check_features(method, feature_shapes)  # before heads() look features up
   programs = {}
   for role in method.roles():
     heads = method.heads(role.name, feature_shapes)

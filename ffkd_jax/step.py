@@ -84,8 +84,19 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
 
     grads, (losses, metrics, new_stats, logits) = jax.grad(objective, has_aux=True)(trainable)
 
-    # A non-finite loss or gradient anywhere skips the whole update (every device agrees).
+    updated_roles = {}
+    for name, program in programs.items():
+      if program.optimizer is None:
+        continue
+      role_state, part = state.roles[name], trainable[name]
+      updates, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
+      updated_roles[name] = RoleState({**role_state.params, **optax.apply_updates(part, updates)},
+                                      new_stats[name], opt_state)
+
+    # A non-finite loss, gradient or updated state anywhere (e.g. finite gradients times an
+    # infinite learning rate) skips the whole update; every device agrees.
     finite = jnp.logical_and(_all_finite(losses), _all_finite(grads))
+    finite = jnp.logical_and(finite, _all_finite(updated_roles))
     finite = jax.lax.pmin(finite.astype(jnp.int32), DATA_AXIS) > 0
 
     new_roles = {}
@@ -94,10 +105,7 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
       if program.optimizer is None:
         new_roles[name] = role_state
         continue
-      part = trainable[name]
-      updates, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
-      updated = RoleState({**role_state.params, **optax.apply_updates(part, updates)},
-                          new_stats[name], opt_state)
+      updated = updated_roles[name]
       keep = jnp.logical_and(finite, method.role_active(name, step))
       new_roles[name] = jax.tree.map(lambda new, old: jnp.where(keep, new, old),
                                      updated, role_state)

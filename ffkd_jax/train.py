@@ -3,6 +3,12 @@
 Sections in order: set-up, mesh, input, networks and optimizers, restore, the jitted steps, the
 loop (with evaluation, checkpoints and preemption), the end. The CLI (`ffkd_jax.main`) and the
 notebooks call this same function.
+
+Preemption: on SIGTERM or SIGINT the step under way finishes, is checkpointed, the metrics are
+flushed, and the run returns {'preempted_at': step} after a warning naming the step (the CLI then
+exits with status 0); the same command resumes from that checkpoint, and from whatever it reached
+after a SIGKILL (the steps logged since the last checkpoint are logged again, with equal values).
+A chain stopped while its teacher pre-trains stops there too.
 """
 
 import os
@@ -116,7 +122,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Networks and optimizers ------------------------------------------------------------
   method = methods.create_method(config)
-  config = _pretrain_teacher_if_asked(config, method, workdir)
+  try:
+    config = _pretrain_teacher_if_asked(config, method, workdir)
+  except Preempted as teacher:  # stopped while the teacher trained: stop too (it saved)
+    return {'preempted_at': 0, 'teacher_preempted_at': teacher.args[0]}
 
   def make_optimizer(lr_scale):
     schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps,
@@ -234,6 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.close()
       checkpoints.close()
       return {'preempted_at': step}
+    except Exception:
+      checkpoints.wait()  # a save under way completes before the error ends the run
+      raise
   checkpoints.wait()
   summary = {'step': step, 'best/eval_top1': best_top1}
   summary.update(_scalars(last_record))
@@ -267,7 +279,9 @@ def _pretrain_teacher_if_asked(config, method, workdir):
         "one first.")
   teacher_workdir = os.path.join(workdir, 'teacher')
   logging.info('Pre-training the teacher %s into %s.', config.teacher.model, teacher_workdir)
-  train_and_evaluate(teacher_config(config), teacher_workdir)
+  result = train_and_evaluate(teacher_config(config), teacher_workdir)
+  if 'preempted_at' in result:
+    raise Preempted(result['preempted_at'])
   config = ml_collections.ConfigDict(config.to_dict())
   config.teacher.checkpoint = teacher_workdir
   return config
@@ -284,8 +298,13 @@ def _check_finite(config, host_metrics, step):
       at = step - len(host_metrics) + offset + 1
       bad = [k.split('/', 1)[1] for k, v in metrics.items()
              if k.startswith('loss_finite/') and v < 1.0]
+      terms = ', '.join(k for k, v in metrics.items() if k.startswith('loss/')
+                        and not np.isfinite(v) and k.split('/', 1)[1] not in bad)
+      if bad:
+        what = f'the loss of {", ".join(bad)} is not finite' + (f' ({terms})' if terms else '')
+      else:
+        what = 'the losses are finite, but a gradient or the updated parameters are not'
       raise FloatingPointError(
-          f'non-finite value at step {at}: loss of {", ".join(bad) or "(losses finite)"}'
-          f'{"" if bad else "; a gradient"} is not finite (config.nonfinite_policy=stop; '
+          f'non-finite value at step {at}: {what} (config.nonfinite_policy=stop; '
           "'skip' skips such updates and counts them). The update was not applied.")
 
