@@ -21,14 +21,14 @@ def get_config():
   config.dataset.std = (0.2470, 0.2435, 0.2616)
   config.model = 'resnet8'
   config.teacher.model = 'resnet14'
-  config.teacher.pretrain_steps = 800
+  config.teacher.pretrain_steps = 300
   config.batch_size = 64
   config.eval_batch_size = 500
-  config.num_train_steps = 800
+  config.num_train_steps = 300
   config.optimizer.schedule = 'cosine'
   config.optimizer.learning_rate = 0.1
   config.optimizer.warmup_epochs = 0.0
   config.log_every_steps = 50
-  config.eval_every_steps = 400
-  config.checkpoint_every_steps = 200
+  config.eval_every_steps = 300
+  config.checkpoint_every_steps = 100
   return config
