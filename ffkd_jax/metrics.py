@@ -31,6 +31,8 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, 'a', encoding='utf-8')
+      if self._file.tell() > 0 and not _ends_with_newline(self.path):
+        self._file.write('\n')  # a crash mid-write left a torn line: start a fresh one
       if tensorboard:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         self._tf = tf
@@ -72,10 +74,22 @@ class MetricWriter:
         self._tb.close()
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b'\n'
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The events of a run's metrics.jsonl, in order."""
+  """The events of a run's metrics.jsonl, in order (a line torn by a crash mid-write is skipped)."""
+  events = []
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        events.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning('metrics.jsonl: skipping a torn line: %.80s', line)
+  return events
 
 
 class Progress:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import cka_plots
@@ -55,6 +56,19 @@ class _StopSignal:
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+
+  def agreed(self, step: int, every: int) -> str | None:
+    """The signal to stop on at `step`, the same on every process.
+
+    One process stops at once. Several agree at every `every`-th step (one small all-gather),
+    so that all of them save the same step together.
+    """
+    if jax.process_count() == 1:
+      return self.received
+    if step % every:
+      return None
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return (self.received or 'a signal on another process') if np.any(flags) else None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -217,7 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, step_metrics = train_step(state, batch)
         step += 1
         pending_metrics.append(step_metrics)
-        if step % config.log_every_steps == 0 or step == total_steps or stop.received:
+        stop_now = stop.agreed(step, config.log_every_steps)
+        if step % config.log_every_steps == 0 or step == total_steps or stop_now:
           host = parallel.fetch(pending_metrics)
           pending_metrics = []
           _check_finite(config, host, step)
@@ -232,8 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             save(state, best=True, extra={'eval': _scalars(last_record)})
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
           save(state)
-        if stop.received:
-          raise Preempted(stop.received)
+        if stop_now:
+          raise Preempted(stop_now)
     except Preempted as signal_name:
       save(state)
       checkpoints.wait()

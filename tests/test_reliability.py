@@ -479,3 +479,16 @@ def test_stop_policy_names_the_step_and_the_loss(tmp_path, data_path, monkeypatc
   for step in (1, 2, 3):
     assert _all_finite(_roles(workdir, step))
   run_fixture.assert_trees_equal(_roles(workdir, 3), _roles(workdir, 2), 'step 3')
+
+
+def test_torn_metrics_line_is_skipped_and_appending_continues(tmp_path):
+  """A crash mid-write leaves a partial last line; readers skip it and writers start afresh."""
+  from ffkd_jax import metrics as metrics_lib
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo', encoding='utf-8')
+  writer = metrics_lib.MetricWriter(str(tmp_path), tensorboard=False)
+  writer.write(3, {'loss': 0.25})
+  writer.close()
+  events = metrics_lib.read_metrics(str(tmp_path))
+  assert [e['step'] for e in events] == [1, 3]
+  assert events[1]['loss'] == 0.25
