@@ -1,0 +1,1 @@
+"""Throughput and accuracy benchmarks (see benchmarks/README.md)."""

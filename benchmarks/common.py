@@ -1,0 +1,83 @@
+"""What the benchmark scripts share: the repository on sys.path, the machine's description."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tarfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SHARED_ARCHIVE = os.path.join(REPO, '..', 'shared', 'data', 'cifar10-jpeg.tar.gz')
+DEFAULT_DATA = '/tmp/ffkd-data/cifar10-jpeg'
+
+
+def core_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float | None:
+  try:
+    with open('/proc/meminfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('MemTotal:'):
+          return round(int(line.split()[1]) / 2**20, 1)
+  except OSError:
+    pass
+  return None
+
+
+def load_average() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def host_description() -> dict:
+  """CPU model, cores this process may use, memory, OS: the host half of `device`."""
+  return {'cpu_model': cpu_model(), 'cores': core_count(), 'memory_gib': memory_gib(),
+          'hostname': platform.node(), 'python': platform.python_version()}
+
+
+def command_line() -> str:
+  return ' '.join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+
+
+def now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+
+
+def ensure_cifar10(path: str) -> str:
+  """The CIFAR-10 image folder at `path`, unpacked from ../shared/data when it is missing."""
+  if os.path.isdir(os.path.join(path, 'train')) and os.path.isdir(os.path.join(path, 'test')):
+    return path
+  archive = os.path.abspath(SHARED_ARCHIVE)
+  if os.path.basename(os.path.normpath(path)) != 'cifar10-jpeg' or not os.path.exists(archive):
+    raise FileNotFoundError(
+        f'--data={path!r} is not an image folder (train/<class>/*, test/<class>/*), and it cannot '
+        f'be unpacked here: that needs a path ending in cifar10-jpeg and the archive {archive} '
+        '(see ../shared/data/README.md).')
+  parent = os.path.dirname(os.path.normpath(path))
+  os.makedirs(parent, exist_ok=True)
+  print(f'Unpacking {archive} into {parent} ...', file=sys.stderr)
+  with tarfile.open(archive) as tar:
+    tar.extractall(parent, filter='data')
+  return path

@@ -1,0 +1,166 @@
+"""Smoke tests of benchmarks/: the scripts run in their tiny modes and write valid results.
+
+Not timed tests: the figures they produce here mean nothing, only their structure is checked.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import accuracy
+from ffkd_jax import cka
+from tests.image_folder_fixture import write_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=900):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def _check(completed):
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  return completed
+
+
+# --------------------------------------------------------------------------- torch reference
+
+
+@pytest.fixture(name='torch_reference')
+def _torch_reference():
+  pytest.importorskip('torch')
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  return torch_reference
+
+
+@pytest.mark.parametrize('n,hw', [(8, 4), (16, 2)])  # Gram form (n < h*w), feature form
+def test_torch_channel_cka_matches_jax(n, hw, torch_reference):
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  u = rng.normal(size=(n, hw, hw, 5)).astype(np.float32)
+  v = (u + rng.normal(size=u.shape)).astype(np.float32)
+  expected = np.asarray(cka.channel_cka(u, v))
+  got = torch_reference.channel_cka(torch.from_numpy(u).permute(0, 3, 1, 2),
+                                    torch.from_numpy(v).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_ffkd_step_updates_both_networks(torch_reference):
+  import torch  # pylint: disable=g-import-not-at-top
+  step = torch_reference.FFKDStep('resnet8', 'resnet8', 10, 16,
+                                  [('stage2', 'stage2'), ('stage3', 'stage3')],
+                                  torch_reference.Terms())
+  before = [p.detach().clone() for p in step.teacher.parameters()]
+  losses = step.step(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
+  assert set(losses) == {'student', 'teacher'} and all(np.isfinite(list(losses.values())))
+  assert any((a != b).any() for a, b in zip(before, step.teacher.parameters()))
+
+
+# -------------------------------------------------------------------------------- throughput
+
+
+def test_throughput_tiny_writes_json_and_markdown(tmp_path):
+  data = write_image_folder(tmp_path / 'data', num_train=12, num_test=2, size=8)
+  out = tmp_path / 'throughput.json'
+  configs = ['teacher_ce', 'student_ce', 'ffkd', 'input']
+  if importlib.util.find_spec('torch') is not None:
+    configs.append('torch_ffkd')
+  _check(_run('throughput.py', '--tiny', '--data', data, '--out', str(out),
+              '--configs', ','.join(configs)))
+  result = json.loads(out.read_text())
+  figures = ['ffkd_images_per_s', 'sum_of_parts_ratio', 'cka_fraction', 'input_ratio']
+  figures += ['torch_ratio'] if 'torch_ffkd' in configs else []
+  for key in figures:
+    assert isinstance(result[key], float) and result[key] > 0, key
+    assert result['fastest'][key] > 0, key
+  for key in ('command', 'date', 'device', 'load_average', 'pairs', 'meets'):
+    assert key in result, key
+  assert result['device']['cores'] >= 1 and result['device']['platform']
+  measured = result['pairs'][0]['configs']
+  assert set(measured) == set(configs)
+  assert measured['ffkd']['compile_s'] > 0 and measured['ffkd']['rss_peak_mb'] > 0
+  assert measured['ffkd']['gflop_per_step'] > 0 and measured['ffkd']['cka']['seconds'] > 0
+  assert 0 < result['pairs'][0]['flop_sum_of_parts_ratio'] < 2
+  table = (tmp_path / 'throughput.md').read_text()
+  assert '| sum_of_parts_ratio |' in table and '| ffkd |' in table
+
+
+# ---------------------------------------------------------------------------------- accuracy
+
+
+def test_best_evaluation_takes_test_at_best_validation():
+  records = [
+      {'step': 1, 'loss/ce': 1.0},
+      {'step': 2, 'eval/top1': 50.0, 'test/student_top1': 40.0, 'test/teacher_top1': 70.0},
+      {'step': 4, 'eval/top1': 60.0, 'test/student_top1': 45.0, 'test/teacher_top1': 71.0},
+      {'step': 6, 'eval/top1': 60.0, 'test/student_top1': 55.0, 'test/teacher_top1': 72.0},
+      {'step': 8, 'eval/top1': 55.0, 'test/student_top1': 58.0, 'test/teacher_top1': 73.0},
+  ]
+  best = accuracy.best_evaluation(records, 'student')
+  assert (best['step'], best['test_top1'], best['teacher_test_top1']) == (4, 45.0, 71.0)
+  assert best['selected_by'] == 'val'
+  no_val = [{'step': 2, 'eval/top1': 50.0, 'eval/model_top1': 50.0}]
+  assert accuracy.best_evaluation(no_val, 'model')['selected_by'].startswith('test')
+  assert accuracy.best_evaluation(records[:1], 'student') is None
+
+
+def _fake_run(workdir, val_test_pairs, complete=True, teacher=None):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+    for step, (val, test) in enumerate(val_test_pairs, start=1):
+      record = {'step': step, 'time': float(step), 'eval/top1': val}
+      role = 'model' if teacher is None else 'student'
+      record[f'test/{role}_top1'] = test
+      if teacher is not None:
+        record['test/teacher_top1'] = teacher
+      f.write(json.dumps(record) + '\n')
+    if complete:
+      f.write(json.dumps({'step': len(val_test_pairs), 'time': 9.0, 'final/step': 2}) + '\n')
+
+
+def test_results_mean_std_table_and_plot(tmp_path):
+  runs = [{'pair': 'a->b', 'method': 'teacher', 'seed': 0, 'workdir': str(tmp_path / 't')},
+          {'pair': 'a->b', 'method': 'kd', 'seed': 0, 'workdir': str(tmp_path / 'kd0')},
+          {'pair': 'a->b', 'method': 'kd', 'seed': 1, 'workdir': str(tmp_path / 'kd1')},
+          {'pair': 'a->b', 'method': 'kd', 'seed': 2, 'workdir': str(tmp_path / 'kd2')}]
+  _fake_run(runs[0]['workdir'], [(70.0, 69.0)])
+  _fake_run(runs[1]['workdir'], [(50.0, 48.0), (60.0, 58.0)], teacher=69.0)
+  _fake_run(runs[2]['workdir'], [(61.0, 62.0)], teacher=69.0)
+  _fake_run(runs[3]['workdir'], [(99.0, 99.0)], complete=False, teacher=69.0)  # partial
+  pairs = accuracy.collect(runs)
+  kd = pairs['a->b']['methods']['kd']
+  assert kd['seeds_done'] == 2
+  assert kd['student_mean'] == pytest.approx(60.0) and kd['student_std'] == pytest.approx(
+      np.std([58.0, 62.0], ddof=1))
+  assert pairs['a->b']['teacher']['test_top1'] == 69.0
+  header = {'preset': 'tiny', 'date': 'today', 'command': 'cmd', 'machine': 'cpu', 'seeds': 3}
+  accuracy.write_markdown(str(tmp_path / 'results.md'), header, pairs)
+  accuracy.write_plot(str(tmp_path / 'results.png'), pairs)
+  table = (tmp_path / 'results.md').read_text()
+  assert '| kd | 60.00 ± 2.83 |' in table and '99.00*' in table
+  assert (tmp_path / 'results.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
+  data = write_image_folder(tmp_path / 'data', num_train=8, num_test=2, size=8)
+  out = tmp_path / 'acc'
+  args = ['--preset', 'tiny', '--data', data, '--seeds', '1', '--methods', 'ce', '--out',
+          str(out)]
+  _check(_run('accuracy.py', *args))
+  result = json.loads((out / 'results.json').read_text())
+  pair = result['pairs']['resnet8->resnet8']
+  assert pair['teacher']['complete'] and pair['methods']['ce']['seeds_done'] == 1
+  assert 0 <= pair['methods']['ce']['student_mean'] <= 100
+  assert (out / 'results.md').exists() and (out / 'results.png').exists()
+  again = _check(_run('accuracy.py', *args))
+  assert again.stderr.count('[done]') == 2 and '[train]' not in again.stderr
+  listing = _check(_run('accuracy.py', *args, '--dry-run')).stdout
+  assert listing.count('complete') == 2
