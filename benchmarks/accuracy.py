@@ -278,6 +278,10 @@ def collect(runs: list[dict]) -> dict:
   return pairs
 
 
+def _pct(value):
+  return '-' if value is None else f'{value:.2f}'
+
+
 def _pm(mean, std):
   return '-' if mean is None else f'{mean:.2f} ± {std:.2f}'
 
@@ -291,8 +295,8 @@ def write_markdown(path: str, header: dict, pairs: dict) -> None:
   for name, pair in pairs.items():
     teacher = pair['teacher'] or {}
     lines += [f'## {name}', '',
-              f'Teacher (CE): test top-1 {teacher.get("test_top1", "-")} '
-              f'(val {teacher.get("val_top1", "-")}, '
+              f'Teacher (CE): test top-1 {_pct(teacher.get("test_top1"))} '
+              f'(val {_pct(teacher.get("val_top1"))}, '
               f'{"complete" if teacher.get("complete") else "incomplete"}).', '',
               '| method | student test top-1 | teacher test top-1 | student val top-1 | seeds '
               '| per seed (student) |', '| --- | --- | --- | --- | --- | --- |']
@@ -511,13 +515,14 @@ def main(argv=None) -> int:
     estimate(args, runs)
     return 0
 
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   # As ffkd_jax.main: orbax logs every save at INFO; keep its warnings and errors only.
   logging.get_absl_handler().python_handler.addFilter(
-      lambda record: record.levelno >= logging.WARNING or '/orbax/' not in record.pathname)
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
   if args.preset == 'tiny':
     jax.config.update('jax_disable_most_optimizations', True)
   if not args.no_compile_cache:
