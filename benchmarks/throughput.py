@@ -39,8 +39,8 @@ backend has them (not on CPU).
 Modes: default (every configuration, 5 rounds of ~8 s per worker, 2 warm-up steps, workers set
 up one at a time); --quick (only what the headline figures need: teacher_ce, student_ce, ffkd,
 torch_ffkd, input; 2 rounds of one step, 1 warm-up step, two workers set up at once, so their
-compile times overlap; --configs adds others); --tiny (resnet8 -> resnet8 at 16x16, batch 8, XLA optimisations off: a
-smoke test of the script, not a measurement).
+compile times overlap; --configs adds others); --tiny (resnet8 -> resnet8 at 16x16, batch 8,
+XLA optimisations off: a smoke test of the script, not a measurement).
 """
 
 from __future__ import annotations
