@@ -117,7 +117,7 @@ class FFKDStep:
 
   def __init__(self, teacher: str, student: str, num_classes: int, image_size: int,
                layer_pairs, terms: Terms, learning_rate: float = 0.05, momentum: float = 0.9,
-               weight_decay: float = 5e-4, teacher_lr_scale: float = 0.1):
+               weight_decay: float = 5e-4, teacher_lr_scale: float = 0.1, device: str = 'cpu'):
     self.terms = terms
     self.pairs = [tuple(p) for p in layer_pairs]
     self.teacher = build_model(teacher, num_classes)
@@ -130,6 +130,8 @@ class FFKDStep:
         f'{t}-{s}': Connector(s_feat[s].shape[1], tuple(s_feat[s].shape[2:]),
                               tuple(t_feat[t].shape[1:]))
         for t, s in self.pairs})
+    for module in (self.teacher, self.student, self.connectors):
+      module.to(device)
     self.student.train()
     self.connectors.train()
     self.teacher.train(terms.feedback)

@@ -241,12 +241,14 @@ class TorchWorker:
     from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
+    self.torch = torch
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'  # the accelerator JAX would use
     batch_size, image_size = spec['batch'], spec['image_size']
     self.step = torch_reference.FFKDStep(
         spec['teacher'], spec['student'], spec['num_classes'], image_size, spec['layer_pairs'],
-        torch_reference.Terms(**spec['terms']), **spec['optimizer'])
-    self.images = torch.randn(batch_size, 3, image_size, image_size)
-    self.labels = torch.randint(0, spec['num_classes'], (batch_size,))
+        torch_reference.Terms(**spec['terms']), **spec['optimizer'], device=device)
+    self.images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    self.labels = torch.randint(0, spec['num_classes'], (batch_size,), device=device)
     warmup = self.time('step', spec.get('warmup', 1))
     self.ready = {
         'warmup_s': warmup,
@@ -254,7 +256,7 @@ class TorchWorker:
                    'student': torch_reference.count_parameters(self.step.student),
                    'connectors': torch_reference.count_parameters(self.step.connectors)},
         'torch': {'version': torch.__version__, 'threads': torch.get_num_threads(),
-                  'mkldnn': torch.backends.mkldnn.is_available()},
+                  'device': device, 'mkldnn': torch.backends.mkldnn.is_available()},
     }
 
   def time(self, what: str, count: int) -> list[float]:
@@ -262,12 +264,15 @@ class TorchWorker:
     times = []
     for _ in range(count):
       start = time.perf_counter()
-      self.step.step(self.images, self.labels)  # synchronous: returns the losses as floats
+      self.step.step(self.images, self.labels)  # waits: returns the losses as floats
       times.append(time.perf_counter() - start)
     return times
 
   def final(self) -> dict:
-    return {'rss_peak_mb': peak_rss_mb()}
+    result = {'rss_peak_mb': peak_rss_mb()}
+    if self.torch.cuda.is_available():
+      result['device_peak_bytes'] = self.torch.cuda.max_memory_allocated()
+    return result
 
 
 # ---------------------------------------------------------------------------------------- input
