@@ -68,19 +68,25 @@ def check_digest(tree: Any, meta: Mapping[str, Any], where: str) -> None:
                                  'with them (a damaged file).')
 
 
+def _options(directory: str, keep: int) -> ocp.CheckpointManagerOptions:
+  """Async saving, keeping `keep`. With several processes, every manager needs barrier names of
+  its own: two managers (latest and best, or a chain's teacher and student runs) counting their
+  saves from 1 would otherwise meet at the same barrier ('... is already ongoing')."""
+  prefix = 'ffkd-' + hashlib.sha1(directory.encode()).hexdigest()[:12]
+  return ocp.CheckpointManagerOptions(
+      max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
+
+
 class Checkpoints:
   """The latest-k and best managers of one workdir."""
 
   def __init__(self, workdir: str, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
-                                           enable_async_checkpointing=True)
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.latest = ocp.CheckpointManager(self.directory, options=options)
+    best_directory = os.path.join(os.path.abspath(workdir), 'best')
+    self.latest = ocp.CheckpointManager(self.directory, options=_options(self.directory, keep))
     self._unrestorable: set[int] = set()  # latest steps that failed to restore
-    self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'best'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             enable_async_checkpointing=True))
+    self.best = ocp.CheckpointManager(best_directory, options=_options(best_directory, 1))
 
   def save(self, state: TrainState, meta: Mapping[str, Any], best: bool = False) -> None:
     """Saves `state` at its step (asynchronously); refuses non-finite parameters."""
