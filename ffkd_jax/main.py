@@ -1,6 +1,7 @@
 """Command line: python -m ffkd_jax.main --config configs/<name>.py --workdir DIR [--config.x=y]."""
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -14,6 +15,28 @@ config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py); o
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() before anything else '
                   '(also done when JAX_COORDINATOR_ADDRESS is set).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, plus a one-line error (no traceback) for an unknown --config field.
+
+  ml_collections raises AttributeError for `--config.<name>` naming no field, with its own
+  "Did you mean" hint; absl would show that as a traceback.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as error:
+    cause = error.args[0] if error.args else error  # ml_collections wraps its KeyError
+    detail = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
+    name, _, hint = detail.partition('\n')
+    name = name.strip('\'"')
+    given = [arg.split('=', 1)[0] for arg in argv[1:]
+             if arg.startswith('--config.') and arg.split('=', 1)[0].endswith('.' + name)]
+    flag = given[0] if given else f'--config.<...>.{name}'
+    message = ' '.join(filter(None, [f'{flag}: the config has no field {name!r}.', hint.strip()]))
+    sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
+                     'Pass --helpfull to see the config fields.\n')
+    sys.exit(1)
 
 
 def main(argv):
@@ -30,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -50,18 +50,24 @@ def fails_with(config, workdir, *texts, error=ValueError):
 
 
 @pytest.mark.parametrize('override, expected', [
-    ('--config.not_a_field=1', ['not_a_field']),
-    ('--config.optimizer.learning_rat=0.1', ['learning_rat', 'Did you mean "learning_rate"']),
+    ('--config.not_a_field=1', ['--config.not_a_field:', "no field 'not_a_field'"]),
+    ('--config.optimizer.learning_rat=0.1',
+     ['--config.optimizer.learning_rat:', "no field 'learning_rat'",
+      'Did you mean "learning_rate"']),
+    ('--config.batch_size=abc', ['--config.batch_size=abc', 'invalid literal for int()']),
 ])
-def test_unknown_field_on_the_command_line(tmp_path, override, expected):
-  """ml_collections refuses the flag before anything runs (a traceback ending in the field)."""
+def test_bad_field_on_the_command_line(tmp_path, override, expected):
+  """The flag is refused before anything runs, in one line naming the flag and, for a misspelt
+  field, ml_collections' suggestion; no traceback."""
   command = run_fixture.cli_command(str(tmp_path / 'run'), {}) + [override]
   result = subprocess.run(command, cwd=run_fixture.REPO, env=run_fixture.cli_env(1),
                           capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  last_line = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  error_line = [line for line in result.stderr.splitlines() if 'FATAL' in line]
+  assert len(error_line) == 1, result.stderr[-2000:]
   for text in expected:
-    assert text in last_line, result.stderr[-2000:]
+    assert text in error_line[0], result.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'run')
 
 
