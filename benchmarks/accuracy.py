@@ -248,7 +248,8 @@ def _mean_std(values):
   values = [v for v in values if v is not None]
   if not values:
     return None, None
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+  # One seed has no spread: None (shown without ±), never a 0.00 that reads as "no variance".
+  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def collect(runs: list[dict]) -> dict:
@@ -285,7 +286,9 @@ def _pct(value):
 
 
 def _pm(mean, std):
-  return '-' if mean is None else f'{mean:.2f} ± {std:.2f}'
+  if mean is None:
+    return '-'
+  return f'{mean:.2f}' if std is None else f'{mean:.2f} ± {std:.2f}'
 
 
 def write_markdown(path: str, header: dict, pairs: dict) -> None:
@@ -325,13 +328,13 @@ def write_plot(path: str, pairs: dict) -> None:
     methods = list(pair['methods'])
     xs = range(len(methods))
 
-    def column(key):
-      return [pair['methods'][m][key] if pair['methods'][m][key] is not None else math.nan
+    def column(key, missing=math.nan):
+      return [pair['methods'][m][key] if pair['methods'][m][key] is not None else missing
               for m in methods]
 
-    ax.bar([x - 0.2 for x in xs], column('student_mean'), 0.4, yerr=column('student_std'),
+    ax.bar([x - 0.2 for x in xs], column('student_mean'), 0.4, yerr=column('student_std', 0.0),
            capsize=3, label='student')
-    ax.bar([x + 0.2 for x in xs], column('teacher_mean'), 0.4, yerr=column('teacher_std'),
+    ax.bar([x + 0.2 for x in xs], column('teacher_mean'), 0.4, yerr=column('teacher_std', 0.0),
            capsize=3, label='teacher')
     teacher_ce = (pair['teacher'] or {}).get('test_top1')
     if teacher_ce is not None:

@@ -146,6 +146,13 @@ def test_results_mean_std_table_and_plot(tmp_path):
   accuracy.write_plot(str(tmp_path / 'results.png'), pairs)
   table = (tmp_path / 'results.md').read_text()
   assert '| kd | 60.00 ± 2.83 |' in table and '99.00*' in table
+  # One complete seed: its value, and no "± 0.00" posing as a spread.
+  _fake_run(runs[2]['workdir'], [(61.0, 62.0)], complete=False, teacher=69.0)
+  pairs = accuracy.collect(runs)
+  assert pairs['a->b']['methods']['kd']['student_std'] is None
+  accuracy.write_markdown(str(tmp_path / 'one.md'), header, pairs)
+  accuracy.write_plot(str(tmp_path / 'one.png'), pairs)
+  assert '| kd | 58.00 | 69.00 |' in (tmp_path / 'one.md').read_text()
   assert (tmp_path / 'results.png').read_bytes()[:4] == b'\x89PNG'
 
 
