@@ -281,6 +281,28 @@ def collect(runs: list[dict]) -> dict:
   return pairs
 
 
+def difference(values: list[float], baseline: list[float]):
+  """Mean of `values` minus mean of `baseline`, with the standard error of that difference
+  (Welch: sqrt(s1^2/n1 + s2^2/n2), sample variances); (None, None) with under 2 seeds on a side."""
+  if len(values) < 2 or len(baseline) < 2:
+    return None, None
+  delta = statistics.mean(values) - statistics.mean(baseline)
+  return delta, math.sqrt(statistics.variance(values) / len(values) +
+                          statistics.variance(baseline) / len(baseline))
+
+
+def _completed(method: dict | None) -> list[float]:
+  if not method:
+    return []
+  return [s['test_top1'] for s in method['seeds']
+          if s['complete'] and s.get('test_top1') is not None]
+
+
+def _delta_cell(method: dict, baseline: dict | None) -> str:
+  delta, error = difference(_completed(method), _completed(baseline))
+  return '-' if delta is None else f'{delta:+.2f} ± {error:.2f}'
+
+
 def _pct(value):
   return '-' if value is None else f'{value:.2f}'
 
@@ -296,7 +318,8 @@ def write_markdown(path: str, header: dict, pairs: dict) -> None:
            f'- date: {header["date"]}', f'- command: `{header["command"]}`',
            f'- machine: {header["machine"]}', f'- seeds: {header["seeds"]}; selection: test '
            'top-1 at the evaluation with the best validation top-1; mean ± sample std over '
-           'completed seeds', '']
+           'completed seeds; Δ: difference of the student means, ± its standard error '
+           '(Welch)', '']
   for name, pair in pairs.items():
     teacher = pair['teacher'] or {}
     lines += [f'## {name}', '',
@@ -304,7 +327,8 @@ def write_markdown(path: str, header: dict, pairs: dict) -> None:
               f'(val {_pct(teacher.get("val_top1"))}, '
               f'{"complete" if teacher.get("complete") else "incomplete"}).', '',
               '| method | student test top-1 | teacher test top-1 | student val top-1 | seeds '
-              '| per seed (student) |', '| --- | --- | --- | --- | --- | --- |']
+              '| per seed (student) | Δ vs ce | Δ vs kd |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for method, m in pair['methods'].items():
       per_seed = ', '.join('-' if s.get('test_top1') is None else
                            f'{s["test_top1"]:.2f}{"" if s["complete"] else "*"}'
@@ -312,7 +336,9 @@ def write_markdown(path: str, header: dict, pairs: dict) -> None:
       val = '-' if m['val_mean'] is None else f'{m["val_mean"]:.2f}'
       teacher_cell = ('-' if method == 'ce' else _pm(m['teacher_mean'], m['teacher_std']))
       lines.append(f'| {method} | {_pm(m["student_mean"], m["student_std"])} | {teacher_cell} | '
-                   f'{val} | {m["seeds_done"]}/{len(m["seeds"])} | {per_seed} |')
+                   f'{val} | {m["seeds_done"]}/{len(m["seeds"])} | {per_seed} | '
+                   f'{_delta_cell(m, pair["methods"].get("ce")) if method != "ce" else "-"} | '
+                   f'{_delta_cell(m, pair["methods"].get("kd")) if method != "kd" else "-"} |')
     lines.append('')
   lines.append('`*`: run not complete (left out of the mean).')
   with open(path, 'w', encoding='utf-8') as f:

@@ -143,9 +143,18 @@ def test_results_mean_std_table_and_plot(tmp_path):
   assert pairs['a->b']['teacher']['test_top1'] == 69.0
   header = {'preset': 'tiny', 'date': 'today', 'command': 'cmd', 'machine': 'cpu', 'seeds': 3}
   accuracy.write_markdown(str(tmp_path / 'results.md'), header, pairs)
+  # A second method: its difference from kd, Welch standard error (numpy test above).
+  runs += [{'pair': 'a->b', 'method': 'ffkd', 'seed': k, 'workdir': str(tmp_path / f'ffkd{k}')}
+           for k in range(2)]
+  _fake_run(runs[-2]['workdir'], [(65.0, 64.0)], teacher=70.0)
+  _fake_run(runs[-1]['workdir'], [(66.0, 66.0)], teacher=71.0)
+  pairs_with_ffkd = accuracy.collect(runs)
+  accuracy.write_markdown(str(tmp_path / 'ffkd.md'), header, pairs_with_ffkd)
+  assert '| 64.00, 66.00 | - | +5.00 ± 2.24 |' in (tmp_path / 'ffkd.md').read_text()
   accuracy.write_plot(str(tmp_path / 'results.png'), pairs)
   table = (tmp_path / 'results.md').read_text()
   assert '| kd | 60.00 ± 2.83 |' in table and '99.00*' in table
+  assert '58.00, 62.00, 99.00* | - | - |' in table  # no ce run; kd is not compared to itself
   # One complete seed: its value, and no "± 0.00" posing as a spread.
   _fake_run(runs[2]['workdir'], [(61.0, 62.0)], complete=False, teacher=69.0)
   pairs = accuracy.collect(runs)
@@ -154,6 +163,14 @@ def test_results_mean_std_table_and_plot(tmp_path):
   accuracy.write_plot(str(tmp_path / 'one.png'), pairs)
   assert '| kd | 58.00 | 69.00 |' in (tmp_path / 'one.md').read_text()
   assert (tmp_path / 'results.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_difference_and_its_standard_error_against_numpy():
+  a, b = [58.0, 62.0, 61.0], [50.0, 53.5]
+  delta, error = accuracy.difference(a, b)
+  assert delta == pytest.approx(np.mean(a) - np.mean(b))
+  assert error == pytest.approx(np.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 2))
+  assert accuracy.difference(a, [50.0]) == (None, None)
 
 
 def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
