@@ -43,6 +43,8 @@ jobs, load average ~5.8; FLOPs from XLA's cost analysis of each step at batch 12
   to 5.5 h (mean steps): run the table on an otherwise idle machine. On the idle machine (load
   average 0.5-1.4, 2026-11-23 10:37) `--estimate` measured 0.83 s per teacher step and 0.25 (ce)
   to 1.24 s (ffkd) per student step, and projects 2.14 h (mean steps) / 2.00 h (fastest).
+  The table then took 1 h 46 min (benchmarks/results/acc-cpu-2026-11-23/timings.txt): the
+  evaluations cost less than the 1/3-of-a-step-per-image guess.
 """
 
 from __future__ import annotations
