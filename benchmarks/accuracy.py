@@ -317,8 +317,9 @@ def _pm(mean, std):
 
 def write_markdown(path: str, header: dict, pairs: dict) -> None:
   lines = [f'# Accuracy: preset `{header["preset"]}`', '',
-           f'- date: {header["date"]}', f'- command: `{header["command"]}`',
-           f'- machine: {header["machine"]}', f'- seeds: {header["seeds"]}; selection: test '
+           f'- date: {header["date"]} (first invocation: {header.get("started", "-")})',
+           f'- command: `{header["command"]}`', f'- machine: {header["machine"]}',
+           f'- seeds: {header["seeds"]}; selection: test '
            'top-1 at the evaluation with the best validation top-1; mean ± sample std over '
            'completed seeds; Δ: difference of the student means, ± its standard error '
            '(Welch)', '']
@@ -342,7 +343,9 @@ def write_markdown(path: str, header: dict, pairs: dict) -> None:
                    f'{_delta_cell(m, pair["methods"].get("ce")) if method != "ce" else "-"} | '
                    f'{_delta_cell(m, pair["methods"].get("kd")) if method != "kd" else "-"} |')
     lines.append('')
-  lines.append('`*`: run not complete (left out of the mean).')
+  if any(not s['complete'] for pair in pairs.values() for m in pair['methods'].values()
+         for s in m['seeds']):
+    lines.append('`*`: run not complete (left out of the mean).')
   with open(path, 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
 
@@ -391,7 +394,15 @@ def machine() -> dict:
 
 
 def report(args, runs, started: str) -> dict:
+  """Writes DIR/results.{json,md,png}; `started` stays the first invocation's over resumptions."""
   pairs = collect(runs)
+  previous = os.path.join(args.out, 'results.json')
+  if os.path.exists(previous):
+    try:
+      with open(previous, encoding='utf-8') as f:
+        started = min(started, json.load(f).get('started') or started)
+    except (OSError, ValueError):
+      pass  # a damaged or foreign file: this invocation's start it is
   host = machine()
   header = {'preset': args.preset, 'seeds': args.seeds, 'methods': list(args.methods),
             'date': common.now(), 'started': started, 'command': common.command_line(),

@@ -186,5 +186,9 @@ def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
   assert (out / 'results.md').exists() and (out / 'results.png').exists()
   again = _check(_run('accuracy.py', *args))
   assert again.stderr.count('[done]') == 2 and '[train]' not in again.stderr
+  # The report of a later invocation keeps the first one's start (the table's real span).
+  assert json.loads((out / 'results.json').read_text())['started'] == result['started']
+  assert json.loads((out / 'results.json').read_text())['date'] >= result['date']
+  assert '`*`' not in (out / 'results.md').read_text()  # every run complete: no footnote
   listing = _check(_run('accuracy.py', *args, '--dry-run')).stdout
   assert listing.count('complete') == 2
