@@ -537,6 +537,24 @@ def parse_args(argv):
   return args
 
 
+def set_up_jax_and_logging(preset: str, out: str, compile_cache: bool = True) -> None:
+  """Training progress at INFO (as the CLI), and compiled steps cached in OUT/.jax_cache."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  # As ffkd_jax.main: orbax logs every save at INFO; keep its warnings and errors only.
+  logging.get_absl_handler().python_handler.addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
+  if preset == 'tiny':
+    jax.config.update('jax_disable_most_optimizations', True)
+  if compile_cache:
+    jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.jax_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  os.makedirs(out, exist_ok=True)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv if argv is not None else sys.argv[1:])
   started = common.now()
@@ -559,20 +577,7 @@ def main(argv=None) -> int:
     estimate(args, runs)
     return 0
 
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  # As ffkd_jax.main: orbax logs every save at INFO; keep its warnings and errors only.
-  logging.get_absl_handler().python_handler.addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
-  if args.preset == 'tiny':
-    jax.config.update('jax_disable_most_optimizations', True)
-  if not args.no_compile_cache:
-    jax.config.update('jax_compilation_cache_dir', os.path.join(args.out, '.jax_cache'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  os.makedirs(args.out, exist_ok=True)
+  set_up_jax_and_logging(args.preset, args.out, compile_cache=not args.no_compile_cache)
   status = 0
   try:
     for index, run in enumerate(runs, start=1):

@@ -192,3 +192,17 @@ def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
   assert '`*`' not in (out / 'results.md').read_text()  # every run complete: no footnote
   listing = _check(_run('accuracy.py', *args, '--dry-run')).stdout
   assert listing.count('complete') == 2
+
+  # An ablation beside the table: its teacher, config.ffkd fields changed, scored the same way.
+  common_args = ['--preset', 'tiny', '--data', data, '--out', str(out)]
+  ablation = _check(_run('ablate.py', *common_args, 'w1', 'b_kd=0', 'use_channel_weights=False'))
+  result = json.loads(ablation.stdout.strip().splitlines()[-1])
+  assert result['changes'] == {'b_kd': 0.0, 'use_channel_weights': False} and result['complete']
+  assert 0 <= result['test_top1'] <= 100
+  config = json.loads((out / 'ablate' / 'w1' / 'config.json').read_text())
+  assert config['ffkd']['b_kd'] == 0.0 and config['ffkd']['use_channel_weights'] is False
+  assert config['teacher']['checkpoint'] == str(out / 'teacher')
+  bad = _run('ablate.py', *common_args, 'bad', 'b_kdd=0')
+  assert bad.returncode != 0 and "'b_kdd=0'" in bad.stderr and "'b_kd'" in bad.stderr
+  bad = _run('ablate.py', *common_args, 'bad', 'feedback_start_step=1.5')
+  assert bad.returncode != 0 and 'not an integer' in bad.stderr

@@ -1,0 +1,99 @@
+"""One-seed ablations of an FFKD preset beside an accuracy table: change `config.ffkd` fields.
+
+  python benchmarks/ablate.py --preset cpu --out DIR NAME FIELD=VALUE [FIELD=VALUE ...]
+      [--method ffkd] [--seed 0] [--data FOLDER]
+
+DIR is an accuracy.py output folder: its teacher (DIR/teacher, trained by accuracy.py) is
+distilled, with the run's config exactly as accuracy.py builds it for --method and --seed, then
+the given fields of config.ffkd changed (values parsed as the field's type). The run goes into
+DIR/ablate/NAME, resumes when run again, and is scored like a table's run (test top-1 at the best
+validation evaluation); the result is printed as one JSON line and written to
+DIR/ablate/NAME/result.json. The README's ablations (2026-11-23) were:
+
+  python benchmarks/ablate.py --preset cpu --out DIR feat_w1 b_fb=0 b_kd=0 use_channel_weights=False
+  python benchmarks/ablate.py --preset cpu --out DIR no_teacher_kd b_kd=0
+  python benchmarks/ablate.py --preset cpu --out DIR feedback_late feedback_start_step=176
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from benchmarks import accuracy  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+FFKD_METHODS = ('ffkd', 'fkd', 'fkd_cka', 'fkd_fbkd')
+
+
+def parse_value(field: str, text: str, current):
+  """`text` as the type of the field's current value; a clear error otherwise."""
+  try:
+    if isinstance(current, bool):
+      if text not in ('True', 'False', 'true', 'false', '1', '0'):
+        raise ValueError(text)
+      return text in ('True', 'true', '1')
+    if isinstance(current, int):
+      return int(float(text)) if float(text).is_integer() else int(text)
+    if isinstance(current, float):
+      return float(text)
+    return type(current)(text)
+  except ValueError:
+    kind = {bool: 'True or False', int: 'an integer', float: 'a number'}.get(
+        type(current), f'a {type(current).__name__}')
+    raise SystemExit(f'config.ffkd.{field}={text!r}: not {kind} (the field is {current!r} '
+                     'by default).') from None
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--preset', choices=('cpu', 'tiny'), required=True)
+  parser.add_argument('--out', required=True, help='the accuracy.py folder (its teacher).')
+  parser.add_argument('--method', default='ffkd', choices=FFKD_METHODS)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--data', default=None, help='as accuracy.py --data.')
+  parser.add_argument('name', help='the ablation\'s folder name under DIR/ablate/.')
+  parser.add_argument('changes', nargs='+', metavar='FIELD=VALUE', help='config.ffkd fields.')
+  args = parser.parse_args(argv)
+  if args.preset == 'cpu':
+    args.data = common.ensure_cifar10(args.data or common.DEFAULT_DATA)
+  elif not args.data:
+    parser.error('--preset tiny needs --data (a small image folder)')
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv if argv is not None else sys.argv[1:])
+  teacher = accuracy.preset_pairs(args.preset)[0]
+  teacher_dir = os.path.join(args.out, 'teacher')
+  if not accuracy.is_complete(teacher_dir):
+    raise SystemExit(f'{teacher_dir}: no complete teacher run; run benchmarks/accuracy.py '
+                     f'--preset {args.preset} --out {args.out} first.')
+  config = accuracy.make_config(args.preset, args.method, teacher[0], teacher[1], args.seed,
+                                args.data, teacher_dir)
+  changes = {}
+  for change in args.changes:
+    field, sep, text = change.partition('=')
+    if not sep or field not in config.ffkd:
+      raise SystemExit(f'{change!r}: expected FIELD=VALUE with FIELD one of '
+                       f'{sorted(config.ffkd.keys())}.')
+    changes[field] = config.ffkd[field] = parse_value(field, text, config.ffkd[field])
+  workdir = os.path.join(args.out, 'ablate', args.name)
+  accuracy.set_up_jax_and_logging(args.preset, args.out)
+  accuracy.run_one(config, workdir, f'ablation {args.name}: {changes}')
+  best = accuracy.best_evaluation(accuracy.read_records(workdir), 'student')
+  result = {'name': args.name, 'method': args.method, 'seed': args.seed, 'changes': changes,
+            'complete': accuracy.is_complete(workdir), **(best or {})}
+  with open(os.path.join(workdir, 'result.json'), 'w', encoding='utf-8') as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
