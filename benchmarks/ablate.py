@@ -86,9 +86,10 @@ def main(argv=None) -> int:
   workdir = os.path.join(args.out, 'ablate', args.name)
   accuracy.set_up_jax_and_logging(args.preset, args.out)
   accuracy.run_one(config, workdir, f'ablation {args.name}: {changes}')
-  best = accuracy.best_evaluation(accuracy.read_records(workdir), 'student')
+  records = accuracy.read_records(workdir)
   result = {'name': args.name, 'method': args.method, 'seed': args.seed, 'changes': changes,
-            'complete': accuracy.is_complete(workdir), **(best or {})}
+            'complete': accuracy.finished(records),
+            **(accuracy.best_evaluation(records, 'student') or {})}
   with open(os.path.join(workdir, 'result.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result))

@@ -154,8 +154,13 @@ def read_records(workdir: str) -> list[dict]:
   return metrics_lib.read_metrics(workdir)
 
 
+def finished(records: list[dict]) -> bool:
+  """Whether a run's records end it (train_and_evaluate writes `final/*` at its end)."""
+  return any('final/step' in r for r in records)
+
+
 def is_complete(workdir: str) -> bool:
-  return any('final/step' in r for r in read_records(workdir))
+  return finished(read_records(workdir))
 
 
 def best_evaluation(records: list[dict], primary_role: str) -> dict | None:
@@ -168,10 +173,7 @@ def best_evaluation(records: list[dict], primary_role: str) -> dict | None:
   evals = [r for r in records if 'eval/top1' in r]
   if not evals:
     return None
-  best = evals[0]
-  for record in evals[1:]:
-    if record['eval/top1'] > best['eval/top1']:
-      best = record
+  best = max(evals, key=lambda r: r['eval/top1'])  # max keeps the first of equals
   has_val = any(k.startswith('test/') for k in best)
   prefix = 'test' if has_val else 'eval'
   result = {'step': best['step'], 'epoch': best.get('epoch'), 'val_top1': best['eval/top1'],
@@ -263,7 +265,7 @@ def collect(runs: list[dict]) -> dict:
     records = read_records(run['workdir'])
     best = best_evaluation(records, role)
     entry = {'seed': run['seed'], 'workdir': run['workdir'],
-             'complete': any('final/step' in r for r in records), **(best or {})}
+             'complete': finished(records), **(best or {})}
     if records:
       entry['wall_s'] = records[-1]['time'] - records[0]['time']
     if run['method'] == 'teacher':
@@ -274,8 +276,9 @@ def collect(runs: list[dict]) -> dict:
   for pair in pairs.values():
     for method in pair['methods'].values():
       done = [s for s in method['seeds'] if s['complete']]
-      method['student_mean'], method['student_std'] = _mean_std([s.get('test_top1')
-                                                                 for s in done])
+      method['student_test_top1'] = [s['test_top1'] for s in done
+                                     if s.get('test_top1') is not None]
+      method['student_mean'], method['student_std'] = _mean_std(method['student_test_top1'])
       method['teacher_mean'], method['teacher_std'] = _mean_std([s.get('teacher_test_top1')
                                                                  for s in done])
       method['val_mean'], _ = _mean_std([s.get('val_top1') for s in done])
@@ -293,15 +296,9 @@ def difference(values: list[float], baseline: list[float]):
                           statistics.variance(baseline) / len(baseline))
 
 
-def _completed(method: dict | None) -> list[float]:
-  if not method:
-    return []
-  return [s['test_top1'] for s in method['seeds']
-          if s['complete'] and s.get('test_top1') is not None]
-
-
 def _delta_cell(method: dict, baseline: dict | None) -> str:
-  delta, error = difference(_completed(method), _completed(baseline))
+  delta, error = difference(method['student_test_top1'],
+                            baseline['student_test_top1'] if baseline else [])
   return '-' if delta is None else f'{delta:+.2f} ± {error:.2f}'
 
 
@@ -386,11 +383,8 @@ def write_plot(path: str, pairs: dict) -> None:
 def machine() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
-  host = common.host_description()
-  return {**host, 'platform': device.platform, 'device_kind': device.device_kind,
-          'device_count': jax.device_count(),
-          'description': f'{device.platform} ({device.device_kind}) x{jax.device_count()}, '
-                         f'{host["cpu_model"]}, {host["cores"]} cores, {host["memory_gib"]} GiB'}
+  return common.describe_machine({'platform': device.platform, 'device_kind': device.device_kind,
+                                  'device_count': jax.device_count()})
 
 
 def report(args, runs, started: str) -> dict:

@@ -57,6 +57,16 @@ def host_description() -> dict:
           'hostname': platform.node(), 'python': platform.python_version()}
 
 
+def describe_machine(device: dict) -> dict:
+  """host_description() plus the accelerator facts in `device` (platform, device_kind,
+  device_count), with the one-line 'description' the reports print."""
+  machine = {**host_description(), **device}
+  machine['description'] = (f'{machine["platform"]} ({machine["device_kind"]}) x'
+                            f'{machine["device_count"]}, {machine["cpu_model"]}, '
+                            f'{machine["cores"]} cores, {machine["memory_gib"]} GiB')
+  return machine
+
+
 def command_line() -> str:
   return ' '.join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 

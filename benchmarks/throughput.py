@@ -447,11 +447,7 @@ def main(argv=None) -> dict:
     if input_worker is not None:
       input_worker.kill()
 
-  device = dict(common.host_description())
-  device.update(results[0]['device'])
-  device['description'] = (f'{device["platform"]} ({device["device_kind"]}) x'
-                           f'{device["device_count"]}, {device["cpu_model"]}, '
-                           f'{device["cores"]} cores, {device["memory_gib"]} GiB')
+  device = common.describe_machine(results[0]['device'])
   result = {
       'command': common.command_line(), 'date': common.now(), 'mode': mode_name,
       'settings': mode, 'batch': args.batch, 'image_size': args.image_size,
