@@ -45,9 +45,11 @@ def parse_value(field: str, text: str, current):
     return type(current)(text)
   except ValueError:
     kind = {bool: 'True or False', int: 'an integer', float: 'a number'}.get(
-        type(current), f'a {type(current).__name__}')
-    raise SystemExit(f'config.ffkd.{field}={text!r}: not {kind} (the field is {current!r} '
-                     'by default).') from None
+        type(current), f'a {type(current).__name__}'
+    )
+    raise SystemExit(
+        f'config.ffkd.{field}={text!r}: not {kind} (the field is {current!r} ' 'by default).'
+    ) from None
 
 
 def parse_args(argv):
@@ -57,7 +59,7 @@ def parse_args(argv):
   parser.add_argument('--method', default='ffkd', choices=FFKD_METHODS)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--data', default=None, help='as accuracy.py --data.')
-  parser.add_argument('name', help='the ablation\'s folder name under DIR/ablate/.')
+  parser.add_argument('name', help="the ablation's folder name under DIR/ablate/.")
   parser.add_argument('changes', nargs='+', metavar='FIELD=VALUE', help='config.ffkd fields.')
   args = parser.parse_args(argv)
   if args.preset == 'cpu':
@@ -72,24 +74,33 @@ def main(argv=None) -> int:
   teacher = accuracy.preset_pairs(args.preset)[0]
   teacher_dir = os.path.join(args.out, 'teacher')
   if not accuracy.is_complete(teacher_dir):
-    raise SystemExit(f'{teacher_dir}: no complete teacher run; run benchmarks/accuracy.py '
-                     f'--preset {args.preset} --out {args.out} first.')
-  config = accuracy.make_config(args.preset, args.method, teacher[0], teacher[1], args.seed,
-                                args.data, teacher_dir)
+    raise SystemExit(
+        f'{teacher_dir}: no complete teacher run; run benchmarks/accuracy.py '
+        f'--preset {args.preset} --out {args.out} first.'
+    )
+  config = accuracy.make_config(
+      args.preset, args.method, teacher[0], teacher[1], args.seed, args.data, teacher_dir
+  )
   changes = {}
   for change in args.changes:
     field, sep, text = change.partition('=')
     if not sep or field not in config.ffkd:
-      raise SystemExit(f'{change!r}: expected FIELD=VALUE with FIELD one of '
-                       f'{sorted(config.ffkd.keys())}.')
+      raise SystemExit(
+          f'{change!r}: expected FIELD=VALUE with FIELD one of ' f'{sorted(config.ffkd.keys())}.'
+      )
     changes[field] = config.ffkd[field] = parse_value(field, text, config.ffkd[field])
   workdir = os.path.join(args.out, 'ablate', args.name)
   accuracy.set_up_jax_and_logging(args.preset, args.out)
   accuracy.run_one(config, workdir, f'ablation {args.name}: {changes}')
   records = accuracy.read_records(workdir)
-  result = {'name': args.name, 'method': args.method, 'seed': args.seed, 'changes': changes,
-            'complete': accuracy.finished(records),
-            **(accuracy.best_evaluation(records, 'student') or {})}
+  result = {
+      'name': args.name,
+      'method': args.method,
+      'seed': args.seed,
+      'changes': changes,
+      'complete': accuracy.finished(records),
+      **(accuracy.best_evaluation(records, 'student') or {}),
+  }
   with open(os.path.join(workdir, 'result.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result))

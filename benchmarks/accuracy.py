@@ -76,13 +76,16 @@ EVALS_PER_RUN = 2
 
 
 def preset_pairs(preset: str) -> list[tuple[str, str]]:
-  return {'cifar100': [('resnet32x4', 'resnet8x4'), ('wrn_40_2', 'wrn_16_2')],
-          'cpu': [('resnet20', 'resnet8')],
-          'tiny': [('resnet8', 'resnet8')]}[preset]
+  return {
+      'cifar100': [('resnet32x4', 'resnet8x4'), ('wrn_40_2', 'wrn_16_2')],
+      'cpu': [('resnet20', 'resnet8')],
+      'tiny': [('resnet8', 'resnet8')],
+  }[preset]
 
 
 def _cpu_base(method: str, data: str):
   from configs import cifar10_folder  # pylint: disable=g-import-not-at-top
+
   config = cifar10_folder.get_config(method)
   config.dataset.path = data
   config.dataset.val_fraction = VAL_FRACTION
@@ -93,6 +96,7 @@ def _cpu_base(method: str, data: str):
 
 def _tiny_base(method: str, data: str):
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_config()
   config.method = method
   config.dataset.name = 'image_folder'
@@ -108,14 +112,19 @@ def _tiny_base(method: str, data: str):
   return config
 
 
-def make_config(preset: str, method: str, teacher: str, student: str, seed: int, data,
-                teacher_dir: str | None):
+def make_config(
+    preset: str, method: str, teacher: str, student: str, seed: int, data, teacher_dir: str | None
+):
   """The config of one run; method 'teacher' is the teacher's CE run."""
   is_teacher = method == 'teacher'
   if preset == 'cifar100':
     from configs import cifar100_distill, cifar100_teacher  # pylint: disable=g-import-not-at-top
-    config = (cifar100_teacher.get_config(teacher) if is_teacher
-              else cifar100_distill.get_config(f'{method},{teacher},{student}'))
+
+    config = (
+        cifar100_teacher.get_config(teacher)
+        if is_teacher
+        else cifar100_distill.get_config(f'{method},{teacher},{student}')
+    )
     config.dataset.val_fraction = VAL_FRACTION
     if data:
       config.dataset.data_dir = data
@@ -137,6 +146,7 @@ def make_config(preset: str, method: str, teacher: str, student: str, seed: int,
 
 def _total_steps(config) -> int:
   from ffkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
   if config.num_train_steps > 0:
     return config.num_train_steps
   info = input_pipeline.get_dataset_info(config.dataset)
@@ -151,6 +161,7 @@ def read_records(workdir: str) -> list[dict]:
   if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
     return []
   from ffkd_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
   return metrics_lib.read_metrics(workdir)
 
 
@@ -176,10 +187,14 @@ def best_evaluation(records: list[dict], primary_role: str) -> dict | None:
   best = max(evals, key=lambda r: r['eval/top1'])  # max keeps the first of equals
   has_val = any(k.startswith('test/') for k in best)
   prefix = 'test' if has_val else 'eval'
-  result = {'step': best['step'], 'epoch': best.get('epoch'), 'val_top1': best['eval/top1'],
-            'selected_by': 'val' if has_val else 'test (no validation split)',
-            'test_top1': best.get(f'{prefix}/{primary_role}_top1'),  # the run's own model
-            'teacher_test_top1': best.get(f'{prefix}/teacher_top1')}
+  result = {
+      'step': best['step'],
+      'epoch': best.get('epoch'),
+      'val_top1': best['eval/top1'],
+      'selected_by': 'val' if has_val else 'test (no validation split)',
+      'test_top1': best.get(f'{prefix}/{primary_role}_top1'),  # the run's own model
+      'teacher_test_top1': best.get(f'{prefix}/teacher_top1'),
+  }
   return result
 
 
@@ -195,11 +210,15 @@ def check_same_run(workdir: str, config) -> None:
     saved = json.load(f)
   for field in _IDENTITY_FIELDS:
     if field in saved and saved[field] != config[field]:
-      raise ValueError(f'{workdir} holds a run with {field}={saved[field]!r}, but this command '
-                       f'asks for {field}={config[field]!r}; pass another --out (or remove it).')
+      raise ValueError(
+          f'{workdir} holds a run with {field}={saved[field]!r}, but this command '
+          f'asks for {field}={config[field]!r}; pass another --out (or remove it).'
+      )
   if saved.get('teacher', {}).get('model') not in (None, config.teacher.model):
-    raise ValueError(f'{workdir} holds a run distilled from {saved["teacher"]["model"]}, not '
-                     f'{config.teacher.model}; pass another --out.')
+    raise ValueError(
+        f'{workdir} holds a run distilled from {saved["teacher"]["model"]}, not '
+        f'{config.teacher.model}; pass another --out.'
+    )
 
 
 class Interrupted(Exception):
@@ -213,6 +232,7 @@ def run_one(config, workdir: str, label: str) -> str:
     print(f'[done]  {label}: {workdir}', file=sys.stderr, flush=True)
     return 'skipped'
   from ffkd_jax import train  # pylint: disable=g-import-not-at-top
+
   resumed = os.path.isdir(os.path.join(workdir, 'checkpoints'))
   print(f'[{"resume" if resumed else "train"}] {label}: {workdir}', file=sys.stderr, flush=True)
   summary = train.train_and_evaluate(config, workdir)
@@ -228,21 +248,43 @@ def plan(args) -> list[dict]:
   for teacher, student in pairs:
     root = args.out if len(pairs) == 1 else os.path.join(args.out, f'{teacher}-{student}')
     teacher_dir = os.path.join(root, 'teacher')
-    runs.append({'pair': f'{teacher}->{student}', 'method': 'teacher', 'seed': 0,
-                 'teacher': teacher, 'student': student, 'workdir': teacher_dir,
-                 'teacher_dir': None})
+    runs.append(
+        {
+            'pair': f'{teacher}->{student}',
+            'method': 'teacher',
+            'seed': 0,
+            'teacher': teacher,
+            'student': student,
+            'workdir': teacher_dir,
+            'teacher_dir': None,
+        }
+    )
     for seed in range(args.seeds):
       for method in args.methods:
-        runs.append({'pair': f'{teacher}->{student}', 'method': method, 'seed': seed,
-                     'teacher': teacher, 'student': student,
-                     'workdir': os.path.join(root, method, f'seed{seed}'),
-                     'teacher_dir': teacher_dir})
+        runs.append(
+            {
+                'pair': f'{teacher}->{student}',
+                'method': method,
+                'seed': seed,
+                'teacher': teacher,
+                'student': student,
+                'workdir': os.path.join(root, method, f'seed{seed}'),
+                'teacher_dir': teacher_dir,
+            }
+        )
   return runs
 
 
 def config_of(args, run):
-  return make_config(args.preset, run['method'], run['teacher'], run['student'], run['seed'],
-                     args.data, run['teacher_dir'])
+  return make_config(
+      args.preset,
+      run['method'],
+      run['teacher'],
+      run['student'],
+      run['seed'],
+      args.data,
+      run['teacher_dir'],
+  )
 
 
 # ---------------------------------------------------------------------------------- results
@@ -264,8 +306,12 @@ def collect(runs: list[dict]) -> dict:
     role = 'model' if run['method'] in ('teacher', 'ce') else 'student'
     records = read_records(run['workdir'])
     best = best_evaluation(records, role)
-    entry = {'seed': run['seed'], 'workdir': run['workdir'],
-             'complete': finished(records), **(best or {})}
+    entry = {
+        'seed': run['seed'],
+        'workdir': run['workdir'],
+        'complete': finished(records),
+        **(best or {}),
+    }
     if records:
       entry['wall_s'] = records[-1]['time'] - records[0]['time']
     if run['method'] == 'teacher':
@@ -276,11 +322,11 @@ def collect(runs: list[dict]) -> dict:
   for pair in pairs.values():
     for method in pair['methods'].values():
       done = [s for s in method['seeds'] if s['complete']]
-      method['student_test_top1'] = [s['test_top1'] for s in done
-                                     if s.get('test_top1') is not None]
+      method['student_test_top1'] = [s['test_top1'] for s in done if s.get('test_top1') is not None]
       method['student_mean'], method['student_std'] = _mean_std(method['student_test_top1'])
-      method['teacher_mean'], method['teacher_std'] = _mean_std([s.get('teacher_test_top1')
-                                                                 for s in done])
+      method['teacher_mean'], method['teacher_std'] = _mean_std(
+          [s.get('teacher_test_top1') for s in done]
+      )
       method['val_mean'], _ = _mean_std([s.get('val_top1') for s in done])
       method['seeds_done'] = len(done)
   return pairs
@@ -292,13 +338,15 @@ def difference(values: list[float], baseline: list[float]):
   if len(values) < 2 or len(baseline) < 2:
     return None, None
   delta = statistics.mean(values) - statistics.mean(baseline)
-  return delta, math.sqrt(statistics.variance(values) / len(values) +
-                          statistics.variance(baseline) / len(baseline))
+  return delta, math.sqrt(
+      statistics.variance(values) / len(values) + statistics.variance(baseline) / len(baseline)
+  )
 
 
 def _delta_cell(method: dict, baseline: dict | None) -> str:
-  delta, error = difference(method['student_test_top1'],
-                            baseline['student_test_top1'] if baseline else [])
+  delta, error = difference(
+      method['student_test_top1'], baseline['student_test_top1'] if baseline else []
+  )
   return '-' if delta is None else f'{delta:+.2f} ± {error:.2f}'
 
 
@@ -313,35 +361,53 @@ def _pm(mean, std):
 
 
 def write_markdown(path: str, header: dict, pairs: dict) -> None:
-  lines = [f'# Accuracy: preset `{header["preset"]}`', '',
-           f'- date: {header["date"]} (first invocation: {header.get("started", "-")})',
-           f'- command: `{header["command"]}`', f'- machine: {header["machine"]}',
-           f'- seeds: {header["seeds"]}; selection: test '
-           'top-1 at the evaluation with the best validation top-1; mean ± sample std over '
-           'completed seeds; Δ: difference of the student means, ± its standard error '
-           '(Welch)', '']
+  lines = [
+      f'# Accuracy: preset `{header["preset"]}`',
+      '',
+      f'- date: {header["date"]} (first invocation: {header.get("started", "-")})',
+      f'- command: `{header["command"]}`',
+      f'- machine: {header["machine"]}',
+      f'- seeds: {header["seeds"]}; selection: test '
+      'top-1 at the evaluation with the best validation top-1; mean ± sample std over '
+      'completed seeds; Δ: difference of the student means, ± its standard error '
+      '(Welch)',
+      '',
+  ]
   for name, pair in pairs.items():
     teacher = pair['teacher'] or {}
-    lines += [f'## {name}', '',
-              f'Teacher (CE): test top-1 {_pct(teacher.get("test_top1"))} '
-              f'(val {_pct(teacher.get("val_top1"))}, '
-              f'{"complete" if teacher.get("complete") else "incomplete"}).', '',
-              '| method | student test top-1 | teacher test top-1 | student val top-1 | seeds '
-              '| per seed (student) | Δ vs ce | Δ vs kd |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    lines += [
+        f'## {name}',
+        '',
+        f'Teacher (CE): test top-1 {_pct(teacher.get("test_top1"))} '
+        f'(val {_pct(teacher.get("val_top1"))}, '
+        f'{"complete" if teacher.get("complete") else "incomplete"}).',
+        '',
+        '| method | student test top-1 | teacher test top-1 | student val top-1 | seeds '
+        '| per seed (student) | Δ vs ce | Δ vs kd |',
+        '| --- | --- | --- | --- | --- | --- | --- | --- |',
+    ]
     for method, m in pair['methods'].items():
-      per_seed = ', '.join('-' if s.get('test_top1') is None else
-                           f'{s["test_top1"]:.2f}{"" if s["complete"] else "*"}'
-                           for s in m['seeds'])
+      per_seed = ', '.join(
+          '-'
+          if s.get('test_top1') is None
+          else f'{s["test_top1"]:.2f}{"" if s["complete"] else "*"}'
+          for s in m['seeds']
+      )
       val = '-' if m['val_mean'] is None else f'{m["val_mean"]:.2f}'
-      teacher_cell = ('-' if method == 'ce' else _pm(m['teacher_mean'], m['teacher_std']))
-      lines.append(f'| {method} | {_pm(m["student_mean"], m["student_std"])} | {teacher_cell} | '
-                   f'{val} | {m["seeds_done"]}/{len(m["seeds"])} | {per_seed} | '
-                   f'{_delta_cell(m, pair["methods"].get("ce")) if method != "ce" else "-"} | '
-                   f'{_delta_cell(m, pair["methods"].get("kd")) if method != "kd" else "-"} |')
+      teacher_cell = '-' if method == 'ce' else _pm(m['teacher_mean'], m['teacher_std'])
+      lines.append(
+          f'| {method} | {_pm(m["student_mean"], m["student_std"])} | {teacher_cell} | '
+          f'{val} | {m["seeds_done"]}/{len(m["seeds"])} | {per_seed} | '
+          f'{_delta_cell(m, pair["methods"].get("ce")) if method != "ce" else "-"} | '
+          f'{_delta_cell(m, pair["methods"].get("kd")) if method != "kd" else "-"} |'
+      )
     lines.append('')
-  if any(not s['complete'] for pair in pairs.values() for m in pair['methods'].values()
-         for s in m['seeds']):
+  if any(
+      not s['complete']
+      for pair in pairs.values()
+      for m in pair['methods'].values()
+      for s in m['seeds']
+  ):
     lines.append('`*`: run not complete (left out of the mean).')
   with open(path, 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
@@ -349,21 +415,37 @@ def write_markdown(path: str, header: dict, pairs: dict) -> None:
 
 def write_plot(path: str, pairs: dict) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, axes = plt.subplots(1, len(pairs), figsize=(7 * len(pairs), 4.5), squeeze=False)
   for ax, (name, pair) in zip(axes[0], pairs.items()):
     methods = list(pair['methods'])
     xs = range(len(methods))
 
     def column(key, missing=math.nan):
-      return [pair['methods'][m][key] if pair['methods'][m][key] is not None else missing
-              for m in methods]
+      return [
+          pair['methods'][m][key] if pair['methods'][m][key] is not None else missing
+          for m in methods
+      ]
 
-    ax.bar([x - 0.2 for x in xs], column('student_mean'), 0.4, yerr=column('student_std', 0.0),
-           capsize=3, label='student')
-    ax.bar([x + 0.2 for x in xs], column('teacher_mean'), 0.4, yerr=column('teacher_std', 0.0),
-           capsize=3, label='teacher')
+    ax.bar(
+        [x - 0.2 for x in xs],
+        column('student_mean'),
+        0.4,
+        yerr=column('student_std', 0.0),
+        capsize=3,
+        label='student',
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        column('teacher_mean'),
+        0.4,
+        yerr=column('teacher_std', 0.0),
+        capsize=3,
+        label='teacher',
+    )
     teacher_ce = (pair['teacher'] or {}).get('test_top1')
     if teacher_ce is not None:
       ax.axhline(teacher_ce, color='grey', linestyle='--', label='teacher (CE)')
@@ -382,9 +464,15 @@ def write_plot(path: str, pairs: dict) -> None:
 
 def machine() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+
   device = jax.devices()[0]
-  return common.describe_machine({'platform': device.platform, 'device_kind': device.device_kind,
-                                  'device_count': jax.device_count()})
+  return common.describe_machine(
+      {
+          'platform': device.platform,
+          'device_kind': device.device_kind,
+          'device_count': jax.device_count(),
+      }
+  )
 
 
 def report(args, runs, started: str) -> dict:
@@ -398,9 +486,16 @@ def report(args, runs, started: str) -> dict:
     except (OSError, ValueError):
       pass  # a damaged or foreign file: this invocation's start it is
   host = machine()
-  header = {'preset': args.preset, 'seeds': args.seeds, 'methods': list(args.methods),
-            'date': common.now(), 'started': started, 'command': common.command_line(),
-            'machine': host['description'], 'load_average': common.load_average()}
+  header = {
+      'preset': args.preset,
+      'seeds': args.seeds,
+      'methods': list(args.methods),
+      'date': common.now(),
+      'started': started,
+      'command': common.command_line(),
+      'machine': host['description'],
+      'load_average': common.load_average(),
+  }
   result = {**header, 'machine_details': host, 'pairs': pairs}
   with open(os.path.join(args.out, 'results.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2)
@@ -423,8 +518,10 @@ def estimate(args, runs) -> dict:
   """
   from benchmarks import throughput  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
+
   log_dir = tempfile.mkdtemp(prefix='ffkd-estimate-')
   from ffkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
   per_kind = {}
   for run in runs:
     key = (run['pair'], run['method'])
@@ -432,9 +529,15 @@ def estimate(args, runs) -> dict:
       continue
     config = config_of(args, run)
     info = input_pipeline.get_dataset_info(config.dataset)
-    spec = {'kind': 'jax', 'batch': config.batch_size, 'image_size': info.image_size,
-            'num_classes': info.num_classes, 'warmup': 2, 'config': config.to_dict(),
-            'fast_compile': args.preset == 'tiny'}
+    spec = {
+        'kind': 'jax',
+        'batch': config.batch_size,
+        'image_size': info.image_size,
+        'num_classes': info.num_classes,
+        'warmup': 2,
+        'config': config.to_dict(),
+        'fast_compile': args.preset == 'tiny',
+    }
     worker = throughput.Worker(f'{run["method"]}', spec, log_dir).start()
     try:
       ready = worker.wait_ready()
@@ -444,34 +547,54 @@ def estimate(args, runs) -> dict:
       worker.kill()
     steps = _total_steps(config)
     evals = math.ceil(steps / config.eval_every_steps) if config.eval_every_steps > 0 else 1
-    per_kind[key] = {'mean_step_s': mean_s,
-                     'fastest_step_s': min(fastest_s, *ready['warmup_s'][1:]),
-                     'flops': ready.get('flops'), 'steps': steps, 'evals': evals,
-                     'compile_s': ready['lower_s'] + ready['compile_s'],
-                     'eval_images': info.num_val + info.num_test, 'batch': config.batch_size,
-                     'load_average': common.load_average()}
-    print(f'  {key}: {mean_s:.3f} s/step (fastest {fastest_s:.3f}) x {steps} steps, '
-          f'{(ready.get("flops") or 0) / 1e9:.1f} GFLOP/step, compile '
-          f'{per_kind[key]["compile_s"]:.0f} s | load {common.load_average()}',
-          file=sys.stderr, flush=True)
-  step_costs = {'measured_mean': lambda k: k['mean_step_s'],
-                'measured_fastest': lambda k: k['fastest_step_s']}
+    per_kind[key] = {
+        'mean_step_s': mean_s,
+        'fastest_step_s': min(fastest_s, *ready['warmup_s'][1:]),
+        'flops': ready.get('flops'),
+        'steps': steps,
+        'evals': evals,
+        'compile_s': ready['lower_s'] + ready['compile_s'],
+        'eval_images': info.num_val + info.num_test,
+        'batch': config.batch_size,
+        'load_average': common.load_average(),
+    }
+    print(
+        f'  {key}: {mean_s:.3f} s/step (fastest {fastest_s:.3f}) x {steps} steps, '
+        f'{(ready.get("flops") or 0) / 1e9:.1f} GFLOP/step, compile '
+        f'{per_kind[key]["compile_s"]:.0f} s | load {common.load_average()}',
+        file=sys.stderr,
+        flush=True,
+    )
+  step_costs = {
+      'measured_mean': lambda k: k['mean_step_s'],
+      'measured_fastest': lambda k: k['fastest_step_s'],
+  }
   if args.assume_gflops:
-    step_costs[f'at_{args.assume_gflops:g}_gflops'] = (
-        lambda k: k['flops'] / (args.assume_gflops * 1e9))
+    step_costs[f'at_{args.assume_gflops:g}_gflops'] = lambda k: k['flops'] / (
+        args.assume_gflops * 1e9
+    )
   projections = {name: project(per_kind, runs, cost) for name, cost in step_costs.items()}
-  result = {'per_method': {f'{p}:{m}': v for (p, m), v in per_kind.items()},
-            'projections': projections, 'load_average': common.load_average(),
-            'date': common.now(), 'command': common.command_line(),
-            'settings': {'teacher_epochs': TEACHER_EPOCHS, 'student_epochs': STUDENT_EPOCHS,
-                         'evals_per_run': EVALS_PER_RUN}}
+  result = {
+      'per_method': {f'{p}:{m}': v for (p, m), v in per_kind.items()},
+      'projections': projections,
+      'load_average': common.load_average(),
+      'date': common.now(),
+      'command': common.command_line(),
+      'settings': {
+          'teacher_epochs': TEACHER_EPOCHS,
+          'student_epochs': STUDENT_EPOCHS,
+          'evals_per_run': EVALS_PER_RUN,
+      },
+  }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'estimate.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2)
   for name, p in projections.items():
-    print(f'{name:24s} {p["total_h"]:.2f} h  (train {p["train_s"] / 3600:.2f} h, eval '
-          f'{p["eval_s"] / 3600:.2f} h, compile {p["compile_s"] / 3600:.2f} h) '
-          f'for {len(runs)} runs')
+    print(
+        f'{name:24s} {p["total_h"]:.2f} h  (train {p["train_s"] / 3600:.2f} h, eval '
+        f'{p["eval_s"] / 3600:.2f} h, compile {p["compile_s"] / 3600:.2f} h) '
+        f'for {len(runs)} runs'
+    )
   print(f'load average now {common.load_average()}')
   return result
 
@@ -486,11 +609,15 @@ def project(per_kind: dict, runs: list[dict], step_cost) -> dict:
   totals = {'train_s': 0.0, 'eval_s': 0.0, 'compile_s': 0.0}
   for run in runs:
     k = per_kind[(run['pair'], run['method'])]
-    models = [run['teacher']] if run['method'] == 'teacher' else (
-        [run['student']] if run['method'] == 'ce' else [run['teacher'], run['student']])
+    models = (
+        [run['teacher']]
+        if run['method'] == 'teacher'
+        else ([run['student']] if run['method'] == 'ce' else [run['teacher'], run['student']])
+    )
     totals['train_s'] += k['steps'] * step_cost(k)
-    totals['eval_s'] += k['evals'] * k['eval_images'] * sum(ce_image_s.get(m, 0.0)
-                                                            for m in models) / 3
+    totals['eval_s'] += (
+        k['evals'] * k['eval_images'] * sum(ce_image_s.get(m, 0.0) for m in models) / 3
+    )
     totals['compile_s'] += k['compile_s']
   total = sum(totals.values())
   return {**totals, 'total_s': total, 'total_h': total / 3600}
@@ -504,19 +631,34 @@ def parse_args(argv):
   parser.add_argument('--preset', choices=('cpu', 'cifar100', 'tiny'), required=True)
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--out', required=True, help='folder of the runs and the results.')
-  parser.add_argument('--methods', default=','.join(METHODS),
-                      help=f'comma-separated subset of {",".join(METHODS)}.')
-  parser.add_argument('--data', default=None,
-                      help=f'cpu/tiny: the image folder (cpu default {common.DEFAULT_DATA}, '
-                           'unpacked from ../shared/data if missing); cifar100: a TFDS data_dir.')
-  parser.add_argument('--dry-run', action='store_true',
-                      help='print the runs and their state, train nothing.')
-  parser.add_argument('--estimate', action='store_true',
-                      help='time every run kind\'s step and project the wall time; train nothing.')
-  parser.add_argument('--assume-gflops', type=float, default=None,
-                      help='--estimate: also project with every step at this GFLOP/s.')
-  parser.add_argument('--no-compile-cache', action='store_true',
-                      help='do not keep compiled steps in DIR/.jax_cache (shared by the seeds).')
+  parser.add_argument(
+      '--methods', default=','.join(METHODS), help=f'comma-separated subset of {",".join(METHODS)}.'
+  )
+  parser.add_argument(
+      '--data',
+      default=None,
+      help=f'cpu/tiny: the image folder (cpu default {common.DEFAULT_DATA}, '
+      'unpacked from ../shared/data if missing); cifar100: a TFDS data_dir.',
+  )
+  parser.add_argument(
+      '--dry-run', action='store_true', help='print the runs and their state, train nothing.'
+  )
+  parser.add_argument(
+      '--estimate',
+      action='store_true',
+      help="time every run kind's step and project the wall time; train nothing.",
+  )
+  parser.add_argument(
+      '--assume-gflops',
+      type=float,
+      default=None,
+      help='--estimate: also project with every step at this GFLOP/s.',
+  )
+  parser.add_argument(
+      '--no-compile-cache',
+      action='store_true',
+      help='do not keep compiled steps in DIR/.jax_cache (shared by the seeds).',
+  )
   args = parser.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   unknown = [m for m in args.methods if m not in METHODS]
@@ -536,11 +678,13 @@ def set_up_jax_and_logging(preset: str, out: str, compile_cache: bool = True) ->
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   # As ffkd_jax.main: orbax logs every save at INFO; keep its warnings and errors only.
   logging.get_absl_handler().python_handler.addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+  )
   if preset == 'tiny':
     jax.config.update('jax_disable_most_optimizations', True)
   if compile_cache:
@@ -554,18 +698,28 @@ def main(argv=None) -> int:
   started = common.now()
   runs = plan(args)
   from ffkd_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+
   missing = [m for m in args.methods if m not in methods_lib.available_methods()]
   if missing:
-    raise SystemExit(f'methods {missing} are not registered in ffkd_jax.methods '
-                     f'(available: {methods_lib.available_methods()}).')
+    raise SystemExit(
+        f'methods {missing} are not registered in ffkd_jax.methods '
+        f'(available: {methods_lib.available_methods()}).'
+    )
   if args.dry_run:
     for run in runs:
-      state = ('complete' if is_complete(run['workdir']) else
-               'partial' if os.path.isdir(os.path.join(run['workdir'], 'checkpoints')) else 'new')
+      state = (
+          'complete'
+          if is_complete(run['workdir'])
+          else 'partial'
+          if os.path.isdir(os.path.join(run['workdir'], 'checkpoints'))
+          else 'new'
+      )
       config = config_of(args, run)
       teacher = '-' if run['method'] in ('teacher', 'ce') else config.teacher.model
-      print(f'{run["pair"]:24s} {run["method"]:9s} seed {run["seed"]}  {state:8s} '
-            f'{config.model} <- {teacher}  steps {_total_steps(config)}  {run["workdir"]}')
+      print(
+          f'{run["pair"]:24s} {run["method"]:9s} seed {run["seed"]}  {state:8s} '
+          f'{config.model} <- {teacher}  steps {_total_steps(config)}  {run["workdir"]}'
+      )
     return 0
   if args.estimate:
     estimate(args, runs)

@@ -53,17 +53,24 @@ def load_average() -> list[float]:
 
 def host_description() -> dict:
   """CPU model, cores this process may use, memory, OS: the host half of `device`."""
-  return {'cpu_model': cpu_model(), 'cores': core_count(), 'memory_gib': memory_gib(),
-          'hostname': platform.node(), 'python': platform.python_version()}
+  return {
+      'cpu_model': cpu_model(),
+      'cores': core_count(),
+      'memory_gib': memory_gib(),
+      'hostname': platform.node(),
+      'python': platform.python_version(),
+  }
 
 
 def describe_machine(device: dict) -> dict:
   """host_description() plus the accelerator facts in `device` (platform, device_kind,
   device_count), with the one-line 'description' the reports print."""
   machine = {**host_description(), **device}
-  machine['description'] = (f'{machine["platform"]} ({machine["device_kind"]}) x'
-                            f'{machine["device_count"]}, {machine["cpu_model"]}, '
-                            f'{machine["cores"]} cores, {machine["memory_gib"]} GiB')
+  machine['description'] = (
+      f'{machine["platform"]} ({machine["device_kind"]}) x'
+      f'{machine["device_count"]}, {machine["cpu_model"]}, '
+      f'{machine["cores"]} cores, {machine["memory_gib"]} GiB'
+  )
   return machine
 
 
@@ -84,7 +91,8 @@ def ensure_cifar10(path: str) -> str:
     raise FileNotFoundError(
         f'--data={path!r} is not an image folder (train/<class>/*, test/<class>/*), and it cannot '
         f'be unpacked here: that needs a path ending in cifar10-jpeg and the archive {archive} '
-        '(see ../shared/data/README.md).')
+        '(see ../shared/data/README.md).'
+    )
   parent = os.path.dirname(os.path.normpath(path))
   os.makedirs(parent, exist_ok=True)
   print(f'Unpacking {archive} into {parent} ...', file=sys.stderr)

@@ -72,6 +72,7 @@ def category(op_name: str) -> str:
 def trace_ops(trace_dir: str) -> dict[str, float]:
   """Seconds per XLA op name summed over the trace's XLA CPU threads."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+
   files = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)
   space = xplane_pb2.XSpace()
   with open(sorted(files)[-1], 'rb') as f:
@@ -93,6 +94,7 @@ def trace_ops(trace_dir: str) -> dict[str, float]:
 def profile(name: str, spec: dict, steps: int, out: str) -> dict:
   worker = workers.JaxWorker(spec)
   import jax  # pylint: disable=g-import-not-at-top
+
   hlo = worker.compiled.as_text()
   with open(os.path.join(out, f'{name}.hlo.txt'), 'w', encoding='utf-8') as f:
     f.write(hlo)
@@ -106,39 +108,62 @@ def profile(name: str, spec: dict, steps: int, out: str) -> dict:
   by_category = collections.Counter()
   for op, seconds in ops.items():
     by_category[category(names.get(op, ''))] += seconds / steps
-  top = [{'op': op, 's_per_step': s / steps, 'op_name': names.get(op, '')}
-         for op, s in ops.most_common(15)]
-  return {'config': name, 'step_s': step_times, 'traced_wall_s': wall,
-          'op_s_per_step': sum(ops.values()) / steps, 'categories': dict(by_category),
-          'top_ops': top, 'flops': worker.ready.get('flops'),
-          'load_average': common.load_average()}
+  top = [
+      {'op': op, 's_per_step': s / steps, 'op_name': names.get(op, '')}
+      for op, s in ops.most_common(15)
+  ]
+  return {
+      'config': name,
+      'step_s': step_times,
+      'traced_wall_s': wall,
+      'op_s_per_step': sum(ops.values()) / steps,
+      'categories': dict(by_category),
+      'top_ops': top,
+      'flops': worker.ready.get('flops'),
+      'load_average': common.load_average(),
+  }
 
 
 def markdown(results: list[dict], header: str) -> str:
   categories = sorted({c for r in results for c in r['categories']})
-  lines = [header, '', '| category | ' + ' | '.join(r['config'] for r in results) + ' |',
-           '| --- |' + ' --- |' * len(results)]
+  lines = [
+      header,
+      '',
+      '| category | ' + ' | '.join(r['config'] for r in results) + ' |',
+      '| --- |' + ' --- |' * len(results),
+  ]
   for c in categories:
     cells = []
     for r in results:
       seconds = r['categories'].get(c, 0.0)
       cells.append(f'{seconds * 1e3:.1f} ms ({100 * seconds / r["op_s_per_step"]:.1f}%)')
     lines.append(f'| {c} | ' + ' | '.join(cells) + ' |')
-  lines.append('| all ops (summed over threads) | ' + ' | '.join(
-      f'{r["op_s_per_step"] * 1e3:.1f} ms' for r in results) + ' |')
-  lines.append('| step wall (min) | ' + ' | '.join(
-      f'{min(r["step_s"]) * 1e3:.1f} ms' for r in results) + ' |')
+  lines.append(
+      '| all ops (summed over threads) | '
+      + ' | '.join(f'{r["op_s_per_step"] * 1e3:.1f} ms' for r in results)
+      + ' |'
+  )
+  lines.append(
+      '| step wall (min) | '
+      + ' | '.join(f'{min(r["step_s"]) * 1e3:.1f} ms' for r in results)
+      + ' |'
+  )
   for r in results:
     lines += ['', f'Top ops of {r["config"]} (per step):', '']
-    lines += [f'- {t["s_per_step"] * 1e3:.1f} ms `{t["op"]}` {t["op_name"][:110]}'
-              for t in r['top_ops'][:8]]
+    lines += [
+        f'- {t["s_per_step"] * 1e3:.1f} ms `{t["op"]}` {t["op_name"][:110]}'
+        for t in r['top_ops'][:8]
+    ]
   return '\n'.join(lines) + '\n'
 
 
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--configs', default='ffkd,teacher_ce,student_ce',
-                      help='comma-separated: teacher_ce, student_ce, kd, fkd_cka, ffkd.')
+  parser.add_argument(
+      '--configs',
+      default='ffkd,teacher_ce,student_ce',
+      help='comma-separated: teacher_ce, student_ce, kd, fkd_cka, ffkd.',
+  )
   parser.add_argument('--teacher', default='resnet56')
   parser.add_argument('--student', default='resnet20')
   parser.add_argument('--batch', type=int, default=64)
@@ -148,15 +173,22 @@ def main(argv=None) -> list[dict]:
   os.makedirs(args.out, exist_ok=True)
   results = []
   for name in args.configs.split(','):
-    spec = {'kind': 'jax', 'batch': args.batch, 'image_size': 32, 'num_classes': 100,
-            'warmup': 1,
-            'config': throughput.method_config(name, args.teacher, args.student, args.batch)}
+    spec = {
+        'kind': 'jax',
+        'batch': args.batch,
+        'image_size': 32,
+        'num_classes': 100,
+        'warmup': 1,
+        'config': throughput.method_config(name, args.teacher, args.student, args.batch),
+    }
     print(f'profiling {name} ...', file=sys.stderr, flush=True)
     results.append(profile(name, spec, args.steps, args.out))
-  header = (f'# Step profile: {args.teacher} -> {args.student}, batch {args.batch}\n\n'
-            f'- {common.now()}, `{common.command_line()}`\n'
-            f'- load average {common.load_average()}; {common.cpu_model()}, '
-            f'{common.core_count()} cores')
+  header = (
+      f'# Step profile: {args.teacher} -> {args.student}, batch {args.batch}\n\n'
+      f'- {common.now()}, `{common.command_line()}`\n'
+      f'- load average {common.load_average()}; {common.cpu_model()}, '
+      f'{common.core_count()} cores'
+  )
   with open(os.path.join(args.out, 'profile.json'), 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)
   table = markdown(results, header)

@@ -63,8 +63,12 @@ from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workers.py')
 PAIRS = (('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20'))
-TARGETS = {'sum_of_parts_ratio': ('<=', 1.15), 'cka_fraction': ('<', 0.05),
-           'input_ratio': ('>=', 5.0), 'torch_ratio': ('>=', 1.0)}
+TARGETS = {
+    'sum_of_parts_ratio': ('<=', 1.15),
+    'cka_fraction': ('<', 0.05),
+    'input_ratio': ('>=', 5.0),
+    'torch_ratio': ('>=', 1.0),
+}
 JAX_CONFIGS = ('teacher_ce', 'student_ce', 'kd', 'fkd_cka', 'ffkd', 'ffkd_no_cka')
 ALL_CONFIGS = JAX_CONFIGS + ('torch_ffkd', 'input')
 HEADLINE_CONFIGS = ('teacher_ce', 'student_ce', 'ffkd', 'torch_ffkd', 'input')
@@ -88,16 +92,24 @@ class Worker:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1')
     with open(self.log_path, 'w', encoding='utf-8') as log:
       self.process = subprocess.Popen(
-          [sys.executable, WORKER, json.dumps(self.spec)], stdin=subprocess.PIPE,
-          stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=env)
+          [sys.executable, WORKER, json.dumps(self.spec)],
+          stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE,
+          stderr=log,
+          text=True,
+          bufsize=1,
+          env=env,
+      )
     self.started = time.perf_counter()
     return self
 
   def _receive(self) -> dict:
     line = self.process.stdout.readline()
     if not line:
-      raise RuntimeError(f'worker {self.name} exited (code {self.process.wait()}); '
-                         f'log {self.log_path}:\n{self._log_tail()}')
+      raise RuntimeError(
+          f'worker {self.name} exited (code {self.process.wait()}); '
+          f'log {self.log_path}:\n{self._log_tail()}'
+      )
     message = json.loads(line)
     if 'error' in message:
       raise RuntimeError(f'worker {self.name} failed:\n{message["error"]}')
@@ -152,6 +164,7 @@ def start_all(workers: list[Worker], jobs: int) -> None:
 
 def method_config(method: str, teacher: str, student: str, batch: int) -> dict:
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_config()
   config.method = method
   config.model = teacher if method == 'teacher_ce' else student
@@ -162,17 +175,30 @@ def method_config(method: str, teacher: str, student: str, batch: int) -> dict:
   return config.to_dict()
 
 
-def torch_spec(teacher, student, ffkd_config: dict, layer_pairs, shape: dict, warmup: int,
-               threads: int) -> dict:
+def torch_spec(
+    teacher, student, ffkd_config: dict, layer_pairs, shape: dict, warmup: int, threads: int
+) -> dict:
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   terms = {f.name: ffkd_config['ffkd'][f.name] for f in dataclasses.fields(torch_reference.Terms)}
   opt = ffkd_config['optimizer']
-  return {'kind': 'torch', 'teacher': teacher, 'student': student, **shape,
-          'layer_pairs': layer_pairs, 'terms': terms, 'warmup': warmup, 'threads': threads,
-          'optimizer': {'learning_rate': opt['learning_rate'], 'momentum': opt['momentum'],
-                        'weight_decay': opt['weight_decay'],
-                        'teacher_lr_scale': ffkd_config['ffkd']['teacher_lr_scale']}}
+  return {
+      'kind': 'torch',
+      'teacher': teacher,
+      'student': student,
+      **shape,
+      'layer_pairs': layer_pairs,
+      'terms': terms,
+      'warmup': warmup,
+      'threads': threads,
+      'optimizer': {
+          'learning_rate': opt['learning_rate'],
+          'momentum': opt['momentum'],
+          'weight_decay': opt['weight_decay'],
+          'teacher_lr_scale': ffkd_config['ffkd']['teacher_lr_scale'],
+      },
+  }
 
 
 def count_for(seconds_per_step: float, round_seconds: float, minimum: int = 1) -> int:
@@ -189,8 +215,9 @@ def run_pair(teacher, student, args, mode, log_dir, input_worker) -> dict:
   base = {'kind': 'jax', **shape, 'warmup': mode['warmup'], 'fast_compile': args.tiny}
   names = [n for n in JAX_CONFIGS if n in args.configs]
   if 'ffkd' not in names:
-    raise ValueError(f'--configs={",".join(args.configs)}: ffkd is needed (every ratio is '
-                     'taken against it).')
+    raise ValueError(
+        f'--configs={",".join(args.configs)}: ffkd is needed (every ratio is ' 'taken against it).'
+    )
   jax_workers = {}
   for name in names:
     method = {'ffkd_no_cka': 'ffkd'}.get(name, name)
@@ -205,8 +232,15 @@ def run_pair(teacher, student, args, mode, log_dir, input_worker) -> dict:
     start_all(list(jax_workers.values()), mode['jobs'])
     ffkd_ready = jax_workers['ffkd'].ready
     if 'torch_ffkd' in args.configs:
-      spec = torch_spec(teacher, student, jax_workers['ffkd'].spec['config'],
-                        ffkd_ready['layer_pairs'], shape, mode['warmup'], args.threads)
+      spec = torch_spec(
+          teacher,
+          student,
+          jax_workers['ffkd'].spec['config'],
+          ffkd_ready['layer_pairs'],
+          shape,
+          mode['warmup'],
+          args.threads,
+      )
       workers['torch_ffkd'] = Worker(f'{teacher}-{student}.torch_ffkd', spec, log_dir)
       start_all([workers['torch_ffkd']], 1)
     if input_worker is not None:
@@ -222,7 +256,7 @@ def run_pair(teacher, student, args, mode, log_dir, input_worker) -> dict:
     rounds, best = [], {}
     order = list(workers)
     for r in range(mode['rounds']):
-      rotated = order[r % len(order):] + order[:r % len(order)]
+      rotated = order[r % len(order) :] + order[: r % len(order)]
       record = {'load_average': common.load_average()}
       for name in rotated:
         timed = [(name, 'input' if name == 'input' else 'step')]
@@ -232,9 +266,13 @@ def run_pair(teacher, student, args, mode, log_dir, input_worker) -> dict:
           record[key], fastest = workers[name].time(what, counts[key])
           best[key] = min(best.get(key, fastest), fastest)
       rounds.append(record)
-      print(f'  round {r + 1}/{mode["rounds"]}: ' + ', '.join(
-          f'{k}={v * 1e3:.1f}ms' for k, v in record.items() if k != 'load_average')
-          + f' | load {record["load_average"]}', file=sys.stderr, flush=True)
+      print(
+          f'  round {r + 1}/{mode["rounds"]}: '
+          + ', '.join(f'{k}={v * 1e3:.1f}ms' for k, v in record.items() if k != 'load_average')
+          + f' | load {record["load_average"]}',
+          file=sys.stderr,
+          flush=True,
+      )
     finals = {name: w.quit() for name, w in workers.items() if name != 'input'}
   finally:
     for name, worker in workers.items():
@@ -258,12 +296,17 @@ def summarize_pair(teacher, student, args, workers, finals, rounds, best, counts
     per_round = [r[name] for r in rounds]
     seconds = _median(per_round)
     ready = dict(worker.ready)
-    entry = {'seconds_per_step': seconds, 'per_round_s': per_round,
-             'fastest_step_s': best[name], 'steps_per_round': counts[name]}
+    entry = {
+        'seconds_per_step': seconds,
+        'per_round_s': per_round,
+        'fastest_step_s': best[name],
+        'steps_per_round': counts[name],
+    }
     if name == 'input':
       entry['images_per_s'] = ready['image_shape'][0] / seconds
-      entry.update({k: ready[k] for k in ('cache_fill_s', 'image_shape', 'num_train',
-                                          'rss_after_cache_mb')})
+      entry.update(
+          {k: ready[k] for k in ('cache_fill_s', 'image_shape', 'num_train', 'rss_after_cache_mb')}
+      )
     else:
       entry['images_per_s'] = args.batch / seconds
       entry.update({k: v for k, v in ready.items() if k not in ('device',)})
@@ -281,13 +324,17 @@ def summarize_pair(teacher, student, args, workers, finals, rounds, best, counts
 
   def ratio(numerator, denominator):
     values = [numerator(r) / denominator(r) for r in rounds]
-    return {'median': _median(values), 'per_round': values,
-            'fastest': numerator(best) / denominator(best)}
+    return {
+        'median': _median(values),
+        'per_round': values,
+        'fastest': numerator(best) / denominator(best),
+    }
 
   ratios = {'cka_fraction': ratio(lambda r: r['cka'], lambda r: r['ffkd'])}
   if 'teacher_ce' in configs and 'student_ce' in configs:
-    ratios['sum_of_parts_ratio'] = ratio(lambda r: r['ffkd'],
-                                         lambda r: r['teacher_ce'] + r['student_ce'])
+    ratios['sum_of_parts_ratio'] = ratio(
+        lambda r: r['ffkd'], lambda r: r['teacher_ce'] + r['student_ce']
+    )
   if 'ffkd_no_cka' in configs:
     ratios['cka_fraction_ab'] = ratio(lambda r: r['ffkd'] - r['ffkd_no_cka'], lambda r: r['ffkd'])
   if 'torch_ffkd' in configs:
@@ -299,24 +346,33 @@ def summarize_pair(teacher, student, args, workers, finals, rounds, best, counts
   flop_ratio = None
   if all(flops.get(n) for n in ('ffkd', 'teacher_ce', 'student_ce')):
     flop_ratio = flops['ffkd'] / (flops['teacher_ce'] + flops['student_ce'])
-  return {'teacher': teacher, 'student': student, 'device': workers['ffkd'].ready['device'],
-          'configs': configs,
-          'ratios': {k: v['median'] for k, v in ratios.items()},
-          'ratios_fastest': {k: v['fastest'] for k, v in ratios.items()},
-          'ratios_per_round': {k: v['per_round'] for k, v in ratios.items()},
-          'flop_sum_of_parts_ratio': flop_ratio,
-          'cka_flop_fraction': ((configs['ffkd']['cka'].get('flops') or 0) / flops['ffkd']
-                                if flops.get('ffkd') else None),
-          'rounds': rounds}
+  return {
+      'teacher': teacher,
+      'student': student,
+      'device': workers['ffkd'].ready['device'],
+      'configs': configs,
+      'ratios': {k: v['median'] for k, v in ratios.items()},
+      'ratios_fastest': {k: v['fastest'] for k, v in ratios.items()},
+      'ratios_per_round': {k: v['per_round'] for k, v in ratios.items()},
+      'flop_sum_of_parts_ratio': flop_ratio,
+      'cka_flop_fraction': (
+          (configs['ffkd']['cka'].get('flops') or 0) / flops['ffkd'] if flops.get('ffkd') else None
+      ),
+      'rounds': rounds,
+  }
 
 
 # ------------------------------------------------------------------------------------ report
 
 
-RATIO_KEYS = ('sum_of_parts_ratio', 'cka_fraction', 'cka_fraction_ab', 'torch_ratio',
-              'input_ratio')
-_WORST = {'sum_of_parts_ratio': max, 'cka_fraction': max, 'cka_fraction_ab': max,
-          'torch_ratio': min, 'input_ratio': min}
+RATIO_KEYS = ('sum_of_parts_ratio', 'cka_fraction', 'cka_fraction_ab', 'torch_ratio', 'input_ratio')
+_WORST = {
+    'sum_of_parts_ratio': max,
+    'cka_fraction': max,
+    'cka_fraction_ab': max,
+    'torch_ratio': min,
+    'input_ratio': min,
+}
 
 
 def headline(pairs: list[dict], source: str = 'ratios') -> dict:
@@ -330,8 +386,10 @@ def headline(pairs: list[dict], source: str = 'ratios') -> dict:
 
 def meets(result: dict) -> dict:
   ops = {'<=': lambda a, b: a <= b, '<': lambda a, b: a < b, '>=': lambda a, b: a >= b}
-  return {k: (None if result.get(k) is None else ops[op](result[k], bound))
-          for k, (op, bound) in TARGETS.items()}
+  return {
+      k: (None if result.get(k) is None else ops[op](result[k], bound))
+      for k, (op, bound) in TARGETS.items()
+  }
 
 
 def _fmt(value, digits=1):
@@ -341,45 +399,65 @@ def _fmt(value, digits=1):
 
 
 def markdown(result: dict) -> str:
-  lines = [f'# Throughput ({result["mode"]} mode)', '',
-           f'- date: {result["date"]}', f'- command: `{result["command"]}`',
-           f'- device: {result["device"]["description"]}',
-           f'- load average (1, 5, 15 min): start {result["load_average"]["start"]}, '
-           f'end {result["load_average"]["end"]}; wall {result["wall_s"]:.0f} s, '
-           f'CPU {result["cpu_s"]:.0f} s (all processes)',
-           f'- batch {result["batch"]}, {result["image_size"]}x{result["image_size"]}, '
-           f'{result["num_classes"]} classes; {result["rounds"]} rounds. "median": median over '
-           'rounds of the within-round ratio; "fastest": ratio of the fastest steps seen.', '',
-           '| figure (worst pair) | median | fastest | target | met (median) |',
-           '| --- | --- | --- | --- | --- |',
-           f'| ffkd_images_per_s ({result["pairs"][0]["teacher"]} -> '
-           f'{result["pairs"][0]["student"]}) | {_fmt(result["ffkd_images_per_s"], 2)} | '
-           f'{_fmt(result["fastest"]["ffkd_images_per_s"], 2)} | | |']
+  lines = [
+      f'# Throughput ({result["mode"]} mode)',
+      '',
+      f'- date: {result["date"]}',
+      f'- command: `{result["command"]}`',
+      f'- device: {result["device"]["description"]}',
+      f'- load average (1, 5, 15 min): start {result["load_average"]["start"]}, '
+      f'end {result["load_average"]["end"]}; wall {result["wall_s"]:.0f} s, '
+      f'CPU {result["cpu_s"]:.0f} s (all processes)',
+      f'- batch {result["batch"]}, {result["image_size"]}x{result["image_size"]}, '
+      f'{result["num_classes"]} classes; {result["rounds"]} rounds. "median": median over '
+      'rounds of the within-round ratio; "fastest": ratio of the fastest steps seen.',
+      '',
+      '| figure (worst pair) | median | fastest | target | met (median) |',
+      '| --- | --- | --- | --- | --- |',
+      f'| ffkd_images_per_s ({result["pairs"][0]["teacher"]} -> '
+      f'{result["pairs"][0]["student"]}) | {_fmt(result["ffkd_images_per_s"], 2)} | '
+      f'{_fmt(result["fastest"]["ffkd_images_per_s"], 2)} | | |',
+  ]
   for key in RATIO_KEYS:
     target = TARGETS.get(key)
     met = result['meets'].get(key)
-    lines.append(f'| {key} | {_fmt(result.get(key), 3)} | {_fmt(result["fastest"].get(key), 3)}'
-                 f' | {f"{target[0]} {target[1]}" if target else ""} | '
-                 f'{"" if met is None else ("yes" if met else "NO")} |')
+    lines.append(
+        f'| {key} | {_fmt(result.get(key), 3)} | {_fmt(result["fastest"].get(key), 3)}'
+        f' | {f"{target[0]} {target[1]}" if target else ""} | '
+        f'{"" if met is None else ("yes" if met else "NO")} |'
+    )
   for pair in result['pairs']:
-    lines += ['', f'## {pair["teacher"]} -> {pair["student"]}', '',
-              '| config | images/s | step ms (median) | step ms (fastest) | compile s | '
-              'GFLOP/step | GFLOP/s | peak RSS MB |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    lines += [
+        '',
+        f'## {pair["teacher"]} -> {pair["student"]}',
+        '',
+        '| config | images/s | step ms (median) | step ms (fastest) | compile s | '
+        'GFLOP/step | GFLOP/s | peak RSS MB |',
+        '| --- | --- | --- | --- | --- | --- | --- | --- |',
+    ]
     for name, c in pair['configs'].items():
-      lines.append(f'| {name} | {_fmt(c["images_per_s"])} | {_fmt(c["seconds_per_step"] * 1e3)}'
-                   f' | {_fmt(c["fastest_step_s"] * 1e3)}'
-                   f' | {_fmt(c.get("compile_s"))} | {_fmt(c.get("gflop_per_step"), 2)} | '
-                   f'{_fmt(c.get("achieved_gflop_per_s"), 2)} | {_fmt(c.get("rss_peak_mb"), 0)} |')
+      lines.append(
+          f'| {name} | {_fmt(c["images_per_s"])} | {_fmt(c["seconds_per_step"] * 1e3)}'
+          f' | {_fmt(c["fastest_step_s"] * 1e3)}'
+          f' | {_fmt(c.get("compile_s"))} | {_fmt(c.get("gflop_per_step"), 2)} | '
+          f'{_fmt(c.get("achieved_gflop_per_s"), 2)} | {_fmt(c.get("rss_peak_mb"), 0)} |'
+      )
     cka = pair['configs']['ffkd']['cka']
-    lines.append(f'| ffkd: CKA part alone | | {_fmt(cka["seconds"] * 1e3, 2)} | '
-                 f'{_fmt(cka["fastest_s"] * 1e3, 2)} | {_fmt(cka["compile_s"])} | '
-                 f'{_fmt((cka.get("flops") or 0) / 1e9, 3)} | | |')
-    lines += ['', 'ratios (median / fastest): ' + ', '.join(
-        f'{k} {_fmt(v, 3)} / {_fmt(pair["ratios_fastest"][k], 3)}'
-        for k, v in pair['ratios'].items()),
-              f'FLOP ratios: sum of parts {_fmt(pair["flop_sum_of_parts_ratio"], 3)}, CKA '
-              f'{_fmt(pair["cka_flop_fraction"], 4)}']
+    lines.append(
+        f'| ffkd: CKA part alone | | {_fmt(cka["seconds"] * 1e3, 2)} | '
+        f'{_fmt(cka["fastest_s"] * 1e3, 2)} | {_fmt(cka["compile_s"])} | '
+        f'{_fmt((cka.get("flops") or 0) / 1e9, 3)} | | |'
+    )
+    lines += [
+        '',
+        'ratios (median / fastest): '
+        + ', '.join(
+            f'{k} {_fmt(v, 3)} / {_fmt(pair["ratios_fastest"][k], 3)}'
+            for k, v in pair['ratios'].items()
+        ),
+        f'FLOP ratios: sum of parts {_fmt(pair["flop_sum_of_parts_ratio"], 3)}, CKA '
+        f'{_fmt(pair["cka_flop_fraction"], 4)}',
+    ]
   return '\n'.join(lines) + '\n'
 
 
@@ -391,18 +469,31 @@ def parse_args(argv):
   parser.add_argument('--out', required=True, help='JSON file to write (markdown beside it).')
   parser.add_argument('--quick', action='store_true', help='fewer, shorter rounds (< 5 min).')
   parser.add_argument('--tiny', action='store_true', help='smoke-test mode: tiny models.')
-  parser.add_argument('--data', default=common.DEFAULT_DATA,
-                      help='CIFAR-10 image folder for the input pipeline (unpacked if missing).')
-  parser.add_argument('--pairs', default=None,
-                      help="teacher:student,... (default resnet32x4:resnet8x4,resnet56:resnet20)")
+  parser.add_argument(
+      '--data',
+      default=common.DEFAULT_DATA,
+      help='CIFAR-10 image folder for the input pipeline (unpacked if missing).',
+  )
+  parser.add_argument(
+      '--pairs',
+      default=None,
+      help='teacher:student,... (default resnet32x4:resnet8x4,resnet56:resnet20)',
+  )
   parser.add_argument('--rounds', type=int, default=None)
   parser.add_argument('--round-seconds', type=float, default=None)
   parser.add_argument('--jobs', type=int, default=None, help='workers set up at once.')
-  parser.add_argument('--threads', type=int, default=common.core_count(),
-                      help='PyTorch threads (default: the cores this process may use).')
-  parser.add_argument('--configs', default=None,
-                      help=f'comma-separated subset of {",".join(ALL_CONFIGS)} (default: all; '
-                      f'--quick: {",".join(HEADLINE_CONFIGS)}).')
+  parser.add_argument(
+      '--threads',
+      type=int,
+      default=common.core_count(),
+      help='PyTorch threads (default: the cores this process may use).',
+  )
+  parser.add_argument(
+      '--configs',
+      default=None,
+      help=f'comma-separated subset of {",".join(ALL_CONFIGS)} (default: all; '
+      f'--quick: {",".join(HEADLINE_CONFIGS)}).',
+  )
   parser.add_argument('--log-dir', default=None, help='worker logs (default: a temp folder).')
   args = parser.parse_args(argv)
   mode_name = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
@@ -436,8 +527,11 @@ def main(argv=None) -> dict:
   try:
     if 'input' in args.configs:
       path = common.ensure_cifar10(args.data) if not args.tiny else args.data
-      input_worker = Worker('input', {'kind': 'input', 'path': path, 'batch': args.batch,
-                                      'warmup_batches': args.input_warmup}, log_dir)
+      input_worker = Worker(
+          'input',
+          {'kind': 'input', 'path': path, 'batch': args.batch, 'warmup_batches': args.input_warmup},
+          log_dir,
+      )
       start_all([input_worker], 1)
     for teacher, student in pairs:
       print(f'{teacher} -> {student}', file=sys.stderr, flush=True)
@@ -449,17 +543,28 @@ def main(argv=None) -> dict:
 
   device = common.describe_machine(results[0]['device'])
   result = {
-      'command': common.command_line(), 'date': common.now(), 'mode': mode_name,
-      'settings': mode, 'batch': args.batch, 'image_size': args.image_size,
-      'num_classes': args.num_classes, 'rounds': mode['rounds'], 'device': device,
+      'command': common.command_line(),
+      'date': common.now(),
+      'mode': mode_name,
+      'settings': mode,
+      'batch': args.batch,
+      'image_size': args.image_size,
+      'num_classes': args.num_classes,
+      'rounds': mode['rounds'],
+      'device': device,
       'load_average': {'start': load_start, 'end': common.load_average()},
       'torch_threads': args.threads,
-      'ffkd_images_per_s': results[0]['configs']['ffkd']['images_per_s'], **headline(results),
-      'fastest': {'ffkd_images_per_s': args.batch / results[0]['configs']['ffkd']['fastest_step_s'],
-                  **headline(results, 'ratios_fastest')},
+      'ffkd_images_per_s': results[0]['configs']['ffkd']['images_per_s'],
+      **headline(results),
+      'fastest': {
+          'ffkd_images_per_s': args.batch / results[0]['configs']['ffkd']['fastest_step_s'],
+          **headline(results, 'ratios_fastest'),
+      },
       'targets': {k: f'{op} {b}' for k, (op, b) in TARGETS.items()},
-      'pairs': results, 'input_final': input_final,
-      'wall_s': time.perf_counter() - started, 'cpu_s': _cpu_seconds(),
+      'pairs': results,
+      'input_final': input_final,
+      'wall_s': time.perf_counter() - started,
+      'cpu_s': _cpu_seconds(),
       'worker_logs': log_dir,
   }
   result['meets'] = meets(result)

@@ -42,8 +42,9 @@ def count_parameters(module: nn.Module) -> int:
 class Connector(nn.Module):
   """(n, c_s, h_s, w_s) -> (n, c_t, h_t, w_t): average pool if larger, 1x1 conv, batch norm."""
 
-  def __init__(self, student_channels: int, student_hw: tuple[int, int],
-               teacher_chw: tuple[int, int, int]):
+  def __init__(
+      self, student_channels: int, student_hw: tuple[int, int], teacher_chw: tuple[int, int, int]
+  ):
     super().__init__()
     c_t, h_t, w_t = teacher_chw
     self.window = (student_hw[0] // h_t, student_hw[1] // w_t)
@@ -86,14 +87,18 @@ def channel_cka(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Te
 
 def softened_kl(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
   """tau^2 mean_n KL(softmax(target / tau) || softmax(logits / tau))."""
-  return tau**2 * F.kl_div(F.log_softmax(logits / tau, dim=-1),
-                           F.log_softmax(target_logits / tau, dim=-1),
-                           reduction='batchmean', log_target=True)
+  return tau**2 * F.kl_div(
+      F.log_softmax(logits / tau, dim=-1),
+      F.log_softmax(target_logits / tau, dim=-1),
+      reduction='batchmean',
+      log_target=True,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Terms:
   """ffkd_jax.methods.ffkd.FFKDTerms, the fields the step reads."""
+
   temperature: float = 4.0
   a_ce: float = 1.0
   a_kd: float = 1.0
@@ -115,9 +120,20 @@ class FFKDStep:
   layer_pairs: (teacher feature, student feature) names, as the JAX method pairs them.
   """
 
-  def __init__(self, teacher: str, student: str, num_classes: int, image_size: int,
-               layer_pairs, terms: Terms, learning_rate: float = 0.05, momentum: float = 0.9,
-               weight_decay: float = 5e-4, teacher_lr_scale: float = 0.1, device: str = 'cpu'):
+  def __init__(
+      self,
+      teacher: str,
+      student: str,
+      num_classes: int,
+      image_size: int,
+      layer_pairs,
+      terms: Terms,
+      learning_rate: float = 0.05,
+      momentum: float = 0.9,
+      weight_decay: float = 5e-4,
+      teacher_lr_scale: float = 0.1,
+      device: str = 'cpu',
+  ):
     self.terms = terms
     self.pairs = [tuple(p) for p in layer_pairs]
     self.teacher = build_model(teacher, num_classes)
@@ -126,10 +142,14 @@ class FFKDStep:
       probe = torch.zeros(2, 3, image_size, image_size)
       _, t_feat = self.teacher.eval()(probe)
       _, s_feat = self.student.eval()(probe)
-    self.connectors = nn.ModuleDict({
-        f'{t}-{s}': Connector(s_feat[s].shape[1], tuple(s_feat[s].shape[2:]),
-                              tuple(t_feat[t].shape[1:]))
-        for t, s in self.pairs})
+    self.connectors = nn.ModuleDict(
+        {
+            f'{t}-{s}': Connector(
+                s_feat[s].shape[1], tuple(s_feat[s].shape[2:]), tuple(t_feat[t].shape[1:])
+            )
+            for t, s in self.pairs
+        }
+    )
     for module in (self.teacher, self.student, self.connectors):
       module.to(device)
     self.student.train()
@@ -137,18 +157,26 @@ class FFKDStep:
     self.teacher.train(terms.feedback)
     self.teacher.requires_grad_(terms.feedback)
     student_params = list(self.student.parameters()) + list(self.connectors.parameters())
-    self.student_opt = torch.optim.SGD(student_params, lr=learning_rate, momentum=momentum,
-                                       weight_decay=weight_decay)
-    self.teacher_opt = (torch.optim.SGD(self.teacher.parameters(),
-                                        lr=learning_rate * teacher_lr_scale, momentum=momentum,
-                                        weight_decay=weight_decay)
-                        if terms.feedback else None)
+    self.student_opt = torch.optim.SGD(
+        student_params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+    self.teacher_opt = (
+        torch.optim.SGD(
+            self.teacher.parameters(),
+            lr=learning_rate * teacher_lr_scale,
+            momentum=momentum,
+            weight_decay=weight_decay,
+        )
+        if terms.feedback
+        else None
+    )
 
   def _channel_weights(self, omega: torch.Tensor) -> torch.Tensor:
     if not self.terms.use_channel_weights:
       return torch.ones_like(omega)
-    return omega.shape[0] * torch.softmax((1.0 - omega.detach()) / self.terms.weight_temperature,
-                                          dim=0)
+    return omega.shape[0] * torch.softmax(
+        (1.0 - omega.detach()) / self.terms.weight_temperature, dim=0
+    )
 
   def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     t = self.terms
@@ -158,8 +186,9 @@ class FFKDStep:
       with torch.no_grad():
         t_logits, t_feat = self.teacher(images)
     s_logits, s_feat = self.student(images)
-    loss_student = (t.a_ce * F.cross_entropy(s_logits, labels)
-                    + t.a_kd * softened_kl(t_logits.detach(), s_logits, t.temperature))
+    loss_student = t.a_ce * F.cross_entropy(s_logits, labels) + t.a_kd * softened_kl(
+        t_logits.detach(), s_logits, t.temperature
+    )
     feat_total = s_logits.new_zeros(())
     fb_total = s_logits.new_zeros(())
     if t.a_feat > 0 or (t.feedback and t.b_fb > 0):
@@ -174,9 +203,11 @@ class FFKDStep:
       loss_student = loss_student + t.a_feat * feat_total
     result = {'student': loss_student}
     if t.feedback:
-      result['teacher'] = (t.b_ce * F.cross_entropy(t_logits, labels)
-                           + t.b_fb * fb_total
-                           + t.b_kd * softened_kl(s_logits.detach(), t_logits, t.temperature))
+      result['teacher'] = (
+          t.b_ce * F.cross_entropy(t_logits, labels)
+          + t.b_fb * fb_total
+          + t.b_kd * softened_kl(s_logits.detach(), t_logits, t.temperature)
+      )
     return result
 
   def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -83,8 +83,10 @@ def _cost(compiled) -> dict:
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
     analysis = analysis[0] if analysis else {}
   analysis = analysis or {}
-  return {'flops': float(analysis.get('flops', 0.0)) or None,
-          'bytes_accessed': float(analysis.get('bytes accessed', 0.0)) or None}
+  return {
+      'flops': float(analysis.get('flops', 0.0)) or None,
+      'bytes_accessed': float(analysis.get('bytes accessed', 0.0)) or None,
+  }
 
 
 def _patch_out_cka():
@@ -93,6 +95,7 @@ def _patch_out_cka():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ffkd_jax import cka  # pylint: disable=g-import-not-at-top
   from ffkd_jax.methods import ffkd as ffkd_module  # pylint: disable=g-import-not-at-top
+
   constant = lambda u, v, unbiased=False: jnp.full((u.shape[-1],), 0.5, jnp.float32)
   ffkd_module.cka = types.SimpleNamespace(channel_cka=constant, layer_cka=cka.layer_cka)
 
@@ -102,6 +105,7 @@ class JaxWorker:
 
   def __init__(self, spec):
     import jax  # pylint: disable=g-import-not-at-top
+
     if spec.get('fast_compile'):
       jax.config.update('jax_disable_most_optimizations', True)
     import ml_collections  # pylint: disable=g-import-not-at-top
@@ -119,19 +123,24 @@ class JaxWorker:
     steps_per_epoch = 50_000 // batch_size
 
     def make_optimizer(lr_scale):
-      schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch,
-                                              int(config.num_epochs * steps_per_epoch),
-                                              scale=lr_scale)
+      schedule = optim.learning_rate_schedule(
+          config.optimizer,
+          steps_per_epoch,
+          int(config.num_epochs * steps_per_epoch),
+          scale=lr_scale,
+      )
       return optim.make_optimizer(config.optimizer, schedule), schedule
 
-    programs, feature_shapes = states_lib.build_programs(method, num_classes, image_size,
-                                                         make_optimizer)
+    programs, feature_shapes = states_lib.build_programs(
+        method, num_classes, image_size, make_optimizer
+    )
     mesh = parallel.make_mesh()
     state = parallel.replicate(mesh, synthetic_state(programs, image_size, config.seed))
     rng = np.random.default_rng(0)
     host_batch = {
         'image': rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-        'label': rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32)}
+        'label': rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
+    }
     self.batch = parallel.global_batch(mesh, host_batch)
     train_step = step_lib.make_train_step(method, programs, mesh)
 
@@ -147,18 +156,29 @@ class JaxWorker:
 
     device = jax.devices()[0]
     self.ready = {
-        'lower_s': lower_s, 'compile_s': compile_s, **_cost(self.compiled),
-        'warmup_s': warmup, 'rss_after_compile_mb': rss_after_compile,
+        'lower_s': lower_s,
+        'compile_s': compile_s,
+        **_cost(self.compiled),
+        'warmup_s': warmup,
+        'rss_after_compile_mb': rss_after_compile,
         # The last warm-up step's losses: finite, and no update skipped (nonfinite = 0).
-        'warmup_metrics': {k: float(v) for k, v in self.metrics.items()
-                           if k == 'nonfinite' or k.startswith('loss/')},
-        'params': {name: states_lib.count_params(role.params)
-                   for name, role in self.state.roles.items()},
+        'warmup_metrics': {
+            k: float(v)
+            for k, v in self.metrics.items()
+            if k == 'nonfinite' or k.startswith('loss/')
+        },
+        'params': {
+            name: states_lib.count_params(role.params) for name, role in self.state.roles.items()
+        },
         'trainable_roles': [n for n, p in programs.items() if p.optimizer is not None],
         'layer_pairs': [list(p) for p in getattr(method, 'layer_pairs', ())],
-        'device': {'platform': device.platform, 'device_kind': device.device_kind,
-                   'device_count': jax.device_count(), 'jax': jax.__version__,
-                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
+        'device': {
+            'platform': device.platform,
+            'device_kind': device.device_kind,
+            'device_count': jax.device_count(),
+            'jax': jax.__version__,
+            'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        },
     }
     if spec.get('cka'):
       self.ready.update(self._setup_cka(method, feature_shapes, batch_size))
@@ -186,8 +206,9 @@ class JaxWorker:
 
     terms = method.terms
     rng = np.random.default_rng(1)
-    shapes = [(batch_size,) + tuple(feature_shapes['teacher'][t].shape[1:])
-              for t, _ in method.layer_pairs]  # V has the teacher's shape after its connector
+    shapes = [
+        (batch_size,) + tuple(feature_shapes['teacher'][t].shape[1:]) for t, _ in method.layer_pairs
+    ]  # V has the teacher's shape after its connector
     us = [jnp.asarray(np.abs(rng.normal(size=s)).astype(np.float32)) for s in shapes]
     vs = [jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in shapes]
 
@@ -207,8 +228,15 @@ class JaxWorker:
     compile_s = time.perf_counter() - start
     self.cka_args = (us, vs)
     warm = min(self._time_cka(3))
-    return {'cka': {'compile_s': compile_s, **_cost(self.cka_fn), 'warmup_s': warm,
-                    'with_gradient': with_grad, 'shapes': shapes}}
+    return {
+        'cka': {
+            'compile_s': compile_s,
+            **_cost(self.cka_fn),
+            'warmup_s': warm,
+            'with_gradient': with_grad,
+            'shapes': shapes,
+        }
+    }
 
   def _time_cka(self, count: int) -> list[float]:
     times = []
@@ -239,24 +267,38 @@ class TorchWorker:
   def __init__(self, spec):
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
     self.torch = torch
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # the accelerator JAX would use
     batch_size, image_size = spec['batch'], spec['image_size']
     self.step = torch_reference.FFKDStep(
-        spec['teacher'], spec['student'], spec['num_classes'], image_size, spec['layer_pairs'],
-        torch_reference.Terms(**spec['terms']), **spec['optimizer'], device=device)
+        spec['teacher'],
+        spec['student'],
+        spec['num_classes'],
+        image_size,
+        spec['layer_pairs'],
+        torch_reference.Terms(**spec['terms']),
+        **spec['optimizer'],
+        device=device,
+    )
     self.images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     self.labels = torch.randint(0, spec['num_classes'], (batch_size,), device=device)
     warmup = self.time('step', spec.get('warmup', 1))
     self.ready = {
         'warmup_s': warmup,
-        'params': {'teacher': torch_reference.count_parameters(self.step.teacher),
-                   'student': torch_reference.count_parameters(self.step.student),
-                   'connectors': torch_reference.count_parameters(self.step.connectors)},
-        'torch': {'version': torch.__version__, 'threads': torch.get_num_threads(),
-                  'device': device, 'mkldnn': torch.backends.mkldnn.is_available()},
+        'params': {
+            'teacher': torch_reference.count_parameters(self.step.teacher),
+            'student': torch_reference.count_parameters(self.step.student),
+            'connectors': torch_reference.count_parameters(self.step.connectors),
+        },
+        'torch': {
+            'version': torch.__version__,
+            'threads': torch.get_num_threads(),
+            'device': device,
+            'mkldnn': torch.backends.mkldnn.is_available(),
+        },
     }
 
   def time(self, what: str, count: int) -> list[float]:
@@ -283,6 +325,7 @@ class InputWorker:
 
   def __init__(self, spec):
     from ffkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
     config = input_pipeline.default_dataset_config()
     config.name = input_pipeline.IMAGE_FOLDER
     config.path = spec['path']
@@ -295,9 +338,13 @@ class InputWorker:
     first = next(self.iterator)  # decodes the whole split into the cache
     cache_fill_s = time.perf_counter() - start
     warmup_s = self.time('input', spec.get('warmup_batches', 20))
-    self.ready = {'cache_fill_s': cache_fill_s, 'warmup_s': warmup_s,
-                  'image_shape': list(first['image'].shape), 'num_train': info.num_train,
-                  'rss_after_cache_mb': peak_rss_mb()}
+    self.ready = {
+        'cache_fill_s': cache_fill_s,
+        'warmup_s': warmup_s,
+        'image_shape': list(first['image'].shape),
+        'num_train': info.num_train,
+        'rss_after_cache_mb': peak_rss_mb(),
+    }
 
   def time(self, what: str, count: int) -> list[float]:
     """One entry: the seconds for `count` batches (each batch alone is too short to time)."""
@@ -334,8 +381,7 @@ def main(argv) -> int:
       if command['cmd'] == 'quit':
         send({'final': worker.final()})
         return 0
-      send({'seconds': worker.time(command['what'], command['count']),
-            'count': command['count']})
+      send({'seconds': worker.time(command['what'], command['count']), 'count': command['count']})
   except Exception:  # pylint: disable=broad-except; reported to the coordinator
     send({'error': traceback.format_exc()})
     return 1

@@ -20,17 +20,25 @@ from configs import default
 from configs.cifar100_teacher import cifar100_protocol
 
 STANDARD_PAIRS = (
-    ('resnet32x4', 'resnet8x4'), ('wrn_40_2', 'wrn_16_2'), ('wrn_40_2', 'wrn_40_1'),
-    ('resnet56', 'resnet20'), ('resnet110', 'resnet32'), ('vgg13', 'vgg8'),
-    ('vgg13', 'mobilenetv2'), ('resnet32x4', 'shufflenetv1'), ('resnet32x4', 'shufflenetv2'),
+    ('resnet32x4', 'resnet8x4'),
+    ('wrn_40_2', 'wrn_16_2'),
+    ('wrn_40_2', 'wrn_40_1'),
+    ('resnet56', 'resnet20'),
+    ('resnet110', 'resnet32'),
+    ('vgg13', 'vgg8'),
+    ('vgg13', 'mobilenetv2'),
+    ('resnet32x4', 'shufflenetv1'),
+    ('resnet32x4', 'shufflenetv2'),
 )
 
 
 def get_config(arg: str = 'ffkd'):
   parts = arg.split(',')
   if len(parts) not in (1, 3):
-    raise ValueError(f"configs/cifar100_distill.py: argument '{arg}' must be 'method' or "
-                     "'method,teacher,student'.")
+    raise ValueError(
+        f"configs/cifar100_distill.py: argument '{arg}' must be 'method' or "
+        "'method,teacher,student'."
+    )
   method, teacher, student = parts if len(parts) == 3 else (parts[0], 'resnet32x4', 'resnet8x4')
   config = default.get_config()
   config.method = method

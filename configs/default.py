@@ -52,21 +52,27 @@ def get_config() -> ml_collections.ConfigDict:
   # Distillation recipes; only the block of the selected method is read.
   config.kd = ml_collections.ConfigDict(dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9))
   config.dist = ml_collections.ConfigDict(
-      dict(temperature=4.0, beta=1.0, gamma=1.0, ce_weight=1.0, kd_weight=2.0))
+      dict(temperature=4.0, beta=1.0, gamma=1.0, ce_weight=1.0, kd_weight=2.0)
+  )
   config.rkd = ml_collections.ConfigDict(
-      dict(ce_weight=1.0, distance_weight=25.0, angle_weight=50.0))
+      dict(ce_weight=1.0, distance_weight=25.0, angle_weight=50.0)
+  )
   config.ffkd = ffkd_config()
   # The FFKD paper's comparison methods; defaults and their sources in ffkd_jax/methods/<name>.py.
   # layer_pairs / layer_pair: 'auto' or teacher:student feature names, e.g. 'stage3:stage3'.
-  config.cc = ml_collections.ConfigDict(dict(
-      ce_weight=1.0, kd_weight=1.0, temperature=4.0, cc_weight=100.0, gamma=0.4, order=2))
+  config.cc = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, kd_weight=1.0, temperature=4.0, cc_weight=100.0, gamma=0.4, order=2)
+  )
   config.sp = ml_collections.ConfigDict(dict(ce_weight=1.0, sp_weight=3000.0, layer_pairs='auto'))
-  config.ickd = ml_collections.ConfigDict(dict(
-      ce_weight=1.0, kd_weight=1.0, temperature=4.0, ickd_weight=2.5, layer_pairs='auto'))
-  config.fitnet = ml_collections.ConfigDict(dict(
-      ce_weight=1.0, hint_weight=100.0, layer_pair='auto'))
-  config.at = ml_collections.ConfigDict(dict(
-      ce_weight=1.0, at_weight=1000.0, p=2.0, layer_pairs='auto'))
+  config.ickd = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, kd_weight=1.0, temperature=4.0, ickd_weight=2.5, layer_pairs='auto')
+  )
+  config.fitnet = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, hint_weight=100.0, layer_pair='auto')
+  )
+  config.at = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, at_weight=1000.0, p=2.0, layer_pairs='auto')
+  )
   config.iekd = iekd_config()
   # Online methods: peers trained together from scratch. `models`: comma-separated model names
   # ('' = two copies of config.model).

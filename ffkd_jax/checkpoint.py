@@ -64,8 +64,9 @@ def check_digest(tree: Any, meta: Mapping[str, Any], where: str) -> None:
   """Raises CorruptCheckpointError where meta has a digest that `tree` does not match."""
   expected = meta.get(DIGEST_KEY)
   if expected is not None and state_digest(tree) != expected:
-    raise CorruptCheckpointError(f'{where}: the restored arrays do not match the digest saved '
-                                 'with them (a damaged file).')
+    raise CorruptCheckpointError(
+        f'{where}: the restored arrays do not match the digest saved ' 'with them (a damaged file).'
+    )
 
 
 def _options(directory: str, keep: int) -> ocp.CheckpointManagerOptions:
@@ -74,8 +75,11 @@ def _options(directory: str, keep: int) -> ocp.CheckpointManagerOptions:
   saves from 1 would otherwise meet at the same barrier ('... is already ongoing')."""
   prefix = 'ffkd-' + hashlib.sha1(directory.encode()).hexdigest()[:12]
   return ocp.CheckpointManagerOptions(
-      max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True,
-      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
+      max_to_keep=max(1, keep),
+      create=True,
+      enable_async_checkpointing=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix),
+  )
 
 
 class Checkpoints:
@@ -94,11 +98,16 @@ class Checkpoints:
     host = jax.device_get(flax.serialization.to_state_dict(state))
     for name, role in host['roles'].items():
       for part in ('params', 'batch_stats'):
-        bad = [jax.tree_util.keystr(path) for path, x in
-               jax.tree_util.tree_leaves_with_path(role[part]) if not np.all(np.isfinite(x))]
+        bad = [
+            jax.tree_util.keystr(path)
+            for path, x in jax.tree_util.tree_leaves_with_path(role[part])
+            if not np.all(np.isfinite(x))
+        ]
         if bad:
-          raise FloatingPointError(f'refusing to checkpoint step {step}: {part} of role '
-                                   f"'{name}' are not finite ({len(bad)} arrays, e.g. {bad[0]}).")
+          raise FloatingPointError(
+              f'refusing to checkpoint step {step}: {part} of role '
+              f"'{name}' are not finite ({len(bad)} arrays, e.g. {bad[0]})."
+          )
     manager = self.best if best else self.latest
     if not best and step in self._unrestorable:
       logging.warning('replacing the checkpoint at step %d, which did not restore.', step)
@@ -107,9 +116,10 @@ class Checkpoints:
       self._unrestorable.discard(step)
     if step in manager.all_steps():
       return
-    args = ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-                              meta=ocp.args.JsonSave(dict(meta, step=step,
-                                                          **{DIGEST_KEY: state_digest(host)})))
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+        meta=ocp.args.JsonSave(dict(meta, step=step, **{DIGEST_KEY: state_digest(host)})),
+    )
     manager.save(step, args=args, force=True)
 
   def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
@@ -123,24 +133,32 @@ class Checkpoints:
     failures = []
     for index, step in enumerate(steps):
       try:
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
         check_digest(restored['state'], restored['meta'], f'checkpoint at step {step}')
       except Exception as error:  # pylint: disable=broad-except
         self._unrestorable.add(step)
         failures.append(f'step {step}: {_describe(error)}')
         fallback = steps[index + 1] if index + 1 < len(steps) else None
-        logging.warning('checkpoint at step %d in %s does not restore (%s); falling back to %s.',
-                        step, self.directory, _describe(error),
-                        f'step {fallback}' if fallback is not None else 'none (no other left)')
+        logging.warning(
+            'checkpoint at step %d in %s does not restore (%s); falling back to %s.',
+            step,
+            self.directory,
+            _describe(error),
+            f'step {fallback}' if fallback is not None else 'none (no other left)',
+        )
         continue
-      return flax.serialization.from_state_dict(template, restored['state']), dict(
-          restored['meta'])
+      return flax.serialization.from_state_dict(template, restored['state']), dict(restored['meta'])
     if failures:
       raise RuntimeError(
           f'none of the checkpoints in {self.directory} restores ({"; ".join(failures)}). If '
           'the config changed since they were written (e.g. config.model or config.method), '
-          'use a new --workdir; to start this run over, move that directory away.')
+          'use a new --workdir; to start this run over, move that directory away.'
+      )
     return None
 
   def wait(self) -> None:
@@ -161,8 +179,11 @@ def _checkpoint_step_dirs(path: str) -> list[tuple[int, str]]:
     root = os.path.join(path, sub)
     if not os.path.isdir(root):
       continue
-    steps = sorted((int(d), os.path.join(root, d)) for d in os.listdir(root)
-                   if d.isdigit() and os.path.isdir(os.path.join(root, d, 'state')))
+    steps = sorted(
+        (int(d), os.path.join(root, d))
+        for d in os.listdir(root)
+        if d.isdigit() and os.path.isdir(os.path.join(root, d, 'state'))
+    )
     if steps:
       return steps[::-1]
   return []
@@ -193,8 +214,10 @@ def restore_state_tree(state_dir: str) -> Any:
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local)
-      if hasattr(m, 'shape') and hasattr(m, 'dtype') else m,
-      ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree)
+      if hasattr(m, 'shape') and hasattr(m, 'dtype')
+      else m,
+      ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree,
+  )
   return checkpointer.restore(state_dir, target)
 
 
@@ -204,8 +227,14 @@ def restore_role(directory: str, role: str) -> dict:
   return restored['roles'][role]
 
 
-def load_pretrained_role(path: str, model: str, num_classes: int, template_params: Any,
-                         template_stats: Any, role: str = '') -> tuple[Any, Any, dict]:
+def load_pretrained_role(
+    path: str,
+    model: str,
+    num_classes: int,
+    template_params: Any,
+    template_stats: Any,
+    role: str = '',
+) -> tuple[Any, Any, dict]:
   """Backbone parameters and batch statistics of a trained model from another run's checkpoint.
 
   path: a workdir (its best checkpoint, else its latest), or a checkpoint step directory.
@@ -216,20 +245,24 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
   if found is None:
     raise ValueError(
         f"config.teacher.checkpoint='{path}' holds no checkpoint: expected a workdir of an "
-        "earlier run (with best/ or checkpoints/) or a checkpoint step directory "
-        "(with state/ and meta/). Train one with --config=configs/<teacher config>.py, or "
-        "convert a PyTorch one with `python -m ffkd_jax.import_torch`.")
+        'earlier run (with best/ or checkpoints/) or a checkpoint step directory '
+        '(with state/ and meta/). Train one with --config=configs/<teacher config>.py, or '
+        'convert a PyTorch one with `python -m ffkd_jax.import_torch`.'
+    )
   directory, meta = found
   saved_roles = meta.get('roles', {})
   chosen = role or ('model' if 'model' in saved_roles else 'teacher')
   if chosen not in saved_roles:
-    raise ValueError(f"config.teacher.role='{chosen}' is not a role of the checkpoint at "
-                     f"'{directory}'; it has {sorted(saved_roles)}.")
+    raise ValueError(
+        f"config.teacher.role='{chosen}' is not a role of the checkpoint at "
+        f"'{directory}'; it has {sorted(saved_roles)}."
+    )
   if saved_roles[chosen] != model or meta.get('num_classes', num_classes) != num_classes:
     raise ValueError(
         f"config.teacher.model='{model}' with {num_classes} classes does not match the "
         f"checkpoint at '{directory}': its role '{chosen}' is '{saved_roles[chosen]}' with "
-        f"{meta.get('num_classes')} classes.")
+        f"{meta.get('num_classes')} classes."
+    )
   try:
     restored = restore_state_tree(os.path.join(directory, 'state'))
     check_digest(restored, meta, directory)
@@ -237,14 +270,22 @@ def load_pretrained_role(path: str, model: str, num_classes: int, template_param
     raise CorruptCheckpointError(
         f"config.teacher.checkpoint='{path}': the checkpoint at {directory} does not restore "
         f'intact ({_describe(error)}); point config.teacher.checkpoint '
-        'at another step directory of that run (e.g. its checkpoints/<step>).') from error
+        'at another step directory of that run (e.g. its checkpoints/<step>).'
+    ) from error
   role_tree = restored['roles'][chosen]
   params, stats = role_tree['params']['backbone'], role_tree['batch_stats']['backbone']
   want = jax.tree.map(np.shape, (template_params, template_stats))
   got = jax.tree.map(np.shape, (params, stats))
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise ValueError(f"config.teacher.checkpoint='{path}': parameter shapes of '{model}' do not "
-                     f"match the checkpoint's ({directory}).")
-  logging.info("Loaded teacher '%s' (role '%s', step %s) from %s.", model, chosen,
-               meta.get('step', '?'), directory)
+    raise ValueError(
+        f"config.teacher.checkpoint='{path}': parameter shapes of '{model}' do not "
+        f"match the checkpoint's ({directory})."
+    )
+  logging.info(
+      "Loaded teacher '%s' (role '%s', step %s) from %s.",
+      model,
+      chosen,
+      meta.get('step', '?'),
+      directory,
+  )
   return params, stats, meta

@@ -34,7 +34,7 @@ _BINS = np.linspace(0.0, 1.0, 21)
 
 def omega_pairs(record: Mapping[str, Any]) -> list[str]:
   """The layer pairs ('<teacher feature>-<student feature>') with per-channel omega values."""
-  return sorted(k[len(OMEGA_PREFIX):] for k in record if k.startswith(OMEGA_PREFIX))
+  return sorted(k[len(OMEGA_PREFIX) :] for k in record if k.startswith(OMEGA_PREFIX))
 
 
 def arrays_of(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -45,6 +45,7 @@ def arrays_of(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def _figure(width: float, height: float):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   fig = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(fig)
   return fig
@@ -54,8 +55,13 @@ def _margins(fig, left: float, right: float, bottom: float, top: float, wspace: 
   """Fixed margins in inches: one draw per figure instead of tight_layout's extra layout pass
   (about a third of the drawing time)."""
   width, height = fig.get_size_inches()
-  fig.subplots_adjust(left=left / width, right=1.0 - right / width, bottom=bottom / height,
-                      top=1.0 - top / height, wspace=wspace)
+  fig.subplots_adjust(
+      left=left / width,
+      right=1.0 - right / width,
+      bottom=bottom / height,
+      top=1.0 - top / height,
+      wspace=wspace,
+  )
 
 
 def _save(fig, path: str) -> str:
@@ -72,34 +78,52 @@ def _layer_pairs_in(record, teacher_names, student_names) -> list[tuple[int, int
   for key in record:
     if not key.startswith(LAYER_CKA_PREFIX):
       continue
-    teacher_feature, _, student_feature = key[len(LAYER_CKA_PREFIX):].partition('-')
+    teacher_feature, _, student_feature = key[len(LAYER_CKA_PREFIX) :].partition('-')
     if teacher_feature in teacher_names and student_feature in student_names:
       cells.append((teacher_names.index(teacher_feature), student_names.index(student_feature)))
   return cells
 
 
-def draw_cka_matrix(path: str, matrix: np.ndarray, teacher_names: Sequence[str],
-                    student_names: Sequence[str], title: str, *, teacher_label: str = 'teacher',
-                    student_label: str = 'student',
-                    outlined: Sequence[tuple[int, int]] = ()) -> str:
+def draw_cka_matrix(
+    path: str,
+    matrix: np.ndarray,
+    teacher_names: Sequence[str],
+    student_names: Sequence[str],
+    title: str,
+    *,
+    teacher_label: str = 'teacher',
+    student_label: str = 'student',
+    outlined: Sequence[tuple[int, int]] = (),
+) -> str:
   """Heat map of a (teacher layers, student layers) CKA matrix, every cell annotated."""
   from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+
   matrix = np.asarray(matrix, np.float64)
   rows, cols = matrix.shape
   if (rows, cols) != (len(teacher_names), len(student_names)):
-    raise ValueError(f'CKA matrix of shape {matrix.shape} does not match {len(teacher_names)} '
-                     f'teacher and {len(student_names)} student layer names.')
+    raise ValueError(
+        f'CKA matrix of shape {matrix.shape} does not match {len(teacher_names)} '
+        f'teacher and {len(student_names)} student layer names.'
+    )
   fig = _figure(max(4.4, 2.2 + 1.0 * cols), max(3.4, 1.7 + 0.75 * rows))
   ax = fig.add_subplot()
   image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
   for i in range(rows):
     for j in range(cols):
       value = matrix[i, j]
-      ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=9,
-              color='black' if value > 0.6 else 'white')
+      ax.text(
+          j,
+          i,
+          f'{value:.2f}',
+          ha='center',
+          va='center',
+          fontsize=9,
+          color='black' if value > 0.6 else 'white',
+      )
   for i, j in outlined:
-    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, edgecolor='red',
-                           linewidth=2.0))
+    ax.add_patch(
+        Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, edgecolor='red', linewidth=2.0)
+    )
   ax.set_xticks(range(cols), list(student_names), rotation=30, ha='right')
   ax.set_yticks(range(rows), list(teacher_names))
   ax.set_xlabel(f'{student_label} layer')
@@ -121,15 +145,23 @@ def draw_omega_histograms(path: str, record: Mapping[str, Any], title: str) -> s
   axes = fig.subplots(1, len(pairs), squeeze=False)[0]
   for ax, pair in zip(axes, pairs):
     omega = np.asarray(record[OMEGA_PREFIX + pair], np.float64).reshape(-1)  # (c,)
-    counts, _, _ = ax.hist(np.clip(omega, 0.0, 1.0), bins=_BINS, color='tab:blue',
-                           edgecolor='white')
+    counts, _, _ = ax.hist(
+        np.clip(omega, 0.0, 1.0), bins=_BINS, color='tab:blue', edgecolor='white'
+    )
     ax.set_ylim(0.0, 1.45 * max(float(np.max(counts)), 1.0))  # room for the text above the bars
     ax.axvline(float(np.mean(omega)), color='tab:red', linestyle='--', linewidth=1.2)
     lines = [f'{omega.size} channels', f'mean omega {np.mean(omega):.3f}']
     if LAYER_CKA_PREFIX + pair in record:
       lines.append(f'layer Omega {float(record[LAYER_CKA_PREFIX + pair]):.3f}')
-    ax.text(0.03, 0.97, '\n'.join(lines), transform=ax.transAxes, va='top', fontsize=8,
-            bbox={'facecolor': 'white', 'alpha': 0.8, 'edgecolor': 'none'})
+    ax.text(
+        0.03,
+        0.97,
+        '\n'.join(lines),
+        transform=ax.transAxes,
+        va='top',
+        fontsize=8,
+        bbox={'facecolor': 'white', 'alpha': 0.8, 'edgecolor': 'none'},
+    )
     ax.set_xlim(0.0, 1.0)
     ax.set_title(pair.replace('-', ' -> '), fontsize=9)
     ax.set_xlabel('channel understanding omega')
@@ -139,10 +171,17 @@ def draw_omega_histograms(path: str, record: Mapping[str, Any], title: str) -> s
   return _save(fig, path)
 
 
-def draw_figures(out_dir: str, record: Mapping[str, Any], teacher_names: Sequence[str],
-                 student_names: Sequence[str], *, title_note: str, suffix: str = '',
-                 teacher_label: str = 'teacher', student_label: str = 'student'
-                 ) -> dict[str, str]:
+def draw_figures(
+    out_dir: str,
+    record: Mapping[str, Any],
+    teacher_names: Sequence[str],
+    student_names: Sequence[str],
+    *,
+    title_note: str,
+    suffix: str = '',
+    teacher_label: str = 'teacher',
+    student_label: str = 'student',
+) -> dict[str, str]:
   """Draws the heat map and the omega histograms of `record` and writes the numbers as JSON.
 
   Returns {'matrix': png, 'omega_histogram': png, 'numbers': json} for what was written.
@@ -152,27 +191,44 @@ def draw_figures(out_dir: str, record: Mapping[str, Any], teacher_names: Sequenc
   teacher_names, student_names = list(teacher_names), list(student_names)
   if MATRIX_KEY in record:
     paths['matrix'] = draw_cka_matrix(
-        os.path.join(out_dir, f'cka_matrix{suffix}.png'), record[MATRIX_KEY], teacher_names,
-        student_names, f'Linear CKA, {teacher_label} x {student_label} layers\n{title_note}',
-        teacher_label=teacher_label, student_label=student_label,
-        outlined=_layer_pairs_in(record, teacher_names, student_names))
+        os.path.join(out_dir, f'cka_matrix{suffix}.png'),
+        record[MATRIX_KEY],
+        teacher_names,
+        student_names,
+        f'Linear CKA, {teacher_label} x {student_label} layers\n{title_note}',
+        teacher_label=teacher_label,
+        student_label=student_label,
+        outlined=_layer_pairs_in(record, teacher_names, student_names),
+    )
   histograms = draw_omega_histograms(
-      os.path.join(out_dir, f'omega_hist{suffix}.png'), record,
-      f'Channel understanding omega per FFKD layer pair, {title_note}')
+      os.path.join(out_dir, f'omega_hist{suffix}.png'),
+      record,
+      f'Channel understanding omega per FFKD layer pair, {title_note}',
+  )
   if histograms:
     paths['omega_histogram'] = histograms
   numbers = {'teacher_layers': teacher_names, 'student_layers': student_names}
-  numbers.update({k: np.asarray(v).tolist() for k, v in record.items()
-                  if k == MATRIX_KEY or k.startswith((OMEGA_PREFIX, LAYER_CKA_PREFIX))})
+  numbers.update(
+      {
+          k: np.asarray(v).tolist()
+          for k, v in record.items()
+          if k == MATRIX_KEY or k.startswith((OMEGA_PREFIX, LAYER_CKA_PREFIX))
+      }
+  )
   paths['numbers'] = os.path.join(out_dir, f'cka{suffix}.json')
   with open(paths['numbers'], 'w', encoding='utf-8') as f:
     json.dump(numbers, f)
   return paths
 
 
-def write_eval_figures(workdir: str, step: int, record: Mapping[str, Any], writer,
-                       teacher_names: Sequence[str], student_names: Sequence[str]
-                       ) -> dict[str, str]:
+def write_eval_figures(
+    workdir: str,
+    step: int,
+    record: Mapping[str, Any],
+    writer,
+    teacher_names: Sequence[str],
+    student_names: Sequence[str],
+) -> dict[str, str]:
   """Training's evaluation hook: the figures of `record` into WORKDIR/cka/ and TensorBoard.
 
   Does nothing on processes other than 0 or for runs without a teacher and a student. A failure
@@ -182,14 +238,24 @@ def write_eval_figures(workdir: str, step: int, record: Mapping[str, Any], write
     return {}
   start = time.perf_counter()
   try:
-    paths = draw_figures(os.path.join(workdir, 'cka'), record, teacher_names, student_names,
-                         title_note=f'step {step}', suffix=f'_step{step:07d}')
+    paths = draw_figures(
+        os.path.join(workdir, 'cka'),
+        record,
+        teacher_names,
+        student_names,
+        title_note=f'step {step}',
+        suffix=f'_step{step:07d}',
+    )
     for name, path in paths.items():
       if path.endswith('.png'):
         writer.write_image(step, f'cka/{name}', path)
   except Exception:  # pylint: disable=broad-except; pictures must never stop a training run
     logging.exception('Drawing the CKA figures at step %d failed; training goes on.', step)
     return {}
-  logging.info('CKA figures at step %d (%.2f s): %s', step, time.perf_counter() - start,
-               ', '.join(sorted(paths.values())))
+  logging.info(
+      'CKA figures at step %d (%.2f s): %s',
+      step,
+      time.perf_counter() - start,
+      ', '.join(sorted(paths.values())),
+  )
   return paths

@@ -49,6 +49,7 @@ _DEFAULT_ROLES = {'teacher': ('model', 'teacher'), 'student': ('student', 'model
 @dataclasses.dataclass(frozen=True)
 class _Side:
   """One of the two checkpoints compared."""
+
   flag: str  # '--teacher' or '--student', for messages
   path: str
   directory: str
@@ -60,16 +61,20 @@ class _Side:
 def _locate(side: str, path: str, role: str) -> _Side:
   found = checkpoint_lib.find_checkpoint(path)
   if found is None:
-    raise ValueError(f"--{side}='{path}' holds no checkpoint: give the workdir of a run (with "
-                     "best/ or checkpoints/) or a checkpoint step directory (with state/ and "
-                     "meta/).")
+    raise ValueError(
+        f"--{side}='{path}' holds no checkpoint: give the workdir of a run (with "
+        'best/ or checkpoints/) or a checkpoint step directory (with state/ and '
+        'meta/).'
+    )
   directory, meta = found
   roles = meta.get('roles', {})
   if not role:
     role = next((r for r in _DEFAULT_ROLES[side] if r in roles), '')
   if role not in roles:
-    raise ValueError(f"--{side}_role='{role}' is not a role of the checkpoint at '{directory}'; "
-                     f'it has {sorted(roles)}: pick one with --{side}_role.')
+    raise ValueError(
+        f"--{side}_role='{role}' is not a role of the checkpoint at '{directory}'; "
+        f'it has {sorted(roles)}: pick one with --{side}_role.'
+    )
   return _Side(f'--{side}', path, directory, role, roles[role], meta)
 
 
@@ -77,17 +82,20 @@ def _shapes(tree: Any) -> Any:
   return jax.tree.map(np.shape, tree)
 
 
-def _take(side: _Side, saved: dict, template: states_lib.RoleState, keys: tuple[str, ...]
-          ) -> tuple[dict, dict]:
+def _take(
+    side: _Side, saved: dict, template: states_lib.RoleState, keys: tuple[str, ...]
+) -> tuple[dict, dict]:
   """The role's params and batch stats under `keys` ('backbone', maybe 'heads'), shape-checked."""
   params, stats = {}, {}
   for key in keys:
     got = (saved['params'].get(key), saved['batch_stats'].get(key, {}))
     want = (template.params[key], template.batch_stats.get(key, {}))
     if got[0] is None or _shapes(got) != _shapes(want):
-      raise ValueError(f"{side.flag}='{side.path}': the {key} parameters of role '{side.role}' "
-                       f"('{side.model}') in {side.directory} do not have the shapes this "
-                       'config builds.')
+      raise ValueError(
+          f"{side.flag}='{side.path}': the {key} parameters of role '{side.role}' "
+          f"('{side.model}') in {side.directory} do not have the shapes this "
+          'config builds.'
+      )
     params[key], stats[key] = got
   return params, stats
 
@@ -102,28 +110,43 @@ def _num_examples(info, split: str, requested: int) -> int:
   n = min(requested, available)
   n -= n % jax.device_count()
   if n < max(4, jax.device_count()):
-    raise ValueError(f'--num_examples={requested}: the {split} split of {info.name} has '
-                     f'{available} images; CKA needs at least {max(4, jax.device_count())} '
-                     f'(a multiple of the {jax.device_count()} devices).')
+    raise ValueError(
+        f'--num_examples={requested}: the {split} split of {info.name} has '
+        f'{available} images; CKA needs at least {max(4, jax.device_count())} '
+        f'(a multiple of the {jax.device_count()} devices).'
+    )
   return n
 
 
-def run(config: ml_collections.ConfigDict, teacher: str, student: str, out_dir: str, *,
-        num_examples: int = DEFAULT_NUM_EXAMPLES, num_batches: int = 0, split: str = 'val',
-        teacher_role: str = '', student_role: str = '') -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict,
+    teacher: str,
+    student: str,
+    out_dir: str,
+    *,
+    num_examples: int = DEFAULT_NUM_EXAMPLES,
+    num_batches: int = 0,
+    split: str = 'val',
+    teacher_role: str = '',
+    student_role: str = '',
+) -> dict[str, Any]:
   """Computes the CKA diagnostics of two checkpoints and draws them into out_dir.
 
   Returns {'record': the diagnostics (cka_matrix, cka/<pair>, omega_channels/<pair>, ...),
   'teacher_layers', 'student_layers', 'num_examples', 'files': {name: path}}.
   """
   start = time.perf_counter()
-  sides = {'teacher': _locate('teacher', teacher, teacher_role),
-           'student': _locate('student', student, student_role)}
+  sides = {
+      'teacher': _locate('teacher', teacher, teacher_role),
+      'student': _locate('student', student, student_role),
+  }
   info = input_pipeline.get_dataset_info(config.dataset)
   for side in sides.values():
     if side.meta.get('num_classes', info.num_classes) != info.num_classes:
-      raise ValueError(f"{side.flag}='{side.path}' has {side.meta.get('num_classes')} classes; "
-                       f'the dataset of this config ({info.name}) has {info.num_classes}.')
+      raise ValueError(
+          f"{side.flag}='{side.path}' has {side.meta.get('num_classes')} classes; "
+          f'the dataset of this config ({info.name}) has {info.num_classes}.'
+      )
 
   # The FFKD method with the checkpoints' architectures gives the roles, the layer pairs and
   # the connectors; any other config.method is read as 'ffkd' with the same config.ffkd block.
@@ -134,7 +157,8 @@ def run(config: ml_collections.ConfigDict, teacher: str, student: str, out_dir: 
     config.method = 'ffkd'
   method = methods.create_method(config)
   programs, feature_shapes = states_lib.build_programs(
-      method, info.num_classes, info.image_size, lambda lr_scale: (optax.identity(), None))
+      method, info.num_classes, info.image_size, lambda lr_scale: (optax.identity(), None)
+  )
   state = states_lib.init_state(programs, info.image_size, config.seed)
 
   roles = dict(state.roles)
@@ -146,17 +170,23 @@ def run(config: ml_collections.ConfigDict, teacher: str, student: str, out_dir: 
       if _has_matching_heads(saved, template):
         keys += ('heads',)
       else:
-        logging.info("%s='%s' has no connectors for the layer pairs %s: omega is measured on "
-                     'the raw student maps where the channel counts agree.', side.flag,
-                     side.path, method.layer_pairs)
+        logging.info(
+            "%s='%s' has no connectors for the layer pairs %s: omega is measured on "
+            'the raw student maps where the channel counts agree.',
+            side.flag,
+            side.path,
+            method.layer_pairs,
+        )
         programs[name] = dataclasses.replace(programs[name], heads=None)
     params, stats = _take(side, saved, template, keys)
     roles[name] = states_lib.RoleState(params, stats, ())
 
-  n = _num_examples(info, split, num_batches * config.eval_batch_size if num_batches > 0
-                    else num_examples)
-  batch = next(input_pipeline.eval_iterator(config.dataset, split,
-                                            local_batch_size=n // jax.process_count()))
+  n = _num_examples(
+      info, split, num_batches * config.eval_batch_size if num_batches > 0 else num_examples
+  )
+  batch = next(
+      input_pipeline.eval_iterator(config.dataset, split, local_batch_size=n // jax.process_count())
+  )
   mesh = parallel.make_mesh()
   state = parallel.replicate(mesh, state.replace(roles=roles))
   diagnostics_step = step_lib.make_diagnostics_step(method, programs, mesh)
@@ -168,53 +198,104 @@ def run(config: ml_collections.ConfigDict, teacher: str, student: str, out_dir: 
   if jax.process_index() == 0:
     t, s = sides['teacher'], sides['student']
     files = cka_plots.draw_figures(
-        out_dir, record, teacher_layers, student_layers,
-        title_note=(f'{n} {split} images; teacher step {t.meta.get("step", "?")}, '
-                    f'student step {s.meta.get("step", "?")}'),
-        teacher_label=f'teacher {t.model}', student_label=f'student {s.model}')
+        out_dir,
+        record,
+        teacher_layers,
+        student_layers,
+        title_note=(
+            f'{n} {split} images; teacher step {t.meta.get("step", "?")}, '
+            f'student step {s.meta.get("step", "?")}'
+        ),
+        teacher_label=f'teacher {t.model}',
+        student_label=f'student {s.model}',
+    )
     summary = {
-        name: {'path': side.path, 'checkpoint': side.directory, 'role': side.role,
-               'model': side.model, 'step': side.meta.get('step')}
-        for name, side in sides.items()}
-    summary.update({'dataset': info.name, 'split': split, 'num_examples': n,
-                    'method': config.method, 'layer_pairs': [list(p) for p in method.layer_pairs],
-                    'files': files,
-                    'scalars': {k: float(v) for k, v in record.items() if np.ndim(v) == 0}})
+        name: {
+            'path': side.path,
+            'checkpoint': side.directory,
+            'role': side.role,
+            'model': side.model,
+            'step': side.meta.get('step'),
+        }
+        for name, side in sides.items()
+    }
+    summary.update(
+        {
+            'dataset': info.name,
+            'split': split,
+            'num_examples': n,
+            'method': config.method,
+            'layer_pairs': [list(p) for p in method.layer_pairs],
+            'files': files,
+            'scalars': {k: float(v) for k, v in record.items() if np.ndim(v) == 0},
+        }
+    )
     with open(os.path.join(out_dir, 'cka_report.json'), 'w', encoding='utf-8') as f:
       json.dump(summary, f, indent=2)
-  logging.info('CKA report of %d %s images in %.1f s: %s', n, split,
-               time.perf_counter() - start, ', '.join(sorted(files.values())))
-  return {'record': record, 'teacher_layers': teacher_layers, 'student_layers': student_layers,
-          'num_examples': n, 'files': files}
+  logging.info(
+      'CKA report of %d %s images in %.1f s: %s',
+      n,
+      split,
+      time.perf_counter() - start,
+      ', '.join(sorted(files.values())),
+  )
+  return {
+      'record': record,
+      'teacher_layers': teacher_layers,
+      'student_layers': student_layers,
+      'num_examples': n,
+      'files': files,
+  }
 
 
 def main(argv):
   # Flags live here so that importing the module (tests, notebooks) defines none.
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flag_values = flags.FLAGS
   # Orbax logs every restore at INFO; keep its warnings and errors only.
   logging.get_absl_logger().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
-  run(flag_values.config, flag_values.teacher, flag_values.student, flag_values.out,
-      num_examples=flag_values.num_examples, num_batches=flag_values.num_batches,
-      split=flag_values.split, teacher_role=flag_values.teacher_role,
-      student_role=flag_values.student_role)
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+  )
+  run(
+      flag_values.config,
+      flag_values.teacher,
+      flag_values.student,
+      flag_values.out,
+      num_examples=flag_values.num_examples,
+      num_batches=flag_values.num_batches,
+      split=flag_values.split,
+      teacher_role=flag_values.teacher_role,
+      student_role=flag_values.student_role,
+  )
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py) naming the '
-                                  'dataset and config.ffkd.layer_pairs; override fields with '
-                                  '--config.<field>=<value>.', lock_config=True)
+
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'A config file (configs/*.py) naming the '
+      'dataset and config.ffkd.layer_pairs; override fields with '
+      '--config.<field>=<value>.',
+      lock_config=True,
+  )
   flags.DEFINE_string('teacher', None, 'Workdir or checkpoint step directory of the teacher.')
   flags.DEFINE_string('student', None, 'Workdir or checkpoint step directory of the student.')
   flags.DEFINE_string('out', None, 'Directory for the pictures and the numbers.')
-  flags.DEFINE_integer('num_examples', DEFAULT_NUM_EXAMPLES,
-                       'Images of the split in the one global batch CKA is computed on.')
-  flags.DEFINE_integer('num_batches', 0, '> 0: use this many config.eval_batch_size batches '
-                       'instead of --num_examples.')
+  flags.DEFINE_integer(
+      'num_examples',
+      DEFAULT_NUM_EXAMPLES,
+      'Images of the split in the one global batch CKA is computed on.',
+  )
+  flags.DEFINE_integer(
+      'num_batches',
+      0,
+      '> 0: use this many config.eval_batch_size batches ' 'instead of --num_examples.',
+  )
   flags.DEFINE_enum('split', 'val', list(input_pipeline.EVAL_SPLITS), 'Which split to read.')
   flags.DEFINE_string('teacher_role', '', "Role of the teacher checkpoint ('': model or teacher).")
   flags.DEFINE_string('student_role', '', "Role of the student checkpoint ('': student or model).")
@@ -225,6 +306,7 @@ def _define_flags():
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   logging.set_verbosity(logging.INFO)
   app.run(main)

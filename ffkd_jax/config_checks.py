@@ -12,11 +12,24 @@ import ml_collections
 from ffkd_jax import methods
 from ffkd_jax import models
 
-_POSITIVE = ('batch_size', 'eval_batch_size', 'optimizer.learning_rate', 'log_every_steps',
-             'checkpoint_every_steps', 'keep_checkpoints')
-_TEMPERATURES = ('kd.temperature', 'dist.temperature', 'ffkd.temperature',
-                 'ffkd.weight_temperature', 'cc.temperature', 'ickd.temperature',
-                 'dml.temperature', 'iedml.temperature')
+_POSITIVE = (
+    'batch_size',
+    'eval_batch_size',
+    'optimizer.learning_rate',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+)
+_TEMPERATURES = (
+    'kd.temperature',
+    'dist.temperature',
+    'ffkd.temperature',
+    'ffkd.weight_temperature',
+    'cc.temperature',
+    'ickd.temperature',
+    'dml.temperature',
+    'iedml.temperature',
+)
 
 
 def _get(config, dotted: str):
@@ -54,8 +67,11 @@ def validate(config, workdir: str | None = None) -> None:
     if not _positive(_get(config, field)):
       _fail(field, _get(config, field), 'a temperature must be a finite number > 0')
   if config.num_train_steps <= 0 and not _positive(config.num_epochs):
-    _fail('num_epochs', config.num_epochs,
-          'must be a finite number > 0 (or set config.num_train_steps > 0)')
+    _fail(
+        'num_epochs',
+        config.num_epochs,
+        'must be a finite number > 0 (or set config.num_train_steps > 0)',
+    )
   if config.optimizer.name not in ('sgd', 'adamw'):
     _fail('optimizer.name', config.optimizer.name, "'sgd' or 'adamw'")
   if config.optimizer.schedule not in ('steps', 'cosine', 'constant'):
@@ -63,9 +79,12 @@ def validate(config, workdir: str | None = None) -> None:
   devices = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):
     if _get(config, field) % devices:
-      _fail(field, _get(config, field),
-            f'must be divisible by the device count ({devices}), e.g. '
-            f'{max(1, _get(config, field) // devices) * devices}')
+      _fail(
+          field,
+          _get(config, field),
+          f'must be divisible by the device count ({devices}), e.g. '
+          f'{max(1, _get(config, field) // devices) * devices}',
+      )
   if config.nonfinite_policy not in ('skip', 'stop'):
     _fail('nonfinite_policy', config.nonfinite_policy, "'skip' or 'stop'")
   if config.dtype not in ('float32', 'bfloat16'):
@@ -94,10 +113,13 @@ def _compare_fields(config, reference, prefix: str) -> None:
     if key not in reference:
       close = difflib.get_close_matches(key, list(reference.keys()), n=3)
       hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ''
-      raise ValueError(f'{prefix}.{key}={config[key]!r} is not valid: {prefix} has no field '
-                       f"'{key}'{hint}; its fields are {', '.join(sorted(reference.keys()))}.")
-    if (isinstance(config[key], ml_collections.ConfigDict)
-        and isinstance(reference[key], ml_collections.ConfigDict)):
+      raise ValueError(
+          f'{prefix}.{key}={config[key]!r} is not valid: {prefix} has no field '
+          f"'{key}'{hint}; its fields are {', '.join(sorted(reference.keys()))}."
+      )
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+        reference[key], ml_collections.ConfigDict
+    ):
       _compare_fields(config[key], reference[key], f'{prefix}.{key}')
 
 
@@ -107,10 +129,13 @@ def _check_teacher_checkpoint(config) -> None:
   if not path or not any(role.pretrained for role in methods.create_method(config).roles()):
     return
   if not os.path.exists(path):
-    _fail('teacher.checkpoint', path,
-          'no such file or directory; give the workdir of a teacher run (its best/ or '
-          'checkpoints/), a checkpoint step directory, or a PyTorch teacher converted with '
-          '`python -m ffkd_jax.import_torch`')
+    _fail(
+        'teacher.checkpoint',
+        path,
+        'no such file or directory; give the workdir of a teacher run (its best/ or '
+        'checkpoints/), a checkpoint step directory, or a PyTorch teacher converted with '
+        '`python -m ffkd_jax.import_torch`',
+    )
 
 
 def _check_writable(workdir: str) -> None:
@@ -119,8 +144,10 @@ def _check_writable(workdir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir):
       pass
   except OSError as error:
-    raise ValueError(f"--workdir='{workdir}' is not a writable directory ({error.strerror}); "
-                     'pass a directory you can write to.') from error
+    raise ValueError(
+        f"--workdir='{workdir}' is not a writable directory ({error.strerror}); "
+        'pass a directory you can write to.'
+    ) from error
 
 
 def check_features(method, feature_shapes: Mapping[str, Mapping]) -> None:
@@ -131,5 +158,6 @@ def check_features(method, feature_shapes: Mapping[str, Mapping]) -> None:
       if name not in feature_shapes[role]:
         raise ValueError(
             f"feature '{name}' of the {role} (config.method='{method.name}', e.g. "
-            f"config.ffkd.layer_pairs) is not produced by its model; it has: "
-            f"{', '.join(available)}.")
+            f'config.ffkd.layer_pairs) is not produced by its model; it has: '
+            f"{', '.join(available)}."
+        )

@@ -44,8 +44,9 @@ def maybe_initialize(requested: bool = False) -> bool:
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=num_processes, process_id=process_id
+    )
   except (ValueError, RuntimeError) as error:
     given = ', '.join(f'{k}={os.environ[k]!r}' for k in _ENV_FIELDS if k in os.environ)
     raise RuntimeError(
@@ -57,8 +58,14 @@ def maybe_initialize(requested: bool = False) -> bool:
   if jax.process_index() != 0:
     # Metrics, progress and checkpoint logs come from process 0; the others keep their warnings.
     logging.get_absl_handler().python_handler.addFilter(
-        lambda record: record.levelno >= std_logging.WARNING)
-  logging.warning('Process %d of %d: %d local / %d global devices (%s).', jax.process_index(),
-                  jax.process_count(), jax.local_device_count(), jax.device_count(),
-                  jax.devices()[0].platform)
+        lambda record: record.levelno >= std_logging.WARNING
+    )
+  logging.warning(
+      'Process %d of %d: %d local / %d global devices (%s).',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
   return True

@@ -66,7 +66,8 @@ def resolve_arch(arch: str) -> str:
   if arch not in models.available_models():
     raise ValueError(
         f"--arch: unknown architecture {arch!r}; valid: {', '.join(models.available_models())} "
-        f"(or RepDistiller's {', '.join(REPDISTILLER_NAMES)}).")
+        f"(or RepDistiller's {', '.join(REPDISTILLER_NAMES)})."
+    )
   return arch
 
 
@@ -100,8 +101,11 @@ def _template(arch: str, num_classes: int) -> dict[str, tuple[str, tuple[str, ..
   """PyTorch name -> (Flax collection, Flax path, PyTorch-layout shape) of every variable."""
   model = models.create_model(arch, num_classes, field='--arch')
   size = models.model_input_size(arch)
-  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  variables = jax.eval_shape(
+      functools.partial(model.init, train=False),
+      jax.random.key(0),
+      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+  )
   template = {}
   for collection in ('params', 'batch_stats'):
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get(collection, {})))
@@ -130,14 +134,16 @@ def unwrap_state_dict(loaded: Any) -> dict[str, Any]:
         state_dict = loaded[key]
         break
   if not isinstance(state_dict, Mapping) or not all(
-      hasattr(v, 'shape') for v in state_dict.values()):
+      hasattr(v, 'shape') for v in state_dict.values()
+  ):
     keys = sorted(map(str, loaded)) if isinstance(loaded, Mapping) else []
     raise ValueError(
-        f'expected a state dict (name -> tensor), or a dict holding one under \'model\' or '
-        f"'state_dict'; got {type(loaded).__name__}" + (f' with keys {keys[:10]}' if keys else ''))
+        f"expected a state dict (name -> tensor), or a dict holding one under 'model' or "
+        f"'state_dict'; got {type(loaded).__name__}" + (f' with keys {keys[:10]}' if keys else '')
+    )
   prefix = 'module.'
   if state_dict and all(str(k).startswith(prefix) for k in state_dict):
-    return {str(k)[len(prefix):]: v for k, v in state_dict.items()}
+    return {str(k)[len(prefix) :]: v for k, v in state_dict.items()}
   return {str(k): v for k, v in state_dict.items()}
 
 
@@ -157,8 +163,11 @@ def _guess_arch(shapes: Mapping[str, tuple], exclude: str, num_classes: int) -> 
   family = type(models.create_model(exclude, num_classes))
   candidates = sorted(
       (name for name in models.available_models() if name != exclude),
-      key=lambda name: (type(models.create_model(name, num_classes)) is not family,
-                        models.model_input_size(name) != size))
+      key=lambda name: (
+          type(models.create_model(name, num_classes)) is not family,
+          models.model_input_size(name) != size,
+      ),
+  )
   for name in candidates:
     template = _template(name, num_classes)
     if set(template) != set(shapes):
@@ -168,8 +177,9 @@ def _guess_arch(shapes: Mapping[str, tuple], exclude: str, num_classes: int) -> 
   return None
 
 
-def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
-                       num_classes: int) -> tuple[dict, dict]:
+def convert_state_dict(
+    arch: str, state_dict: Mapping[str, Any], num_classes: int
+) -> tuple[dict, dict]:
   """A PyTorch state dict of `arch` as Flax `(params, batch_stats)` (nested dicts of float32).
 
   `state_dict` maps names to torch tensors or arrays (a `module.` prefix is dropped; so are
@@ -179,13 +189,15 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
   arch = resolve_arch(arch)
   template = _template(arch, num_classes)
   state_dict = unwrap_state_dict(state_dict)
-  arrays = {k: _to_numpy(v) for k, v in state_dict.items()
-            if k.rsplit('.', 1)[-1] not in _IGNORED_LEAVES}
+  arrays = {
+      k: _to_numpy(v) for k, v in state_dict.items() if k.rsplit('.', 1)[-1] not in _IGNORED_LEAVES
+  }
 
   missing = [k for k in template if k not in arrays]
   unexpected = [k for k in arrays if k not in template]
-  mismatched = [k for k, (_, _, shape) in template.items()
-                if k in arrays and tuple(arrays[k].shape) != shape]
+  mismatched = [
+      k for k, (_, _, shape) in template.items() if k in arrays and tuple(arrays[k].shape) != shape
+  ]
   if missing or unexpected or mismatched:
     problems = []
     if missing:
@@ -193,12 +205,14 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
     if unexpected:
       problems.append(f'unexpected keys: {_listing(unexpected)}')
     if mismatched:
-      shown = [f"'{k}' is {tuple(arrays[k].shape)} in the checkpoint, {template[k][2]} in the "
-               'model' for k in mismatched]
+      shown = [
+          f"'{k}' is {tuple(arrays[k].shape)} in the checkpoint, {template[k][2]} in the " 'model'
+          for k in mismatched
+      ]
       problems.append(f'shape mismatches: {_listing(shown)}')
     hint = ''
     dense = [k for k, (_, _, shape) in template.items() if len(shape) == 2]
-    classifier = set(dense) | {k[:-len('weight')] + 'bias' for k in dense}
+    classifier = set(dense) | {k[: -len('weight')] + 'bias' for k in dense}
     if mismatched and set(mismatched) <= classifier and not missing and not unexpected:
       classes = arrays[mismatched[0]].shape[0]
       hint = f' Its classifier has {classes} outputs: pass --num-classes {classes}.'
@@ -206,17 +220,17 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any],
       guess = _guess_arch({k: tuple(v.shape) for k, v in arrays.items()}, arch, num_classes)
       if guess:
         hint = f" It looks like a '{guess}' checkpoint, not '{arch}': pass --arch {guess}."
-    message = (f"the state dict does not match '{arch}' with {num_classes} classes.{hint} "
-               f'({len(arrays)} tensors given, {len(template)} expected): '
-               + '; '.join(problems) + '.')
+    message = (
+        f"the state dict does not match '{arch}' with {num_classes} classes.{hint} "
+        f'({len(arrays)} tensors given, {len(template)} expected): ' + '; '.join(problems) + '.'
+    )
     raise ValueError(message)
 
   params, batch_stats = {}, {}
   for key, (collection, path, _) in template.items():
     target = params if collection == 'params' else batch_stats
     target[path] = _to_flax_layout(arrays[key]).astype(np.float32)
-  return (flax.traverse_util.unflatten_dict(params),
-          flax.traverse_util.unflatten_dict(batch_stats))
+  return (flax.traverse_util.unflatten_dict(params), flax.traverse_util.unflatten_dict(batch_stats))
 
 
 def load_torch_file(path: str) -> dict[str, Any]:
@@ -225,7 +239,8 @@ def load_torch_file(path: str) -> dict[str, Any]:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     raise ImportError(
-        "reading a PyTorch checkpoint needs torch: pip install 'ffkd_jax[torch]'") from error
+        "reading a PyTorch checkpoint needs torch: pip install 'ffkd_jax[torch]'"
+    ) from error
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--checkpoint: no file at '{path}'")
   try:
@@ -235,12 +250,14 @@ def load_torch_file(path: str) -> dict[str, Any]:
         f"--checkpoint='{path}' does not load with torch.load(weights_only=True) "
         f'({type(error).__name__}: {str(error)[:300]}). If it pickles more than tensors and '
         'plain containers, re-save just its state dict: '
-        "torch.save({'model': model.state_dict()}, path).") from error
+        "torch.save({'model': model.state_dict()}, path)."
+    ) from error
   return unwrap_state_dict(loaded)
 
 
-def import_checkpoint(arch: str, path: str, out_dir: str, num_classes: int = 100,
-                      *, overwrite: bool = False) -> dict:
+def import_checkpoint(
+    arch: str, path: str, out_dir: str, num_classes: int = 100, *, overwrite: bool = False
+) -> dict:
   """Converts the PyTorch checkpoint at `path` into the checkpoint step directory `out_dir`.
 
   Returns the meta written. `out_dir` must not exist unless `overwrite`.
@@ -250,15 +267,22 @@ def import_checkpoint(arch: str, path: str, out_dir: str, num_classes: int = 100
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"--out='{out_dir}' exists; pass --overwrite to replace it.")
-  state = {'roles': {ROLE: {'params': {'backbone': params},
-                            'batch_stats': {'backbone': batch_stats}}}}
-  meta = {'roles': {ROLE: arch}, 'num_classes': num_classes, 'method': 'imported_torch',
-          'source': os.path.abspath(path)}
+  state = {
+      'roles': {ROLE: {'params': {'backbone': params}, 'batch_stats': {'backbone': batch_stats}}}
+  }
+  meta = {
+      'roles': {ROLE: arch},
+      'num_classes': num_classes,
+      'method': 'imported_torch',
+      'source': os.path.abspath(path),
+  }
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    checkpointer.save(out_dir, ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(meta)),
-                      force=overwrite)
+    checkpointer.save(
+        out_dir,
+        ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=overwrite,
+    )
   finally:
     checkpointer.close()
   return meta
@@ -268,24 +292,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m ffkd_jax.import_torch',
       description='Convert a PyTorch CIFAR KD zoo checkpoint (RepDistiller naming) into an '
-      'ffkd_jax checkpoint to use as config.teacher.checkpoint.')
-  parser.add_argument('--arch', required=True,
-                      help='registry name, e.g. resnet32x4 (see ffkd_jax.models)')
+      'ffkd_jax checkpoint to use as config.teacher.checkpoint.',
+  )
+  parser.add_argument(
+      '--arch', required=True, help='registry name, e.g. resnet32x4 (see ffkd_jax.models)'
+  )
   parser.add_argument('--checkpoint', required=True, help='the .pth file')
   parser.add_argument('--out', required=True, help='checkpoint step directory to write')
   parser.add_argument('--num-classes', type=int, default=100)
   parser.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
   args = parser.parse_args(argv)
   try:
-    meta = import_checkpoint(args.arch, args.checkpoint, args.out, args.num_classes,
-                             overwrite=args.overwrite)
+    meta = import_checkpoint(
+        args.arch, args.checkpoint, args.out, args.num_classes, overwrite=args.overwrite
+    )
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
     print(f'import_torch: error: {error}', file=sys.stderr)
     return 1
-  print(f"Wrote '{meta['roles'][ROLE]}' ({meta['num_classes']} classes) from "
-        f"{meta['source']} to {os.path.abspath(args.out)}; use it as "
-        f'config.teacher.checkpoint={os.path.abspath(args.out)} with '
-        f"config.teacher.model='{meta['roles'][ROLE]}'.")
+  print(
+      f"Wrote '{meta['roles'][ROLE]}' ({meta['num_classes']} classes) from "
+      f"{meta['source']} to {os.path.abspath(args.out)}; use it as "
+      f'config.teacher.checkpoint={os.path.abspath(args.out)} with '
+      f"config.teacher.model='{meta['roles'][ROLE]}'."
+  )
   return 0
 
 

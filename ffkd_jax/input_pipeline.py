@@ -102,22 +102,24 @@ class DatasetInfo:
 
 
 def default_dataset_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      name='cifar100',
-      path=config_dict.placeholder(str),
-      data_dir=config_dict.placeholder(str),
-      manual_dir=config_dict.placeholder(str),
-      download=True,
-      val_fraction=0.0,
-      image_size=0,
-      augment='cifar',
-      mean=config_dict.placeholder(tuple),
-      std=config_dict.placeholder(tuple),
-      on_bad_image='error',
-      cache=True,
-      shuffle_buffer=50_000,
-      prefetch=2,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          name='cifar100',
+          path=config_dict.placeholder(str),
+          data_dir=config_dict.placeholder(str),
+          manual_dir=config_dict.placeholder(str),
+          download=True,
+          val_fraction=0.0,
+          image_size=0,
+          augment='cifar',
+          mean=config_dict.placeholder(tuple),
+          std=config_dict.placeholder(tuple),
+          on_bad_image='error',
+          cache=True,
+          shuffle_buffer=50_000,
+          prefetch=2,
+      )
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class _Split:
 @dataclasses.dataclass
 class _Pixels:
   """Decoded uint8 images of one split: one dense tensor, or ragged (flat + offsets)."""
+
   dense: tf.Tensor | None = None  # (n, h, w, 3)
   flat: tf.Tensor | None = None  # (total,) every image raveled
   offsets: tf.Tensor | None = None  # (n + 1,)
@@ -148,14 +151,16 @@ class _Pixels:
     if len({image.shape for image in images}) == 1:
       return cls(dense=tf.constant(np.stack(images)))
     sizes = np.array([image.size for image in images], np.int64)
-    return cls(flat=tf.constant(np.concatenate([image.reshape(-1) for image in images])),
-               offsets=tf.constant(np.concatenate([[0], np.cumsum(sizes)])),
-               shapes=tf.constant(np.array([image.shape for image in images], np.int32)))
+    return cls(
+        flat=tf.constant(np.concatenate([image.reshape(-1) for image in images])),
+        offsets=tf.constant(np.concatenate([[0], np.cumsum(sizes)])),
+        shapes=tf.constant(np.array([image.shape for image in images], np.int32)),
+    )
 
   def lookup(self, i):
     if self.dense is not None:
       return tf.gather(self.dense, i)
-    return tf.reshape(self.flat[self.offsets[i]:self.offsets[i + 1]], self.shapes[i])
+    return tf.reshape(self.flat[self.offsets[i] : self.offsets[i + 1]], self.shapes[i])
 
 
 @dataclasses.dataclass
@@ -186,8 +191,16 @@ class _Source:
 
 def _config_key(config) -> tuple:
   path = os.path.abspath(config.path) if config.path else None
-  return (config.name, path, config.data_dir, config.manual_dir, bool(config.download),
-          float(config.val_fraction), config.on_bad_image, bool(config.cache))
+  return (
+      config.name,
+      path,
+      config.data_dir,
+      config.manual_dir,
+      bool(config.download),
+      float(config.val_fraction),
+      config.on_bad_image,
+      bool(config.cache),
+  )
 
 
 def _source(config) -> _Source:
@@ -211,8 +224,11 @@ def _check_config(config) -> None:
       ('shuffle_buffer', config.shuffle_buffer >= 1, 'a positive number of examples'),
       ('prefetch', config.prefetch >= -1, 'a number of batches, or -1 for tf.data.AUTOTUNE'),
       ('mean', config.mean is None or len(config.mean) == 3, 'None or 3 per-channel values'),
-      ('std', config.std is None or (len(config.std) == 3 and min(config.std) > 0),
-       'None or 3 positive per-channel values'),
+      (
+          'std',
+          config.std is None or (len(config.std) == 3 and min(config.std) > 0),
+          'None or 3 positive per-channel values',
+      ),
   ]
   for field, ok, valid in checks:
     if not ok:
@@ -226,32 +242,43 @@ def _check_config(config) -> None:
 def _folder_source(path, val_fraction, on_bad_image, cache) -> _Source:
   layout = f'a folder holding train/<class>/<image> and test/<class>/<image> ({_exts()})'
   if not path:
-    raise ValueError(f"config.dataset.path={path!r}: config.dataset.name='{IMAGE_FOLDER}' needs "
-                     f'config.dataset.path, {layout}.')
+    raise ValueError(
+        f"config.dataset.path={path!r}: config.dataset.name='{IMAGE_FOLDER}' needs "
+        f'config.dataset.path, {layout}.'
+    )
   if os.path.isfile(path) and path.endswith(ARCHIVE_SUFFIXES):
     path = _unpacked(path)
   if not os.path.isdir(path):
-    raise ValueError(f'config.dataset.path={path!r} is not a directory; it must be {layout}, '
-                     f'or a {"/".join(ARCHIVE_SUFFIXES)} archive of one.')
+    raise ValueError(
+        f'config.dataset.path={path!r} is not a directory; it must be {layout}, '
+        f'or a {"/".join(ARCHIVE_SUFFIXES)} archive of one.'
+    )
   classes = {}
   for sub in ('train', 'test'):
     folder = os.path.join(path, sub)
     if not os.path.isdir(folder):
       raise ValueError(f'config.dataset.path={path!r} has no {sub}/ folder; it must be {layout}.')
-    classes[sub] = sorted(e.name for e in os.scandir(folder)
-                          if e.is_dir() and not e.name.startswith('.'))
+    classes[sub] = sorted(
+        e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.')
+    )
     if not classes[sub]:
-      raise ValueError(f'config.dataset.path={path!r}: {folder} has no class subfolders; it '
-                       f'must be {layout}.')
+      raise ValueError(
+          f'config.dataset.path={path!r}: {folder} has no class subfolders; it '
+          f'must be {layout}.'
+      )
   if classes['train'] != classes['test']:
     only_train = sorted(set(classes['train']) - set(classes['test']))
     only_test = sorted(set(classes['test']) - set(classes['train']))
-    raise ValueError(f'config.dataset.path={path!r}: train/ and test/ hold different classes '
-                     f'(only in train/: {only_train}; only in test/: {only_test}); both must hold '
-                     'the same class folders.')
+    raise ValueError(
+        f'config.dataset.path={path!r}: train/ and test/ hold different classes '
+        f'(only in train/: {only_train}; only in test/: {only_test}); both must hold '
+        'the same class folders.'
+    )
   class_names = classes['train']
-  files = {sub: [_list_images(path, os.path.join(path, sub, c)) for c in class_names]
-           for sub in ('train', 'test')}
+  files = {
+      sub: [_list_images(path, os.path.join(path, sub, c)) for c in class_names]
+      for sub in ('train', 'test')
+  }
 
   rng = np.random.default_rng(_CARVE_SEED)
   train, val = [], []
@@ -264,8 +291,12 @@ def _folder_source(path, val_fraction, on_bad_image, cache) -> _Source:
   test = [(f, label) for label, class_files in enumerate(files['test']) for f in class_files]
   examples = {'train': train, 'val': val, 'test': test}
   if not val:
-    logging.info("config.dataset.val_fraction=%s carves out no examples: split 'val' is the test "
-                 'split of %s.', val_fraction, path)
+    logging.info(
+        "config.dataset.val_fraction=%s carves out no examples: split 'val' is the test "
+        'split of %s.',
+        val_fraction,
+        path,
+    )
     del examples['val']
 
   sample = _sample_sizes([f for f, _ in train])
@@ -275,9 +306,14 @@ def _folder_source(path, val_fraction, on_bad_image, cache) -> _Source:
   num_files = len(train) + len(val) + len(test)
   estimate = num_files * 3 * np.mean([h * w for h, w in sample]) if sample else 0
   if cache and estimate > CACHE_BUDGET_BYTES:
-    logging.warning('config.dataset.cache=True: the %d images of %s would take about %.1f GiB '
-                    'decoded, over the %.1f GiB budget; decoding them each epoch instead.',
-                    num_files, path, estimate / 2**30, CACHE_BUDGET_BYTES / 2**30)
+    logging.warning(
+        'config.dataset.cache=True: the %d images of %s would take about %.1f GiB '
+        'decoded, over the %.1f GiB budget; decoding them each epoch instead.',
+        num_files,
+        path,
+        estimate / 2**30,
+        CACHE_BUDGET_BYTES / 2**30,
+    )
     cache = False
 
   splits = {}
@@ -290,9 +326,15 @@ def _folder_source(path, val_fraction, on_bad_image, cache) -> _Source:
       ok = np.array([image is not None for image in images], bool)
       if not ok.all():
         bad = split_files[~ok]
-        logging.warning("config.dataset.on_bad_image='skip': skipped %d unreadable image files "
-                        'of %d in the %s split of %s, e.g. %s.', len(bad), len(ok), split, path,
-                        list(bad[:5]))
+        logging.warning(
+            "config.dataset.on_bad_image='skip': skipped %d unreadable image files "
+            'of %d in the %s split of %s, e.g. %s.',
+            len(bad),
+            len(ok),
+            split,
+            path,
+            list(bad[:5]),
+        )
       split_files, labels = split_files[ok], labels[ok]
       if cache:
         pixels = _Pixels.from_list([image for image in images if image is not None])
@@ -312,8 +354,9 @@ def _unpacked(archive: str) -> str:
   """
   stat = os.stat(archive)
   key = f'{os.path.basename(archive)}-{stat.st_size}-{int(stat.st_mtime)}'
-  cache_root = os.environ.get('FFKD_DATA_CACHE',
-                              os.path.join(os.path.expanduser('~'), '.cache', 'ffkd_jax'))
+  cache_root = os.environ.get(
+      'FFKD_DATA_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'ffkd_jax')
+  )
   target = os.path.join(cache_root, key)
   done = os.path.join(target, '.unpacked')
   if not os.path.exists(done):
@@ -337,19 +380,25 @@ def _exts() -> str:
 
 
 def _list_images(path, folder) -> list[str]:
-  images = sorted(os.path.join(folder, e.name) for e in os.scandir(folder)
-                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+  images = sorted(
+      os.path.join(folder, e.name)
+      for e in os.scandir(folder)
+      if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+  )
   if not images:
-    raise ValueError(f'config.dataset.path={path!r}: class folder {folder} holds no images '
-                     f'(valid extensions: {_exts()}).')
+    raise ValueError(
+        f'config.dataset.path={path!r}: class folder {folder} holds no images '
+        f'(valid extensions: {_exts()}).'
+    )
   return images
 
 
 def _sample_sizes(files: list[str], count: int = 32) -> list[tuple[int, int]]:
   """(height, width) of a few images, read from their headers."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   sizes = []
-  for f in files[::max(1, len(files) // count)][:count]:
+  for f in files[:: max(1, len(files) // count)][:count]:
     try:
       with Image.open(f) as image:
         sizes.append((image.height, image.width))
@@ -362,8 +411,9 @@ def _decode_files(files: np.ndarray, keep: bool = True) -> list[np.ndarray | Non
   """Decodes every file in parallel; None marks one that fails (an empty array if not keep)."""
   index = np.arange(len(files))
   ds = tf.data.Dataset.from_tensor_slices((files, index))
-  ds = ds.map(lambda f, i: (_decode(tf.io.read_file(f)), i),
-              num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  ds = ds.map(
+      lambda f, i: (_decode(tf.io.read_file(f)), i), num_parallel_calls=tf.data.AUTOTUNE
+  ).ignore_errors()
   images = [None] * len(files)
   for image, i in ds.as_numpy_iterator():
     images[i] = image if keep else np.zeros((0,), np.uint8)
@@ -371,10 +421,12 @@ def _decode_files(files: np.ndarray, keep: bool = True) -> list[np.ndarray | Non
 
 
 def _bad_image_error(bad: list[str]) -> ValueError:
-  return ValueError(f"config.dataset.on_bad_image='error': cannot decode image file {bad[0]}"
-                    f'{f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""}; remove or '
-                    "replace it, or set config.dataset.on_bad_image='skip' to leave such files "
-                    'out.')
+  return ValueError(
+      f"config.dataset.on_bad_image='error': cannot decode image file {bad[0]}"
+      f'{f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""}; remove or '
+      "replace it, or set config.dataset.on_bad_image='skip' to leave such files "
+      'out.'
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,26 +442,36 @@ def _tfds_source(name, data_dir, manual_dir, download, val_fraction, cache) -> _
         f'config.dataset.name={name!r} is not a TFDS builder. Valid: {IMAGE_FOLDER!r} (with '
         'config.dataset.path) or a TFDS image-classification builder such as cifar10, cifar100, '
         'caltech_birds2011, cars196, imagenet2012 (tfds.list_builders() lists them all)'
-        + (f'; close names: {close}.' if close else '.')) from None
+        + (f'; close names: {close}.' if close else '.')
+    ) from None
   if not builder.is_prepared():
     if not (download or manual_dir):
       raise _unavailable_error(name, builder, 'config.dataset.download=False', probe=False)
     try:
       builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+      )
     except Exception as e:  # pylint: disable=broad-except
-      raise _unavailable_error(name, builder, f'preparing it failed: {type(e).__name__}: '
-                               f'{str(e)[:300]}') from e
+      raise _unavailable_error(
+          name, builder, f'preparing it failed: {type(e).__name__}: ' f'{str(e)[:300]}'
+      ) from e
 
   info = builder.info
-  image_key, label_key = (info.supervised_keys if isinstance(info.supervised_keys, tuple)
-                          and len(info.supervised_keys) == 2 else ('image', 'label'))
+  image_key, label_key = (
+      info.supervised_keys
+      if isinstance(info.supervised_keys, tuple) and len(info.supervised_keys) == 2
+      else ('image', 'label')
+  )
   features = dict(info.features.items())
-  if not (isinstance(features.get(image_key), tfds.features.Image)
-          and isinstance(features.get(label_key), tfds.features.ClassLabel)):
-    raise ValueError(f'config.dataset.name={name!r} is not an image-classification dataset (no '
-                     f'Image feature {image_key!r} with ClassLabel {label_key!r}); use such a '
-                     f'TFDS builder or {IMAGE_FOLDER!r}.')
+  if not (
+      isinstance(features.get(image_key), tfds.features.Image)
+      and isinstance(features.get(label_key), tfds.features.ClassLabel)
+  ):
+    raise ValueError(
+        f'config.dataset.name={name!r} is not an image-classification dataset (no '
+        f'Image feature {image_key!r} with ClassLabel {label_key!r}); use such a '
+        f'TFDS builder or {IMAGE_FOLDER!r}.'
+    )
 
   available = set(info.splits.keys())  # empty under tfds.testing.mock_data: take the usual names
   test_split = 'validation' if 'test' not in available and 'validation' in available else 'test'
@@ -426,8 +488,9 @@ def _tfds_source(name, data_dir, manual_dir, download, val_fraction, cache) -> _
       logging.info("config.dataset.val_fraction=0: split 'val' is %s's validation split.", name)
     else:
       splits['val'] = splits['test']
-      logging.info("config.dataset.val_fraction=0: split 'val' is the %s split of %s.",
-                   test_split, name)
+      logging.info(
+          "config.dataset.val_fraction=0: split 'val' is the %s split of %s.", test_split, name
+      )
 
   shape = features[image_key].shape  # (h, w, c), None where images vary
   fixed = None not in shape[:2]
@@ -435,19 +498,32 @@ def _tfds_source(name, data_dir, manual_dir, download, val_fraction, cache) -> _
   if cache:
     total = sum(s.num_examples for s in splits.values()) * (shape[0] * shape[1] * 3 if fixed else 0)
     if not fixed or total > CACHE_BUDGET_BYTES:
-      logging.info('config.dataset.cache=True: %s is not cached (%s); streaming from TFDS.', name,
-                   'images vary in size' if not fixed else f'{total / 2**30:.1f} GiB decoded')
+      logging.info(
+          'config.dataset.cache=True: %s is not cached (%s); streaming from TFDS.',
+          name,
+          'images vary in size' if not fixed else f'{total / 2**30:.1f} GiB decoded',
+      )
       cache = False
   names = features[label_key].names
-  return _Source(name, features[label_key].num_classes, tuple(names) if names else None, native,
-                 splits, cache, builder, (image_key, label_key))
+  return _Source(
+      name,
+      features[label_key].num_classes,
+      tuple(names) if names else None,
+      native,
+      splits,
+      cache,
+      builder,
+      (image_key, label_key),
+  )
 
 
 def _count(builder, split: str) -> int:
   if builder.info.splits.keys():
     if split not in builder.info.splits:
-      raise ValueError(f'config.dataset.name={builder.name!r} has no {split!r} split (it has '
-                       f'{sorted(builder.info.splits.keys())}).')
+      raise ValueError(
+          f'config.dataset.name={builder.name!r} has no {split!r} split (it has '
+          f'{sorted(builder.info.splits.keys())}).'
+      )
     return builder.info.splits[split].num_examples
   return int(builder.as_dataset(split=split).cardinality())  # splits unknown (mocked TFDS)
 
@@ -460,7 +536,8 @@ def _unavailable_error(name, builder, reason, probe=True) -> DatasetUnavailableE
       f'(1) config.dataset.data_dir=<a folder holding the prepared TFDS dataset {name}/<version>>; '
       '(2) config.dataset.manual_dir=<a folder holding its downloaded archives, prepared on first '
       f"use>; (3) config.dataset.name='{IMAGE_FOLDER}' with config.dataset.path=<a folder holding "
-      'train/<class>/<image> and test/<class>/<image>>.')
+      'train/<class>/<image> and test/<class>/<image>>.'
+  )
 
 
 def _online() -> bool:
@@ -483,14 +560,17 @@ def _load_tfds_split(source: _Source, split: str) -> tuple[np.ndarray, _Pixels]:
   return np.concatenate(labels), _Pixels(dense=tf.constant(images))
 
 
-def _tfds_examples(source: _Source, split: str, shuffle_seed: int | None,
-                   shuffle_buffer: int = 0) -> tf.data.Dataset:
+def _tfds_examples(
+    source: _Source, split: str, shuffle_seed: int | None, shuffle_buffer: int = 0
+) -> tf.data.Dataset:
   """(encoded image, label) of this process's shard of a TFDS split, streamed."""
   image_key, label_key = source.keys
   ds = source.builder.as_dataset(
-      split=tfds.split_for_jax_process(split), shuffle_files=shuffle_seed is not None,
+      split=tfds.split_for_jax_process(split),
+      shuffle_files=shuffle_seed is not None,
       read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
-      decoders={image_key: tfds.decode.SkipDecoding()})
+      decoders={image_key: tfds.decode.SkipDecoding()},
+  )
   ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
   if shuffle_seed is not None:
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed)
@@ -506,7 +586,8 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
   image = tf.cond(
       tf.io.is_jpeg(encoded),
       lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
-      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+  )
   image.set_shape([None, None, 3])
   return image
 
@@ -516,8 +597,11 @@ def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
   image = tf.cast(image, tf.float32)
   if image.shape[0] == size and image.shape[1] == size:
     return image
-  return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
-                 lambda: tf.image.resize(image, [size, size], antialias=True))
+  return tf.cond(
+      tf.reduce_all(tf.shape(image)[:2] == size),
+      lambda: image,
+      lambda: tf.image.resize(image, [size, size], antialias=True),
+  )
 
 
 def _cifar_train(image, seed, size):
@@ -533,9 +617,15 @@ def _cifar_train(image, seed, size):
 def _imagenet_train(image, seed, size):
   seeds = tf.random.experimental.stateless_split(seed, 2)
   begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
-      min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
+      tf.shape(image),
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seeds[0],
+      min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+  )
   image = tf.slice(image, begin, crop)
   image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
   flip = tf.random.stateless_uniform([], seed=seeds[1]) < 0.5
@@ -590,19 +680,23 @@ def get_dataset_info(dataset_config) -> DatasetInfo:
       num_test=source.splits['test'].num_examples,
       class_names=source.class_names,
       mean=tuple(float(m) for m in (dataset_config.mean or mean)),
-      std=tuple(float(s) for s in (dataset_config.std or std)))
+      std=tuple(float(s) for s in (dataset_config.std or std)),
+  )
 
 
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
   steps = info.num_train // global_batch_size if global_batch_size > 0 else 0
   if steps == 0:
-    raise ValueError(f'global batch size {global_batch_size} is not in 1..{info.num_train}, the '
-                     f'number of training examples of {info.name}; lower the batch size.')
+    raise ValueError(
+        f'global batch size {global_batch_size} is not in 1..{info.num_train}, the '
+        f'number of training examples of {info.name}; lower the batch size.'
+    )
   return steps
 
 
-def train_iterator(dataset_config, *, local_batch_size: int, seed: int,
-                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def train_iterator(
+    dataset_config, *, local_batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
   """Endless {'image': float32 (b, s, s, 3), 'label': int32 (b,)} for this process."""
   info = get_dataset_info(dataset_config)
   source = _source(dataset_config)
@@ -621,8 +715,12 @@ def train_iterator(dataset_config, *, local_batch_size: int, seed: int,
     """This epoch's (float32 image, label) after `skip` examples, and their local indices."""
     aug_seed = tf.constant(_seed_words(seed, epoch, process, 1), tf.int64)
     if split.files is None and split.pixels is None:  # streamed TFDS
-      ds = _tfds_examples(source, split.tfds_split, int(_seed_words(seed, epoch, process, 0)[0]),
-                          dataset_config.shuffle_buffer)
+      ds = _tfds_examples(
+          source,
+          split.tfds_split,
+          int(_seed_words(seed, epoch, process, 0)[0]),
+          dataset_config.shuffle_buffer,
+      )
       ds = ds.take(per_epoch).enumerate().skip(skip)
       fn = lambda pos, ex: (transform(_decode(ex[0]), _fold(aug_seed, pos)), ex[1])
       return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE), None
@@ -642,7 +740,8 @@ def train_iterator(dataset_config, *, local_batch_size: int, seed: int,
       bad_file = None
       if split.pixels is None and split.files is not None:
         bad_file = lambda k, order=order: _find_bad_file(
-            split.files[start + order[k * local_batch_size:(k + 1) * local_batch_size]])
+            split.files[start + order[k * local_batch_size : (k + 1) * local_batch_size]]
+        )
       for image, label in _numpy(ds, dataset_config.prefetch, bad_file):
         yield {'image': image, 'label': label}
       skip = 0
@@ -650,8 +749,9 @@ def train_iterator(dataset_config, *, local_batch_size: int, seed: int,
   return batches()
 
 
-def eval_iterator(dataset_config, split: str, *,
-                  local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_iterator(
+    dataset_config, split: str, *, local_batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
   """One pass of {'image', 'label', 'mask'}; the last batch padded, mask 1.0 on real rows."""
   if split not in EVAL_SPLITS:
     raise ValueError(f'split={split!r} is not an evaluation split; use one of {EVAL_SPLITS}.')
@@ -664,18 +764,21 @@ def eval_iterator(dataset_config, split: str, *,
   bad_file = None
   if data.files is None and data.pixels is None:  # streamed TFDS
     ds = _tfds_examples(source, data.tfds_split, shuffle_seed=None)
-    ds = ds.map(lambda image, label: (transform(_decode(image), no_seed), label),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda image, label: (transform(_decode(image), no_seed), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
   else:
     start, stop = _shard(data.num_examples, process, num_processes)
     image_of = _image_lookup(data, start)
     labels = tf.constant(data.labels[start:stop])
     ds = tf.data.Dataset.range(stop - start).map(
-        lambda i: (transform(image_of(i), no_seed), labels[i]),
-        num_parallel_calls=tf.data.AUTOTUNE)
+        lambda i: (transform(image_of(i), no_seed), labels[i]), num_parallel_calls=tf.data.AUTOTUNE
+    )
     if data.pixels is None:
       bad_file = lambda k: _find_bad_file(
-          data.files[start + k * local_batch_size:start + (k + 1) * local_batch_size])
+          data.files[start + k * local_batch_size : start + (k + 1) * local_batch_size]
+      )
   ds = ds.batch(local_batch_size)
   # Every process runs as many batches as the largest shard needs.
   num_batches = math.ceil(math.ceil(data.num_examples / num_processes) / local_batch_size)

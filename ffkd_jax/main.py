@@ -10,10 +10,18 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
-config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py); override any '
-                                'field with --config.<field>=<value>.', lock_config=True)
-flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() before anything else '
-                  '(also done when JAX_COORDINATOR_ADDRESS is set).')
+config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'A config file (configs/*.py); override any ' 'field with --config.<field>=<value>.',
+    lock_config=True,
+)
+flags.DEFINE_bool(
+    'multihost',
+    False,
+    'Call jax.distributed.initialize() before anything else '
+    '(also done when JAX_COORDINATOR_ADDRESS is set).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -30,12 +38,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     detail = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
     name, _, hint = detail.partition('\n')
     name = name.strip('\'"')
-    given = [arg.split('=', 1)[0] for arg in argv[1:]
-             if arg.startswith('--config.') and arg.split('=', 1)[0].endswith('.' + name)]
+    given = [
+        arg.split('=', 1)[0]
+        for arg in argv[1:]
+        if arg.startswith('--config.') and arg.split('=', 1)[0].endswith('.' + name)
+    ]
     flag = given[0] if given else f'--config.<...>.{name}'
     message = ' '.join(filter(None, [f'{flag}: the config has no field {name!r}.', hint.strip()]))
-    sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
-                     'Pass --helpfull to see the config fields.\n')
+    sys.stderr.write(
+        f'FATAL Flags parsing error: {message}\n' 'Pass --helpfull to see the config fields.\n'
+    )
     sys.exit(1)
 
 
@@ -43,12 +55,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from ffkd_jax import distributed  # pylint: disable=g-import-not-at-top
+
   distributed.maybe_initialize(FLAGS.multihost)
   from ffkd_jax import train  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep its warnings and errors only.
   logging.get_absl_handler().python_handler.addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+  )
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -35,6 +35,7 @@ class MetricWriter:
         self._file.write('\n')  # a crash mid-write left a torn line: start a fresh one
       if tensorboard:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
         self._tf = tf
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
@@ -107,11 +108,18 @@ class Progress:
     images_per_s = steps * self.batch / elapsed
     seconds_left = (self.total_steps - step) * elapsed / max(steps, 1)
     self._last_step, self._last_time = step, now
-    shown = ' '.join(f'{k}={v:.4g}' for k, v in sorted(values.items())
-                     if k.startswith(('loss/', 'train/')))
-    logging.info('step %d/%d (%.0f%%) | %.1f img/s | %s left | %s', step, self.total_steps,
-                 100.0 * step / max(self.total_steps, 1), images_per_s,
-                 _format_seconds(seconds_left), shown)
+    shown = ' '.join(
+        f'{k}={v:.4g}' for k, v in sorted(values.items()) if k.startswith(('loss/', 'train/'))
+    )
+    logging.info(
+        'step %d/%d (%.0f%%) | %.1f img/s | %s left | %s',
+        step,
+        self.total_steps,
+        100.0 * step / max(self.total_steps, 1),
+        images_per_s,
+        _format_seconds(seconds_left),
+        shown,
+    )
     return {'perf/images_per_s': images_per_s, 'perf/seconds_left': seconds_left}
 
 

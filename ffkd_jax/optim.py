@@ -4,30 +4,39 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(opt_config: ml_collections.ConfigDict, steps_per_epoch: int,
-                           total_steps: int, scale: float = 1.0) -> optax.Schedule:
+def learning_rate_schedule(
+    opt_config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    total_steps: int,
+    scale: float = 1.0,
+) -> optax.Schedule:
   """'steps' (x decay_factor at each of decay_epochs), 'cosine' or 'constant', with linear warm-up."""
   base = opt_config.learning_rate * scale
   warmup_steps = int(round(opt_config.warmup_epochs * steps_per_epoch))
   if opt_config.schedule == 'steps':
-    boundaries = {int(e * steps_per_epoch) - warmup_steps: opt_config.decay_factor
-                  for e in opt_config.decay_epochs}
+    boundaries = {
+        int(e * steps_per_epoch) - warmup_steps: opt_config.decay_factor
+        for e in opt_config.decay_epochs
+    }
     main = optax.piecewise_constant_schedule(base, boundaries)
   elif opt_config.schedule == 'cosine':
     main = optax.cosine_decay_schedule(base, max(1, total_steps - warmup_steps))
   elif opt_config.schedule == 'constant':
     main = optax.constant_schedule(base)
   else:
-    raise ValueError(f"config.optimizer.schedule='{opt_config.schedule}' is not one of "
-                     "'steps', 'cosine', 'constant'.")
+    raise ValueError(
+        f"config.optimizer.schedule='{opt_config.schedule}' is not one of "
+        "'steps', 'cosine', 'constant'."
+    )
   if warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(base / max(1, warmup_steps), base, warmup_steps)
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def make_optimizer(opt_config: ml_collections.ConfigDict,
-                   schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(
+    opt_config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   """SGD with momentum and L2 weight decay (PyTorch style, decay added to the gradient), or AdamW."""
   if opt_config.name == 'sgd':
     return optax.chain(

@@ -36,13 +36,15 @@ def local_batch_size(global_batch_size: int, field: str = 'config.batch_size') -
     raise ValueError(
         f'{field}={global_batch_size} must be a positive multiple of the device count '
         f'({num_devices} devices: {jax.devices()[0].platform}); e.g. '
-        f'{max(1, global_batch_size // num_devices) * num_devices or num_devices}.')
+        f'{max(1, global_batch_size // num_devices) * num_devices or num_devices}.'
+    )
   local = global_batch_size // num_devices * jax.local_device_count()
   if local * jax.process_count() != global_batch_size:
     raise ValueError(
         f'{field}={global_batch_size}: processes hold different numbers of devices '
         f'({jax.local_device_count()} here, {num_devices} in all over {jax.process_count()} '
-        'processes); run the same number of devices in every process.')
+        'processes); run the same number of devices in every process.'
+    )
   return local
 
 
@@ -88,7 +90,8 @@ def _assert_same_on_every_process(paths, leaves: list[jax.Array]) -> None:
     raise ValueError(
         f'replicate: the processes passed different values for {differ.size} of {len(leaves)} '
         f'leaves, e.g. {jax.tree_util.keystr(paths[differ[0]])}; every process must build the '
-        'same state (same config, seed and checkpoint).')
+        'same state (same config, seed and checkpoint).'
+    )
 
 
 def fetch(tree: Any) -> Any:

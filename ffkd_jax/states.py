@@ -38,6 +38,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class RoleProgram:
   """The static part of a role: its modules and optimizer (not part of any pytree)."""
+
   role: Role
   backbone: nn.Module
   heads: nn.Module | None
@@ -59,19 +60,21 @@ def _split_variables(variables) -> tuple[dict, dict]:
   return variables.get('params', {}), variables.get('batch_stats', {})
 
 
-def build_programs(method: Method, num_classes: int, image_size: int, make_optimizer,
-                   dtype=jnp.float32) -> tuple[dict[str, RoleProgram], dict]:
+def build_programs(
+    method: Method, num_classes: int, image_size: int, make_optimizer, dtype=jnp.float32
+) -> tuple[dict[str, RoleProgram], dict]:
   """Modules and optimizers of every role, and the shapes of every role's features.
 
   make_optimizer(lr_scale) -> (optax transformation, schedule).
   """
-  backbones = {r.name: models.create_model(r.model, num_classes, axis_name=DATA_AXIS, dtype=dtype)
-               for r in method.roles()}
+  backbones = {
+      r.name: models.create_model(r.model, num_classes, axis_name=DATA_AXIS, dtype=dtype)
+      for r in method.roles()
+  }
   x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
   feature_shapes = {}
   for name, backbone in backbones.items():
-    variables = jax.eval_shape(functools.partial(backbone.init, train=False),
-                               jax.random.key(0), x)
+    variables = jax.eval_shape(functools.partial(backbone.init, train=False), jax.random.key(0), x)
     _, features = jax.eval_shape(functools.partial(backbone.apply, train=False), variables, x)
     feature_shapes[name] = features
   method.setup(feature_shapes)
@@ -93,15 +96,19 @@ def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) 
     key_backbone, key_heads = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
     params, stats = {}, {}
     params['backbone'], stats['backbone'] = _split_variables(
-        program.backbone.init(key_backbone, x, train=False))
+        program.backbone.init(key_backbone, x, train=False)
+    )
     if program.heads is not None:
       _, features = program.backbone.apply(
-          {'params': params['backbone'], 'batch_stats': stats['backbone']}, x, train=False)
+          {'params': params['backbone'], 'batch_stats': stats['backbone']}, x, train=False
+      )
       params['heads'], stats['heads'] = _split_variables(
-          program.heads.init(key_heads, features, train=False))
+          program.heads.init(key_heads, features, train=False)
+      )
     roles[name] = RoleState(params, stats, init_opt_state(program, params))
-  return TrainState(step=jnp.zeros((), jnp.int32), roles=roles,
-                    skipped_steps=jnp.zeros((), jnp.int32))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), roles=roles, skipped_steps=jnp.zeros((), jnp.int32)
+  )
 
 
 def init_opt_state(program: RoleProgram, params: Mapping[str, Any]) -> Any:

@@ -37,7 +37,8 @@ def forward(program: RoleProgram, params, stats, images, train: bool):
   backbone_vars = _variables(params, stats, 'backbone')
   if train and program.role.train_backbone:
     (logits, features), updated = program.backbone.apply(
-        backbone_vars, images, train=True, mutable=['batch_stats'])
+        backbone_vars, images, train=True, mutable=['batch_stats']
+    )
     new_stats['backbone'] = updated['batch_stats']
   else:
     logits, features = program.backbone.apply(backbone_vars, images, train=False)
@@ -47,8 +48,9 @@ def forward(program: RoleProgram, params, stats, images, train: bool):
   if program.heads is not None:
     heads_vars = _variables(params, stats, 'heads')
     if train:
-      heads_out, updated = program.heads.apply(heads_vars, features, train=True,
-                                               mutable=['batch_stats'])
+      heads_out, updated = program.heads.apply(
+          heads_vars, features, train=True, mutable=['batch_stats']
+      )
       if 'batch_stats' in updated:
         new_stats['heads'] = updated['batch_stats']
     else:
@@ -67,16 +69,20 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
   def per_device_step(state: TrainState, batch):
     num_devices = jax.lax.axis_size(DATA_AXIS)
     step = state.step
-    trainable = {name: trainable_part(p, state.roles[name].params)
-                 for name, p in programs.items() if p.optimizer is not None}
+    trainable = {
+        name: trainable_part(p, state.roles[name].params)
+        for name, p in programs.items()
+        if p.optimizer is not None
+    }
 
     def objective(trainable):
       outputs, new_stats = {}, {}
       for name, program in programs.items():
         role_state = state.roles[name]
         params = {**role_state.params, **trainable.get(name, {})}
-        outputs[name], new_stats[name] = forward(program, params, role_state.batch_stats,
-                                                 batch['image'], train=True)
+        outputs[name], new_stats[name] = forward(
+            program, params, role_state.batch_stats, batch['image'], train=True
+        )
       losses, metrics = method.loss(outputs, batch['label'], step)
       total = sum(losses.values()) / num_devices
       logits = {name: out.logits for name, out in outputs.items()}
@@ -90,8 +96,9 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
         continue
       role_state, part = state.roles[name], trainable[name]
       updates, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
-      updated_roles[name] = RoleState({**role_state.params, **optax.apply_updates(part, updates)},
-                                      new_stats[name], opt_state)
+      updated_roles[name] = RoleState(
+          {**role_state.params, **optax.apply_updates(part, updates)}, new_stats[name], opt_state
+      )
 
     # A non-finite loss, gradient or updated state anywhere (e.g. finite gradients times an
     # infinite learning rate) skips the whole update; every device agrees.
@@ -107,10 +114,14 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
         continue
       updated = updated_roles[name]
       keep = jnp.logical_and(finite, method.role_active(name, step))
-      new_roles[name] = jax.tree.map(lambda new, old: jnp.where(keep, new, old),
-                                     updated, role_state)
-    new_state = TrainState(step=step + 1, roles=new_roles,
-                           skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)))
+      new_roles[name] = jax.tree.map(
+          lambda new, old: jnp.where(keep, new, old), updated, role_state
+      )
+    new_state = TrainState(
+        step=step + 1,
+        roles=new_roles,
+        skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)),
+    )
 
     metrics = dict(metrics)
     for name, loss in losses.items():
@@ -125,8 +136,9 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
     metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
-  sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                          out_specs=(P(), P()))
+  sharded = jax.shard_map(
+      per_device_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P())
+  )
   return jax.jit(sharded, donate_argnums=(0,))
 
 
@@ -138,24 +150,25 @@ def make_eval_step(programs: Mapping[str, RoleProgram], mesh):
     mask = batch['mask']
     for name, program in programs.items():
       role_state = state.roles[name]
-      output, _ = forward(program, role_state.params, role_state.batch_stats, batch['image'],
-                          train=False)
+      output, _ = forward(
+          program, role_state.params, role_state.batch_stats, batch['image'], train=False
+      )
       num_classes = output.logits.shape[-1]
       counts[f'{name}_top1'] = jnp.sum(top_k_correct(output.logits, batch['label'], 1) * mask)
       counts[f'{name}_top5'] = jnp.sum(
-          top_k_correct(output.logits, batch['label'], min(5, num_classes)) * mask)
+          top_k_correct(output.logits, batch['label'], min(5, num_classes)) * mask
+      )
     counts['count'] = jnp.sum(mask)
     return jax.lax.psum(counts, DATA_AXIS)
 
-  sharded = jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                          out_specs=P())
+  sharded = jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())
   return jax.jit(sharded)
 
 
 def stage_names(features: Mapping[str, object]) -> list[str]:
   """The post-activation stage outputs of a model, in order (stage1, stage2, ...)."""
   names = [k for k in features if k.startswith('stage') and not k.endswith('_preact')]
-  return sorted(names, key=lambda k: int(k[len('stage'):]))
+  return sorted(names, key=lambda k: int(k[len('stage') :]))
 
 
 def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
@@ -166,13 +179,18 @@ def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], m
     outputs = {}
     for name, program in programs.items():
       role_state = state.roles[name]
-      outputs[name], _ = forward(program, role_state.params, role_state.batch_stats,
-                                 batch['image'], train=False)
+      outputs[name], _ = forward(
+          program, role_state.params, role_state.batch_stats, batch['image'], train=False
+      )
     result = dict(method.diagnostics(outputs))
     if 'teacher' in outputs and 'student' in outputs:
-      stages = {role: [jax.lax.all_gather(outputs[role].features[name], DATA_AXIS, tiled=True)
-                       for name in stage_names(outputs[role].features)]
-                for role in ('teacher', 'student')}  # each (n_global, h, w, c)
+      stages = {
+          role: [
+              jax.lax.all_gather(outputs[role].features[name], DATA_AXIS, tiled=True)
+              for name in stage_names(outputs[role].features)
+          ]
+          for role in ('teacher', 'student')
+      }  # each (n_global, h, w, c)
       result['cka_matrix'] = cka.layer_cka_matrix(stages['teacher'], stages['student'])
     # Every device computed the same numbers from the gathered batch; pmean makes that explicit.
     return jax.lax.pmean(result, DATA_AXIS)

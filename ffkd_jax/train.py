@@ -87,13 +87,18 @@ def _load_teachers(config, method, programs, state):
       continue
     current = roles[role.name]
     params, stats, _ = checkpoint_lib.load_pretrained_role(
-        config.teacher.checkpoint, role.model, programs[role.name].backbone.num_classes,
-        current.params['backbone'], current.batch_stats['backbone'],
-        role=config.teacher.get('role', ''))
+        config.teacher.checkpoint,
+        role.model,
+        programs[role.name].backbone.num_classes,
+        current.params['backbone'],
+        current.batch_stats['backbone'],
+        role=config.teacher.get('role', ''),
+    )
     new_params = dict(current.params, backbone=params)
     new_stats = dict(current.batch_stats, backbone=stats)
     roles[role.name] = states_lib.RoleState(
-        new_params, new_stats, states_lib.init_opt_state(programs[role.name], new_params))
+        new_params, new_stats, states_lib.init_opt_state(programs[role.name], new_params)
+    )
   return state.replace(roles=roles)
 
 
@@ -119,20 +124,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh()
-  logging.info('Devices: %d (%s), processes: %d', jax.device_count(),
-               jax.devices()[0].device_kind, jax.process_count())
+  logging.info(
+      'Devices: %d (%s), processes: %d',
+      jax.device_count(),
+      jax.devices()[0].device_kind,
+      jax.process_count(),
+  )
 
   # --- Input ------------------------------------------------------------------------------
   info = input_pipeline.get_dataset_info(config.dataset)
   local_batch = parallel.local_batch_size(config.batch_size)
   local_eval_batch = parallel.local_batch_size(config.eval_batch_size, 'config.eval_batch_size')
   steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
+  total_steps = (
+      config.num_train_steps
+      if config.num_train_steps > 0
+      else int(config.num_epochs * steps_per_epoch)
+  )
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  logging.info('Dataset %s: %d classes, %d train / %d val / %d test; %d steps (%d per epoch).',
-               info.name, info.num_classes, info.num_train, info.num_val, info.num_test,
-               total_steps, steps_per_epoch)
+  logging.info(
+      'Dataset %s: %d classes, %d train / %d val / %d test; %d steps (%d per epoch).',
+      info.name,
+      info.num_classes,
+      info.num_train,
+      info.num_val,
+      info.num_test,
+      total_steps,
+      steps_per_epoch,
+  )
 
   # --- Networks and optimizers ------------------------------------------------------------
   method = methods.create_method(config)
@@ -142,18 +161,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {'preempted_at': 0, 'teacher_preempted_at': teacher.args[0]}
 
   def make_optimizer(lr_scale):
-    schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps,
-                                            scale=lr_scale)
+    schedule = optim.learning_rate_schedule(
+        config.optimizer, steps_per_epoch, total_steps, scale=lr_scale
+    )
     return optim.make_optimizer(config.optimizer, schedule), schedule
 
   programs, feature_shapes = states_lib.build_programs(
-      method, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config))
+      method, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config)
+  )
   config_checks.check_features(method, feature_shapes)
   state = states_lib.init_state(programs, info.image_size, config.seed)
   for name, role_state in state.roles.items():
-    logging.info('Role %s: %s, %.3fM parameters%s.', name, programs[name].role.model,
-                 states_lib.count_params(role_state.params['backbone']) / 1e6,
-                 '' if programs[name].optimizer else ' (frozen)')
+    logging.info(
+        'Role %s: %s, %.3fM parameters%s.',
+        name,
+        programs[name].role.model,
+        states_lib.count_params(role_state.params['backbone']) / 1e6,
+        '' if programs[name].optimizer else ' (frozen)',
+    )
 
   # --- Restore ----------------------------------------------------------------------------
   checkpoints = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
@@ -165,9 +190,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Resuming from step %d.', int(state.step))
   else:
     state = _load_teachers(config, method, programs, state)
-  meta_base = {'method': config.method, 'num_classes': info.num_classes,
-               'image_size': info.image_size,
-               'roles': {name: p.role.model for name, p in programs.items()}}
+  meta_base = {
+      'method': config.method,
+      'num_classes': info.num_classes,
+      'image_size': info.image_size,
+      'roles': {name: p.role.model for name, p in programs.items()},
+  }
   state = parallel.replicate(mesh, state)
   start_step = int(jax.device_get(state.step))
 
@@ -182,15 +210,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def load_eval_batches():
     if not eval_batches:
-      eval_batches.update({prefix: list(input_pipeline.eval_iterator(
-          config.dataset, split, local_batch_size=local_eval_batch))
-                           for prefix, split in eval_splits.items()})
+      eval_batches.update(
+          {
+              prefix: list(
+                  input_pipeline.eval_iterator(
+                      config.dataset, split, local_batch_size=local_eval_batch
+                  )
+              )
+              for prefix, split in eval_splits.items()
+          }
+      )
     return eval_batches
 
   writer = metrics_lib.MetricWriter(workdir)
   # Row and column names of the diagnostics' teacher x student CKA matrix, for its picture.
-  layer_names = {role: step_lib.stage_names(feature_shapes.get(role, {}))
-                 for role in ('teacher', 'student')}
+  layer_names = {
+      role: step_lib.stage_names(feature_shapes.get(role, {})) for role in ('teacher', 'student')
+  }
 
   def evaluate(state, step) -> dict[str, Any]:
     record = {}
@@ -205,12 +241,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       record[key] = value
     record['epoch'] = step / steps_per_epoch
     # Arrays stay out of metrics.jsonl (omega per channel goes to WORKDIR/cka/), but cka_matrix.
-    writer.write(step, {k: v for k, v in record.items()
-                        if np.ndim(v) == 0 or k == cka_plots.MATRIX_KEY})
-    cka_plots.write_eval_figures(workdir, step, record, writer, layer_names['teacher'],
-                                 layer_names['student'])
-    logging.info('eval at step %d: %s', step, ', '.join(
-        f'{k}={v:.2f}' for k, v in record.items() if k.startswith(('eval/', 'test/'))))
+    writer.write(
+        step, {k: v for k, v in record.items() if np.ndim(v) == 0 or k == cka_plots.MATRIX_KEY}
+    )
+    cka_plots.write_eval_figures(
+        workdir, step, record, writer, layer_names['teacher'], layer_names['student']
+    )
+    logging.info(
+        'eval at step %d: %s',
+        step,
+        ', '.join(f'{k}={v:.2f}' for k, v in record.items() if k.startswith(('eval/', 'test/'))),
+    )
     return record
 
   def save(state, best=False, extra=None):
@@ -218,8 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.save(state, meta, best=best)
 
   # --- The loop ---------------------------------------------------------------------------
-  train_iter = input_pipeline.train_iterator(config.dataset, local_batch_size=local_batch,
-                                             seed=config.seed, start_step=start_step)
+  train_iter = input_pipeline.train_iterator(
+      config.dataset, local_batch_size=local_batch, seed=config.seed, start_step=start_step
+  )
   progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
   last_record: dict[str, Any] = {}
   step = start_step
@@ -253,8 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save(state)
       checkpoints.wait()
       writer.flush()
-      logging.warning('Received %s: saved step %d to %s; the same command resumes.',
-                      signal_name, step, workdir)
+      logging.warning(
+          'Received %s: saved step %d to %s; the same command resumes.', signal_name, step, workdir
+      )
       writer.close()
       checkpoints.close()
       return {'preempted_at': step}
@@ -264,8 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints.wait()
   summary = {'step': step, 'best/eval_top1': best_top1}
   summary.update(_scalars(last_record))
-  writer.write(step, {'final/' + k: v for k, v in summary.items()
-                      if isinstance(v, (int, float))})
+  writer.write(step, {'final/' + k: v for k, v in summary.items() if isinstance(v, (int, float))})
   writer.close()
   checkpoints.close()
   return summary
@@ -288,10 +330,11 @@ def _pretrain_teacher_if_asked(config, method, workdir):
   if config.teacher.pretrain_steps <= 0 and config.teacher.pretrain_epochs <= 0:
     raise ValueError(
         f"config.method='{config.method}' distils from a pre-trained teacher, but "
-        "config.teacher.checkpoint is empty: give a workdir of a teacher run (e.g. "
-        "configs/cifar100_teacher_resnet32x4.py), a converted PyTorch teacher "
-        "(python -m ffkd_jax.import_torch), or set config.teacher.pretrain_steps > 0 to train "
-        "one first.")
+        'config.teacher.checkpoint is empty: give a workdir of a teacher run (e.g. '
+        'configs/cifar100_teacher_resnet32x4.py), a converted PyTorch teacher '
+        '(python -m ffkd_jax.import_torch), or set config.teacher.pretrain_steps > 0 to train '
+        'one first.'
+    )
   teacher_workdir = os.path.join(workdir, 'teacher')
   logging.info('Pre-training the teacher %s into %s.', config.teacher.model, teacher_workdir)
   result = train_and_evaluate(teacher_config(config), teacher_workdir)
@@ -311,15 +354,19 @@ def _check_finite(config, host_metrics, step):
   for offset, metrics in enumerate(host_metrics):
     if metrics['nonfinite'] > 0 and config.nonfinite_policy == 'stop':
       at = step - len(host_metrics) + offset + 1
-      bad = [k.split('/', 1)[1] for k, v in metrics.items()
-             if k.startswith('loss_finite/') and v < 1.0]
-      terms = ', '.join(k for k, v in metrics.items() if k.startswith('loss/')
-                        and not np.isfinite(v) and k.split('/', 1)[1] not in bad)
+      bad = [
+          k.split('/', 1)[1] for k, v in metrics.items() if k.startswith('loss_finite/') and v < 1.0
+      ]
+      terms = ', '.join(
+          k
+          for k, v in metrics.items()
+          if k.startswith('loss/') and not np.isfinite(v) and k.split('/', 1)[1] not in bad
+      )
       if bad:
         what = f'the loss of {", ".join(bad)} is not finite' + (f' ({terms})' if terms else '')
       else:
         what = 'the losses are finite, but a gradient or the updated parameters are not'
       raise FloatingPointError(
           f'non-finite value at step {at}: {what} (config.nonfinite_policy=stop; '
-          "'skip' skips such updates and counts them). The update was not applied.")
-
+          "'skip' skips such updates and counts them). The update was not applied."
+      )

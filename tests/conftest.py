@@ -2,11 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402  (after the environment above)
 
 # Tests run tiny models for a few steps: compile time dominates, so skip XLA's heavy passes.
-jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update('jax_disable_most_optimizations', True)

@@ -26,8 +26,9 @@ def build(config, steps_per_epoch=10, total_steps=100):
   method = methods.create_method(config)
 
   def make_optimizer(lr_scale):
-    schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps,
-                                            scale=lr_scale)
+    schedule = optim.learning_rate_schedule(
+        config.optimizer, steps_per_epoch, total_steps, scale=lr_scale
+    )
     return optim.make_optimizer(config.optimizer, schedule), schedule
 
   programs, _ = states_lib.build_programs(method, NUM_CLASSES, IMAGE_SIZE, make_optimizer)
@@ -37,8 +38,10 @@ def build(config, steps_per_epoch=10, total_steps=100):
 
 def random_batch(seed, batch_size=16):
   rng = np.random.default_rng(seed)
-  return {'image': rng.normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
-          'label': rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32)}
+  return {
+      'image': rng.normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+      'label': rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32),
+  }
 
 
 def mesh_of(num_devices):

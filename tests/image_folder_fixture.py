@@ -7,8 +7,9 @@ import numpy as np
 from PIL import Image
 
 
-def write_image_folder(root, classes=('cat', 'dog', 'emu'), num_train=6, num_test=3, size=8,
-                       fmt='png', seed=0) -> str:
+def write_image_folder(
+    root, classes=('cat', 'dog', 'emu'), num_train=6, num_test=3, size=8, fmt='png', seed=0
+) -> str:
   """Writes distinct random RGB images; returns root. PNG is lossless, so pixels are known.
 
   size: a side, or a list of (height, width) taken in turn, for images of varied shapes.

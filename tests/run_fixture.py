@@ -29,8 +29,7 @@ IMAGE_SIZE = 16
 
 def write_dataset(root) -> str:
   """train/<class>/* (8 a class) and test/<class>/* (2 a class) of random 16x16 PNGs."""
-  return write_image_folder(root, CLASSES, num_train=TRAIN_PER_CLASS, num_test=2,
-                            size=IMAGE_SIZE)
+  return write_image_folder(root, CLASSES, num_train=TRAIN_PER_CLASS, num_test=2, size=IMAGE_SIZE)
 
 
 def tiny_overrides(data_path: str, **changes: Any) -> dict[str, Any]:
@@ -61,6 +60,7 @@ def tiny_overrides(data_path: str, **changes: Any) -> dict[str, Any]:
 def make_config(overrides: Mapping[str, Any]):
   """configs/quickstart.py with the dotted fields set: for runs in this process."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top
+
   config = quickstart.get_config()
   for dotted, value in overrides.items():
     *parents, name = dotted.split('.')
@@ -78,18 +78,27 @@ def _flag_value(value: Any) -> str:
 
 
 def cli_command(workdir: str, overrides: Mapping[str, Any]) -> list[str]:
-  return [sys.executable, '-m', 'ffkd_jax.main', '--config', 'configs/quickstart.py',
-          '--workdir', str(workdir)] + [f'--config.{k}={_flag_value(v)}'
-                                        for k, v in overrides.items()]
+  return [
+      sys.executable,
+      '-m',
+      'ffkd_jax.main',
+      '--config',
+      'configs/quickstart.py',
+      '--workdir',
+      str(workdir),
+  ] + [f'--config.{k}={_flag_value(v)}' for k, v in overrides.items()]
 
 
 def cli_env(num_devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-             # As tests/conftest.py: compile time dominates these tiny runs.
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-             PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''))
+  env.update(
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='3',
+      # As tests/conftest.py: compile time dominates these tiny runs.
+      JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+      PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''),
+  )
   return env
 
 
@@ -103,9 +112,13 @@ class Run:
       number += 1
     self.log_path = f'{self.workdir}.{number}.log'
     self._log = open(self.log_path, 'wb')
-    self.process = subprocess.Popen(cli_command(workdir, overrides), cwd=REPO,
-                                    env=cli_env(num_devices), stdout=self._log,
-                                    stderr=subprocess.STDOUT)
+    self.process = subprocess.Popen(
+        cli_command(workdir, overrides),
+        cwd=REPO,
+        env=cli_env(num_devices),
+        stdout=self._log,
+        stderr=subprocess.STDOUT,
+    )
 
   def wait(self, timeout: float = 300) -> int:
     try:
@@ -118,8 +131,13 @@ class Run:
     with open(self.log_path, encoding='utf-8', errors='replace') as f:
       return f.read()
 
-  def wait_for_step(self, step: int, metrics_dir: str | None = None,
-                    checkpointed: bool = False, timeout: float = 600) -> int:
+  def wait_for_step(
+      self,
+      step: int,
+      metrics_dir: str | None = None,
+      checkpointed: bool = False,
+      timeout: float = 600,
+  ) -> int:
     """Waits until `metrics_dir` (default: the workdir) has logged a train step >= `step`.
 
     checkpointed: also wait for a finalized checkpoint there. Returns the largest step logged;
@@ -129,17 +147,19 @@ class Run:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       steps = train_steps(directory)
-      if (steps and max(steps) >= step
-          and (not checkpointed or checkpoint_steps(directory))):
+      if steps and max(steps) >= step and (not checkpointed or checkpoint_steps(directory)):
         return max(steps)
       if self.process.poll() is not None:
-        raise AssertionError(f'the run ended (rc {self.process.returncode}) before step {step} '
-                             f'in {directory}:\n{self.output[-3000:]}')
+        raise AssertionError(
+            f'the run ended (rc {self.process.returncode}) before step {step} '
+            f'in {directory}:\n{self.output[-3000:]}'
+        )
       time.sleep(0.01)
     raise AssertionError(f'no step {step} in {directory} after {timeout}s')
 
-  def signal_at_step(self, step: int, sig: int, metrics_dir: str | None = None,
-                     checkpointed: bool = False) -> int:
+  def signal_at_step(
+      self, step: int, sig: int, metrics_dir: str | None = None, checkpointed: bool = False
+  ) -> int:
     """Sends `sig` as soon as a train step >= `step` is logged; returns the step seen then."""
     seen = self.wait_for_step(step, metrics_dir, checkpointed)
     self.process.send_signal(sig)
@@ -160,17 +180,26 @@ def small_state(step: int, offset: float = 0.0):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from ffkd_jax.states import RoleState, TrainState  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
-  params = {'backbone': {'conv1': {'kernel': rng.normal(size=(3, 3, 3, 16)) + offset},
-                         'fc': {'kernel': rng.normal(size=(64, 10)) + offset,
-                                'bias': np.full((10,), offset)}}}
+  params = {
+      'backbone': {
+          'conv1': {'kernel': rng.normal(size=(3, 3, 3, 16)) + offset},
+          'fc': {'kernel': rng.normal(size=(64, 10)) + offset, 'bias': np.full((10,), offset)},
+      }
+  }
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  stats = {'backbone': {'bn1': {'mean': jnp.full((16,), offset, jnp.float32),
-                              'var': jnp.ones((16,), jnp.float32)}}}
+  stats = {
+      'backbone': {
+          'bn1': {'mean': jnp.full((16,), offset, jnp.float32), 'var': jnp.ones((16,), jnp.float32)}
+      }
+  }
   opt_state = optax.sgd(0.1, momentum=0.9).init(params)
-  return TrainState(step=jnp.asarray(step, jnp.int32),
-                    roles={'model': RoleState(params, stats, opt_state)},
-                    skipped_steps=jnp.asarray(0, jnp.int32))
+  return TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      roles={'model': RoleState(params, stats, opt_state)},
+      skipped_steps=jnp.asarray(0, jnp.int32),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,21 +244,28 @@ def restore_state(workdir: str, step: int | None = None, manager: str = 'checkpo
   """The saved TrainState tree (plain dicts of NumPy arrays) of a step (default: the latest)."""
   import jax  # pylint: disable=g-import-not-at-top
   from ffkd_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
   if step is None:
     step = checkpoint_steps(workdir, manager)[-1]
-  return jax.tree.map(np.asarray, checkpoint_lib.restore_state_tree(
-      os.path.join(os.path.abspath(workdir), manager, str(step), 'state')))
+  return jax.tree.map(
+      np.asarray,
+      checkpoint_lib.restore_state_tree(
+          os.path.join(os.path.abspath(workdir), manager, str(step), 'state')
+      ),
+  )
 
 
 def assert_trees_equal(actual, expected, what: str = '') -> None:
   """Bit-identical leaves, the same structure; names the first leaf that differs."""
   import jax  # pylint: disable=g-import-not-at-top
+
   flat_actual = dict(jax.tree_util.tree_leaves_with_path(actual))
   flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
   assert flat_actual.keys() == flat_expected.keys(), what
   for path, leaf in flat_expected.items():
-    np.testing.assert_array_equal(flat_actual[path], leaf,
-                                  err_msg=f'{what} {jax.tree_util.keystr(path)}')
+    np.testing.assert_array_equal(
+        flat_actual[path], leaf, err_msg=f'{what} {jax.tree_util.keystr(path)}'
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(script, *args, timeout=900):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 def _check(completed):
@@ -38,26 +44,35 @@ def _check(completed):
 def _torch_reference():
   pytest.importorskip('torch')
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+
   return torch_reference
 
 
 @pytest.mark.parametrize('n,hw', [(8, 4), (16, 2)])  # Gram form (n < h*w), feature form
 def test_torch_channel_cka_matches_jax(n, hw, torch_reference):
   import torch  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   u = rng.normal(size=(n, hw, hw, 5)).astype(np.float32)
   v = (u + rng.normal(size=u.shape)).astype(np.float32)
   expected = np.asarray(cka.channel_cka(u, v))
-  got = torch_reference.channel_cka(torch.from_numpy(u).permute(0, 3, 1, 2),
-                                    torch.from_numpy(v).permute(0, 3, 1, 2)).numpy()
+  got = torch_reference.channel_cka(
+      torch.from_numpy(u).permute(0, 3, 1, 2), torch.from_numpy(v).permute(0, 3, 1, 2)
+  ).numpy()
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_torch_ffkd_step_updates_both_networks(torch_reference):
   import torch  # pylint: disable=g-import-not-at-top
-  step = torch_reference.FFKDStep('resnet8', 'resnet8', 10, 16,
-                                  [('stage2', 'stage2'), ('stage3', 'stage3')],
-                                  torch_reference.Terms())
+
+  step = torch_reference.FFKDStep(
+      'resnet8',
+      'resnet8',
+      10,
+      16,
+      [('stage2', 'stage2'), ('stage3', 'stage3')],
+      torch_reference.Terms(),
+  )
   before = [p.detach().clone() for p in step.teacher.parameters()]
   losses = step.step(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
   assert set(losses) == {'student', 'teacher'} and all(np.isfinite(list(losses.values())))
@@ -73,8 +88,18 @@ def test_throughput_tiny_writes_json_and_markdown(tmp_path):
   configs = ['teacher_ce', 'student_ce', 'ffkd', 'input']
   if importlib.util.find_spec('torch') is not None:
     configs.append('torch_ffkd')
-  _check(_run('throughput.py', '--tiny', '--data', data, '--out', str(out),
-              '--configs', ','.join(configs)))
+  _check(
+      _run(
+          'throughput.py',
+          '--tiny',
+          '--data',
+          data,
+          '--out',
+          str(out),
+          '--configs',
+          ','.join(configs),
+      )
+  )
   result = json.loads(out.read_text())
   figures = ['ffkd_images_per_s', 'sum_of_parts_ratio', 'cka_fraction', 'input_ratio']
   figures += ['torch_ratio'] if 'torch_ffkd' in configs else []
@@ -127,10 +152,12 @@ def _fake_run(workdir, val_test_pairs, complete=True, teacher=None):
 
 
 def test_results_mean_std_table_and_plot(tmp_path):
-  runs = [{'pair': 'a->b', 'method': 'teacher', 'seed': 0, 'workdir': str(tmp_path / 't')},
-          {'pair': 'a->b', 'method': 'kd', 'seed': 0, 'workdir': str(tmp_path / 'kd0')},
-          {'pair': 'a->b', 'method': 'kd', 'seed': 1, 'workdir': str(tmp_path / 'kd1')},
-          {'pair': 'a->b', 'method': 'kd', 'seed': 2, 'workdir': str(tmp_path / 'kd2')}]
+  runs = [
+      {'pair': 'a->b', 'method': 'teacher', 'seed': 0, 'workdir': str(tmp_path / 't')},
+      {'pair': 'a->b', 'method': 'kd', 'seed': 0, 'workdir': str(tmp_path / 'kd0')},
+      {'pair': 'a->b', 'method': 'kd', 'seed': 1, 'workdir': str(tmp_path / 'kd1')},
+      {'pair': 'a->b', 'method': 'kd', 'seed': 2, 'workdir': str(tmp_path / 'kd2')},
+  ]
   _fake_run(runs[0]['workdir'], [(70.0, 69.0)])
   _fake_run(runs[1]['workdir'], [(50.0, 48.0), (60.0, 58.0)], teacher=69.0)
   _fake_run(runs[2]['workdir'], [(61.0, 62.0)], teacher=69.0)
@@ -139,13 +166,16 @@ def test_results_mean_std_table_and_plot(tmp_path):
   kd = pairs['a->b']['methods']['kd']
   assert kd['seeds_done'] == 2
   assert kd['student_mean'] == pytest.approx(60.0) and kd['student_std'] == pytest.approx(
-      np.std([58.0, 62.0], ddof=1))
+      np.std([58.0, 62.0], ddof=1)
+  )
   assert pairs['a->b']['teacher']['test_top1'] == 69.0
   header = {'preset': 'tiny', 'date': 'today', 'command': 'cmd', 'machine': 'cpu', 'seeds': 3}
   accuracy.write_markdown(str(tmp_path / 'results.md'), header, pairs)
   # A second method: its difference from kd, Welch standard error (numpy test above).
-  runs += [{'pair': 'a->b', 'method': 'ffkd', 'seed': k, 'workdir': str(tmp_path / f'ffkd{k}')}
-           for k in range(2)]
+  runs += [
+      {'pair': 'a->b', 'method': 'ffkd', 'seed': k, 'workdir': str(tmp_path / f'ffkd{k}')}
+      for k in range(2)
+  ]
   _fake_run(runs[-2]['workdir'], [(65.0, 64.0)], teacher=70.0)
   _fake_run(runs[-1]['workdir'], [(66.0, 66.0)], teacher=71.0)
   pairs_with_ffkd = accuracy.collect(runs)
@@ -176,8 +206,7 @@ def test_difference_and_its_standard_error_against_numpy():
 def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
   data = write_image_folder(tmp_path / 'data', num_train=8, num_test=2, size=8)
   out = tmp_path / 'acc'
-  args = ['--preset', 'tiny', '--data', data, '--seeds', '1', '--methods', 'ce', '--out',
-          str(out)]
+  args = ['--preset', 'tiny', '--data', data, '--seeds', '1', '--methods', 'ce', '--out', str(out)]
   _check(_run('accuracy.py', *args))
   result = json.loads((out / 'results.json').read_text())
   pair = result['pairs']['resnet8->resnet8']

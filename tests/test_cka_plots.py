@@ -82,23 +82,33 @@ def test_layer_cka_matrix_matches_numpy():
 
 
 def test_draw_figures_from_a_record(tmp_path):
-  record = {'cka_matrix': np.array([[0.9, 0.3], [0.2, 0.7], [0.1, 0.5]]),
-            'cka/stage3-stage2': np.float32(0.5),
-            'omega_channels/stage3-stage2': np.linspace(0.0, 1.0, 64)}
-  paths = cka_plots.draw_figures(str(tmp_path), record, ['stage1', 'stage2', 'stage3'],
-                                 ['stage1', 'stage2'], title_note='step 7', suffix='_x')
+  record = {
+      'cka_matrix': np.array([[0.9, 0.3], [0.2, 0.7], [0.1, 0.5]]),
+      'cka/stage3-stage2': np.float32(0.5),
+      'omega_channels/stage3-stage2': np.linspace(0.0, 1.0, 64),
+  }
+  paths = cka_plots.draw_figures(
+      str(tmp_path),
+      record,
+      ['stage1', 'stage2', 'stage3'],
+      ['stage1', 'stage2'],
+      title_note='step 7',
+      suffix='_x',
+  )
   assert_png(paths['matrix'])
   assert_png(paths['omega_histogram'])
   with open(paths['numbers'], encoding='utf-8') as f:
     numbers = json.load(f)
   assert numbers['cka_matrix'] == record['cka_matrix'].tolist()
   assert len(numbers['omega_channels/stage3-stage2']) == 64
-  without_omega = cka_plots.draw_figures(str(tmp_path / 'b'), {'cka_matrix': np.eye(2)},
-                                         ['a', 'b'], ['c', 'd'], title_note='t')
+  without_omega = cka_plots.draw_figures(
+      str(tmp_path / 'b'), {'cka_matrix': np.eye(2)}, ['a', 'b'], ['c', 'd'], title_note='t'
+  )
   assert 'omega_histogram' not in without_omega
   with pytest.raises(ValueError, match='does not match'):
-    cka_plots.draw_figures(str(tmp_path / 'c'), {'cka_matrix': np.eye(2)}, ['a'], ['c', 'd'],
-                           title_note='t')
+    cka_plots.draw_figures(
+        str(tmp_path / 'c'), {'cka_matrix': np.eye(2)}, ['a'], ['c', 'd'], title_note='t'
+    )
 
 
 def test_evaluation_writes_the_figures(run):
@@ -122,6 +132,7 @@ def test_evaluation_writes_the_figures(run):
   assert not any(k.startswith('omega_channels/') for r in evals for k in r)
   # Both pictures reach TensorBoard.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tags = set()
   for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -134,8 +145,11 @@ def _role_features(path, role, images):
   directory, meta = checkpoint_lib.find_checkpoint(path)
   saved = checkpoint_lib.restore_role(directory, role)
   model = models.create_model(meta['roles'][role], meta['num_classes'])
-  _, features = model.apply({'params': saved['params']['backbone'],
-                             'batch_stats': saved['batch_stats']['backbone']}, images, train=False)
+  _, features = model.apply(
+      {'params': saved['params']['backbone'], 'batch_stats': saved['batch_stats']['backbone']},
+      images,
+      train=False,
+  )
   return [features[f'stage{i}'] for i in (1, 2, 3)]
 
 
@@ -159,12 +173,10 @@ def test_report_of_teacher_and_student_matches_an_independent_computation(run, t
   report = cka_report.run(config, teacher, workdir, str(tmp_path), num_examples=NUM_EXAMPLES)
   assert_png(os.path.join(tmp_path, 'cka_matrix.png'))
   assert_png(os.path.join(tmp_path, 'omega_hist.png'))
-  batch = next(input_pipeline.eval_iterator(config.dataset, 'val',
-                                            local_batch_size=NUM_EXAMPLES))
+  batch = next(input_pipeline.eval_iterator(config.dataset, 'val', local_batch_size=NUM_EXAMPLES))
   teacher_features = _role_features(teacher, 'model', batch['image'])
   student_features = _role_features(workdir, 'student', batch['image'])
-  want = np.array([[numpy_linear_cka(t, s) for s in student_features]
-                   for t in teacher_features])
+  want = np.array([[numpy_linear_cka(t, s) for s in student_features] for t in teacher_features])
   np.testing.assert_allclose(report['record']['cka_matrix'], want, rtol=1e-4, atol=1e-5)
   # The FFKD run's connectors were loaded: omega has the teacher's channel count per pair.
   omegas = {k: v for k, v in report['record'].items() if k.startswith('omega_channels/')}

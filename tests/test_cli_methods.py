@@ -14,17 +14,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(workdir, folder, *overrides, timeout=600):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1', TF_CPP_MIN_LOG_LEVEL='3')
-  command = [sys.executable, '-m', 'ffkd_jax.main', '--config', 'configs/quickstart.py',
-             f'--workdir={workdir}', '--config.dataset.name=image_folder',
-             f'--config.dataset.path={folder}', '--config.model=resnet8',
-             '--config.teacher.model=resnet8', '--config.batch_size=8',
-             '--config.eval_batch_size=8', '--config.num_train_steps=2',
-             '--config.log_every_steps=1', '--config.eval_every_steps=2',
-             '--config.checkpoint_every_steps=2', *overrides]
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      JAX_PLATFORMS='cpu',
+      JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+      TF_CPP_MIN_LOG_LEVEL='3',
+  )
+  command = [
+      sys.executable,
+      '-m',
+      'ffkd_jax.main',
+      '--config',
+      'configs/quickstart.py',
+      f'--workdir={workdir}',
+      '--config.dataset.name=image_folder',
+      f'--config.dataset.path={folder}',
+      '--config.model=resnet8',
+      '--config.teacher.model=resnet8',
+      '--config.batch_size=8',
+      '--config.eval_batch_size=8',
+      '--config.num_train_steps=2',
+      '--config.log_every_steps=1',
+      '--config.eval_every_steps=2',
+      '--config.checkpoint_every_steps=2',
+      *overrides,
+  ]
+  result = subprocess.run(
+      command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   return result
 
@@ -32,8 +50,9 @@ def run_cli(workdir, folder, *overrides, timeout=600):
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
   root = tmp_path_factory.mktemp('images')
-  return write_image_folder(root, classes=tuple(f'c{i}' for i in range(10)), num_train=4,
-                            num_test=2, size=16)
+  return write_image_folder(
+      root, classes=tuple(f'c{i}' for i in range(10)), num_train=4, num_test=2, size=16
+  )
 
 
 @pytest.fixture(scope='module')

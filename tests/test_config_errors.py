@@ -49,19 +49,33 @@ def fails_with(config, workdir, *texts, error=ValueError):
 # Config fields.
 
 
-@pytest.mark.parametrize('override, expected', [
-    ('--config.not_a_field=1', ['--config.not_a_field:', "no field 'not_a_field'"]),
-    ('--config.optimizer.learning_rat=0.1',
-     ['--config.optimizer.learning_rat:', "no field 'learning_rat'",
-      'Did you mean "learning_rate"']),
-    ('--config.batch_size=abc', ['--config.batch_size=abc', 'invalid literal for int()']),
-])
+@pytest.mark.parametrize(
+    'override, expected',
+    [
+        ('--config.not_a_field=1', ['--config.not_a_field:', "no field 'not_a_field'"]),
+        (
+            '--config.optimizer.learning_rat=0.1',
+            [
+                '--config.optimizer.learning_rat:',
+                "no field 'learning_rat'",
+                'Did you mean "learning_rate"',
+            ],
+        ),
+        ('--config.batch_size=abc', ['--config.batch_size=abc', 'invalid literal for int()']),
+    ],
+)
 def test_bad_field_on_the_command_line(tmp_path, override, expected):
   """The flag is refused before anything runs, in one line naming the flag and, for a misspelt
   field, ml_collections' suggestion; no traceback."""
   command = run_fixture.cli_command(str(tmp_path / 'run'), {}) + [override]
-  result = subprocess.run(command, cwd=run_fixture.REPO, env=run_fixture.cli_env(1),
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      command,
+      cwd=run_fixture.REPO,
+      env=run_fixture.cli_env(1),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   error_line = [line for line in result.stderr.splitlines() if 'FATAL' in line]
@@ -78,19 +92,25 @@ def test_unknown_field_in_a_config_built_in_python(data_path):
   with pytest.raises(ValueError) as error:
     config_checks.validate(config)
   message = str(error.value)
-  for text in ('config.optimizer.lerning_rate=0.1', "did you mean 'learning_rate'",
-               'learning_rate, momentum'):
+  for text in (
+      'config.optimizer.lerning_rate=0.1',
+      "did you mean 'learning_rate'",
+      'learning_rate, momentum',
+  ):
     assert text in message
 
 
-@pytest.mark.parametrize('field, value, valid', [
-    ('method', 'ffkdd', 'ffkd'),
-    ('model', 'resnet9', 'resnet8'),
-    ('teacher.model', 'resnet_1', 'resnet32x4'),
-    ('optimizer.name', 'lamb', "'sgd' or 'adamw'"),
-    ('optimizer.schedule', 'linear', "'steps', 'cosine' or 'constant'"),
-    ('nonfinite_policy', 'ignore', "'skip' or 'stop'"),
-])
+@pytest.mark.parametrize(
+    'field, value, valid',
+    [
+        ('method', 'ffkdd', 'ffkd'),
+        ('model', 'resnet9', 'resnet8'),
+        ('teacher.model', 'resnet_1', 'resnet32x4'),
+        ('optimizer.name', 'lamb', "'sgd' or 'adamw'"),
+        ('optimizer.schedule', 'linear', "'steps', 'cosine' or 'constant'"),
+        ('nonfinite_policy', 'ignore', "'skip' or 'stop'"),
+    ],
+)
 def test_unknown_names(data_path, field, value, valid):
   config = config_with(data_path, **{field.replace('.', '__'): value})
   with pytest.raises(ValueError) as error:
@@ -101,36 +121,56 @@ def test_unknown_names(data_path, field, value, valid):
 
 def test_unknown_dataset(tmp_path, data_path):
   config = config_with(data_path, dataset__name='cifar1000')
-  fails_with(config, tmp_path, "config.dataset.name='cifar1000' is not a TFDS builder",
-             "'image_folder'", 'cifar100')
+  fails_with(
+      config,
+      tmp_path,
+      "config.dataset.name='cifar1000' is not a TFDS builder",
+      "'image_folder'",
+      'cifar100',
+  )
 
 
-@pytest.mark.parametrize('field, value', [
-    ('batch_size', 6), ('batch_size', 2), ('eval_batch_size', 10)])
+@pytest.mark.parametrize(
+    'field, value', [('batch_size', 6), ('batch_size', 2), ('eval_batch_size', 10)]
+)
 def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, value):
   config = config_with(data_path, **{field: value})
-  fails_with(config, tmp_path, f'config.{field}={value} is not valid',
-             'divisible by the device count (4)')
+  fails_with(
+      config, tmp_path, f'config.{field}={value} is not valid', 'divisible by the device count (4)'
+  )
 
 
-@pytest.mark.parametrize('field, value', [
-    ('optimizer.learning_rate', 0.0), ('optimizer.learning_rate', -0.1),
-    ('optimizer.learning_rate', math.inf), ('optimizer.learning_rate', math.nan),
-    ('batch_size', 0), ('checkpoint_every_steps', -1),
-    ('kd.temperature', 0.0), ('ffkd.temperature', -4.0), ('dist.temperature', math.inf),
-    ('ffkd.weight_temperature', 0.0),
-])
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('optimizer.learning_rate', 0.0),
+        ('optimizer.learning_rate', -0.1),
+        ('optimizer.learning_rate', math.inf),
+        ('optimizer.learning_rate', math.nan),
+        ('batch_size', 0),
+        ('checkpoint_every_steps', -1),
+        ('kd.temperature', 0.0),
+        ('ffkd.temperature', -4.0),
+        ('dist.temperature', math.inf),
+        ('ffkd.weight_temperature', 0.0),
+    ],
+)
 def test_values_that_must_be_positive(tmp_path, data_path, field, value):
   config = config_with(data_path, **{field.replace('.', '__'): value})
-  fails_with(config, tmp_path, f'config.{field}={value!r} is not valid',
-             'must be a finite number > 0')
+  fails_with(
+      config, tmp_path, f'config.{field}={value!r} is not valid', 'must be a finite number > 0'
+  )
 
 
 @pytest.mark.parametrize('epochs', [0.0, -3.0])
 def test_epochs_must_be_positive(tmp_path, data_path, epochs):
   config = config_with(data_path, num_train_steps=-1, num_epochs=epochs)
-  fails_with(config, tmp_path, f'config.num_epochs={epochs!r} is not valid',
-             'must be a finite number > 0 (or set config.num_train_steps > 0)')
+  fails_with(
+      config,
+      tmp_path,
+      f'config.num_epochs={epochs!r} is not valid',
+      'must be a finite number > 0 (or set config.num_train_steps > 0)',
+  )
 
 
 def test_workdir_not_writable(tmp_path, data_path):
@@ -138,8 +178,12 @@ def test_workdir_not_writable(tmp_path, data_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   workdir = blocker / 'sub'
-  fails_with(config_with(data_path), workdir, f"--workdir='{workdir}' is not a writable "
-             'directory', 'pass a directory you can write to')
+  fails_with(
+      config_with(data_path),
+      workdir,
+      f"--workdir='{workdir}' is not a writable " 'directory',
+      'pass a directory you can write to',
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +193,10 @@ def test_workdir_not_writable(tmp_path, data_path):
 def write_teacher(workdir, model='resnet8', num_classes=10):
   """A checkpoint whose meta says `model` (the arrays are a stand-in: only meta is read first)."""
   checkpoints = checkpoint_lib.Checkpoints(str(workdir), 1)
-  checkpoints.save(run_fixture.small_state(5), {'method': 'ce', 'roles': {'model': model},
-                                               'num_classes': num_classes})
+  checkpoints.save(
+      run_fixture.small_state(5),
+      {'method': 'ce', 'roles': {'model': model}, 'num_classes': num_classes},
+  )
   checkpoints.wait()
   checkpoints.close()
   return str(workdir)
@@ -159,24 +205,38 @@ def write_teacher(workdir, model='resnet8', num_classes=10):
 def test_teacher_checkpoint_missing(tmp_path, data_path):
   missing = str(tmp_path / 'no_such_teacher')
   config = config_with(data_path, method='kd', teacher__checkpoint=missing)
-  fails_with(config, tmp_path / 'run', f"config.teacher.checkpoint='{missing}' is not valid",
-             'no such file or directory', 'import_torch')
+  fails_with(
+      config,
+      tmp_path / 'run',
+      f"config.teacher.checkpoint='{missing}' is not valid",
+      'no such file or directory',
+      'import_torch',
+  )
 
 
 def test_teacher_checkpoint_holds_no_checkpoint(tmp_path, data_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   config = config_with(data_path, method='kd', teacher__checkpoint=str(empty))
-  fails_with(config, tmp_path / 'run', f"config.teacher.checkpoint='{empty}' holds no checkpoint",
-             'checkpoints/')
+  fails_with(
+      config,
+      tmp_path / 'run',
+      f"config.teacher.checkpoint='{empty}' holds no checkpoint",
+      'checkpoints/',
+  )
 
 
 def test_teacher_of_another_architecture(tmp_path, data_path):
   teacher = write_teacher(tmp_path / 'teacher', model='resnet8')
-  config = config_with(data_path, method='kd', teacher__model='resnet14',
-                       teacher__checkpoint=teacher)
-  fails_with(config, tmp_path / 'run', "config.teacher.model='resnet14' with 10 classes does "
-             "not match", "its role 'model' is 'resnet8' with 10 classes")
+  config = config_with(
+      data_path, method='kd', teacher__model='resnet14', teacher__checkpoint=teacher
+  )
+  fails_with(
+      config,
+      tmp_path / 'run',
+      "config.teacher.model='resnet14' with 10 classes does " 'not match',
+      "its role 'model' is 'resnet8' with 10 classes",
+  )
 
 
 def test_damaged_teacher_checkpoint(tmp_path):
@@ -194,21 +254,35 @@ def test_damaged_teacher_checkpoint(tmp_path):
 
 def test_teacher_needed_but_none_given(tmp_path, data_path):
   config = config_with(data_path, method='kd')
-  fails_with(config, tmp_path, "config.method='kd' distils from a pre-trained teacher",
-             'config.teacher.checkpoint', 'config.teacher.pretrain_steps')
+  fails_with(
+      config,
+      tmp_path,
+      "config.method='kd' distils from a pre-trained teacher",
+      'config.teacher.checkpoint',
+      'config.teacher.pretrain_steps',
+  )
 
 
-@pytest.mark.parametrize('method, field, pairs', [
-    ('ffkd', 'layer_pairs', 'stage9:stage3'),
-    ('at', 'layer_pairs', 'stage3:stage7'),
-])
+@pytest.mark.parametrize(
+    'method, field, pairs',
+    [
+        ('ffkd', 'layer_pairs', 'stage9:stage3'),
+        ('at', 'layer_pairs', 'stage3:stage7'),
+    ],
+)
 def test_features_the_model_does_not_produce(tmp_path, data_path, method, field, pairs):
   teacher = write_teacher(tmp_path / 'teacher')
-  config = config_with(data_path, method=method, teacher__checkpoint=teacher,
-                       **{f'{method}__{field}': pairs})
+  config = config_with(
+      data_path, method=method, teacher__checkpoint=teacher, **{f'{method}__{field}': pairs}
+  )
   bad = 'stage9' if pairs.startswith('stage9') else 'stage7'
-  fails_with(config, tmp_path / 'run', f"feature '{bad}'", 'is not produced by its model',
-             'stage1, stage1_preact, stage2')
+  fails_with(
+      config,
+      tmp_path / 'run',
+      f"feature '{bad}'",
+      'is not produced by its model',
+      'stage1, stage1_preact, stage2',
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,18 +291,29 @@ def test_features_the_model_does_not_produce(tmp_path, data_path, method, field,
 
 def test_tfds_dataset_absent_on_an_offline_machine(tmp_path, data_path, monkeypatch):
   """cifar100 with an empty data_dir and no network: say how to supply the data."""
+
   def no_network(self, *args, **kwargs):
     raise ConnectionError('Failed to establish a new connection: Network is unreachable')
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_network)
   monkeypatch.setattr(input_pipeline, '_online', lambda: False)
-  config = config_with(data_path, dataset__name='cifar100', dataset__path=None,
-                       dataset__data_dir=str(tmp_path / 'tfds'))
-  fails_with(config, tmp_path / 'run', "config.dataset.name='cifar100'",
-             'this machine appears offline', 'Network is unreachable',
-             'config.dataset.data_dir=', 'config.dataset.manual_dir=',
-             "config.dataset.name='image_folder' with config.dataset.path=",
-             error=input_pipeline.DatasetUnavailableError)
+  config = config_with(
+      data_path,
+      dataset__name='cifar100',
+      dataset__path=None,
+      dataset__data_dir=str(tmp_path / 'tfds'),
+  )
+  fails_with(
+      config,
+      tmp_path / 'run',
+      "config.dataset.name='cifar100'",
+      'this machine appears offline',
+      'Network is unreachable',
+      'config.dataset.data_dir=',
+      'config.dataset.manual_dir=',
+      "config.dataset.name='image_folder' with config.dataset.path=",
+      error=input_pipeline.DatasetUnavailableError,
+  )
 
 
 def test_image_folder_without_classes(tmp_path, data_path):
@@ -236,8 +321,13 @@ def test_image_folder_without_classes(tmp_path, data_path):
   for split in ('train', 'test'):
     (empty / split).mkdir(parents=True)
   config = config_with(str(empty))
-  fails_with(config, tmp_path / 'run', f'config.dataset.path={str(empty)!r}',
-             'has no class subfolders', 'train/<class>/<image>')
+  fails_with(
+      config,
+      tmp_path / 'run',
+      f'config.dataset.path={str(empty)!r}',
+      'has no class subfolders',
+      'train/<class>/<image>',
+  )
 
 
 def test_image_folder_with_a_class_without_images(tmp_path):
@@ -245,24 +335,35 @@ def test_image_folder_with_a_class_without_images(tmp_path):
   write_image_folder(root, ('cat', 'dog'), num_train=8, num_test=2, size=16)
   (root / 'train' / 'eel').mkdir()
   (root / 'test' / 'eel').mkdir()
-  fails_with(config_with(str(root)), tmp_path / 'run', 'eel', 'holds no images',
-             'valid extensions: .jpg')
+  fails_with(
+      config_with(str(root)), tmp_path / 'run', 'eel', 'holds no images', 'valid extensions: .jpg'
+  )
 
 
 def test_image_folder_with_other_classes_in_test(tmp_path):
   root = tmp_path / 'data'
   write_image_folder(root, ('cat', 'dog'), num_train=8, num_test=2, size=16)
   os.rename(root / 'test' / 'dog', root / 'test' / 'dingo')
-  fails_with(config_with(str(root)), tmp_path / 'run', 'train/ and test/ hold different classes',
-             "only in train/: ['dog']", "only in test/: ['dingo']")
+  fails_with(
+      config_with(str(root)),
+      tmp_path / 'run',
+      'train/ and test/ hold different classes',
+      "only in train/: ['dog']",
+      "only in test/: ['dingo']",
+  )
 
 
 def test_unreadable_image_is_an_error_by_default(tmp_path):
   root = tmp_path / 'data'
   write_image_folder(root, ('cat', 'dog'), num_train=8, num_test=2, size=16)
   bad = write_corrupt_file(os.path.join(root, 'train', 'dog', 'broken.png'))
-  fails_with(config_with(str(root)), tmp_path / 'run', bad, "config.dataset.on_bad_image='error'",
-             "config.dataset.on_bad_image='skip'")
+  fails_with(
+      config_with(str(root)),
+      tmp_path / 'run',
+      bad,
+      "config.dataset.on_bad_image='error'",
+      "config.dataset.on_bad_image='skip'",
+  )
 
 
 def test_unreadable_images_are_skipped_and_counted_when_asked(tmp_path, caplog):

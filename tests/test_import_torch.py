@@ -96,12 +96,17 @@ def test_round_trip_matches_pytorch(arch, tmp_path):
 
   out = tmp_path / 'converted'
   meta = import_torch.import_checkpoint(arch, str(source), str(out), NUM_CLASSES)
-  assert meta == {'roles': {'model': arch}, 'num_classes': NUM_CLASSES,
-                  'method': 'imported_torch', 'source': str(source)}
+  assert meta == {
+      'roles': {'model': arch},
+      'num_classes': NUM_CLASSES,
+      'method': 'imported_torch',
+      'source': str(source),
+  }
 
   flax_model, template_params, template_stats = _template(arch)
   params, batch_stats, loaded_meta = load_pretrained_role(
-      str(out), arch, NUM_CLASSES, template_params, template_stats)
+      str(out), arch, NUM_CLASSES, template_params, template_stats
+  )
   assert loaded_meta['method'] == 'imported_torch'
   apply = jax.jit(functools.partial(flax_model.apply, train=False))  # faster than op by op
   logits, features = apply({'params': params, 'batch_stats': batch_stats}, x)
@@ -128,14 +133,19 @@ def test_dataparallel_prefix_bare_state_dict_and_counters_are_accepted(resnet8_s
   prefixed = {f'module.{k}': v for k, v in resnet8_state_dict.items()}
   assert any(k.endswith('num_batches_tracked') for k in prefixed)
   params, stats = import_torch.convert_state_dict('resnet8', prefixed, NUM_CLASSES)
-  np.testing.assert_array_equal(params['layer1_0']['conv1']['kernel'],
-                                resnet8_state_dict['layer1.0.conv1.weight'].numpy()
-                                .transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      params['layer1_0']['conv1']['kernel'],
+      resnet8_state_dict['layer1.0.conv1.weight'].numpy().transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(params['fc']['kernel'], resnet8_state_dict['fc.weight'].numpy().T)
-  np.testing.assert_array_equal(stats['layer3_0']['downsample_1']['var'],
-                                resnet8_state_dict['layer3.0.downsample.1.running_var'].numpy())
-  assert import_torch.unwrap_state_dict({'epoch': 240, 'model': prefixed}).keys() == \
-      import_torch.unwrap_state_dict(resnet8_state_dict).keys()
+  np.testing.assert_array_equal(
+      stats['layer3_0']['downsample_1']['var'],
+      resnet8_state_dict['layer3.0.downsample.1.running_var'].numpy(),
+  )
+  assert (
+      import_torch.unwrap_state_dict({'epoch': 240, 'model': prefixed}).keys()
+      == import_torch.unwrap_state_dict(resnet8_state_dict).keys()
+  )
 
 
 def test_missing_and_unexpected_keys_are_named(resnet8_state_dict):
@@ -152,11 +162,17 @@ def test_missing_and_unexpected_keys_are_named(resnet8_state_dict):
 
 def test_shape_mismatch_names_key_and_both_shapes(resnet8_state_dict):
   state_dict = dict(resnet8_state_dict, **{'layer1.0.conv2.weight': torch.zeros(16, 8, 3, 3)})
-  with pytest.raises(ValueError, match=r"'layer1\.0\.conv2\.weight' is \(16, 8, 3, 3\) in the "
-                     r'checkpoint, \(16, 16, 3, 3\) in the model'):
+  with pytest.raises(
+      ValueError,
+      match=r"'layer1\.0\.conv2\.weight' is \(16, 8, 3, 3\) in the "
+      r'checkpoint, \(16, 16, 3, 3\) in the model',
+  ):
     import_torch.convert_state_dict('resnet8', state_dict, NUM_CLASSES)
-  with pytest.raises(ValueError, match=r"--num-classes 100.*'fc\.weight' is \(100, 64\) in the "
-                     r'checkpoint, \(10, 64\) in the model'):
+  with pytest.raises(
+      ValueError,
+      match=r"--num-classes 100.*'fc\.weight' is \(100, 64\) in the "
+      r'checkpoint, \(10, 64\) in the model',
+  ):
     import_torch.convert_state_dict('resnet8', resnet8_state_dict, 10)
 
 
@@ -180,24 +196,43 @@ def test_checkpoint_of_another_architecture_names_both(tmp_path):
 
 def test_cli_end_to_end(tmp_path, capsys, resnet8_state_dict):
   source = tmp_path / 'ckpt_epoch_240.pth'
-  torch.save({'epoch': 240, 'best_acc': torch.tensor(72.5),
-              'model': {f'module.{k}': v for k, v in resnet8_state_dict.items()}}, source)
+  torch.save(
+      {
+          'epoch': 240,
+          'best_acc': torch.tensor(72.5),
+          'model': {f'module.{k}': v for k, v in resnet8_state_dict.items()},
+      },
+      source,
+  )
   out = tmp_path / 'teacher'
-  argv = ['--arch', 'resnet8', '--checkpoint', str(source), '--out', str(out),
-          '--num-classes', str(NUM_CLASSES)]
+  argv = [
+      '--arch',
+      'resnet8',
+      '--checkpoint',
+      str(source),
+      '--out',
+      str(out),
+      '--num-classes',
+      str(NUM_CLASSES),
+  ]
   assert import_torch.main(argv) == 0
   assert str(out) in capsys.readouterr().out
   _, template_params, template_stats = _template('resnet8')
-  params, _, meta = load_pretrained_role(str(tmp_path / 'teacher'), 'resnet8', NUM_CLASSES,
-                                         template_params, template_stats)
+  params, _, meta = load_pretrained_role(
+      str(tmp_path / 'teacher'), 'resnet8', NUM_CLASSES, template_params, template_stats
+  )
   assert meta['roles'] == {'model': 'resnet8'} and meta['source'] == str(source)
   np.testing.assert_array_equal(params['bn1']['scale'], resnet8_state_dict['bn1.weight'].numpy())
 
   assert import_torch.main(argv) == 1  # exists
   assert '--overwrite' in capsys.readouterr().err
   assert import_torch.main(argv + ['--overwrite']) == 0
-  assert import_torch.main(['--arch', 'resnet9', '--checkpoint', str(source),
-                            '--out', str(tmp_path / 'x')]) == 1
+  assert (
+      import_torch.main(
+          ['--arch', 'resnet9', '--checkpoint', str(source), '--out', str(tmp_path / 'x')]
+      )
+      == 1
+  )
   err = capsys.readouterr().err
   assert "unknown architecture 'resnet9'" in err and 'resnet32x4' in err
 
@@ -208,10 +243,14 @@ def test_arch_names():
   assert import_torch.resolve_arch('ResNet50') == 'resnet50_cifar'
   with pytest.raises(ValueError, match=r"unknown architecture 'resnet7'; valid: .*wrn_40_2"):
     import_torch.resolve_arch('resnet7')
-  assert import_torch.torch_name('params', ('blocks_0_0', 'conv_3', 'kernel')) == \
-      'blocks.0.0.conv.3.weight'
-  assert import_torch.torch_name('batch_stats', ('block1', 'layer_0', 'bn1', 'mean')) == \
-      'block1.layer.0.bn1.running_mean'
+  assert (
+      import_torch.torch_name('params', ('blocks_0_0', 'conv_3', 'kernel'))
+      == 'blocks.0.0.conv.3.weight'
+  )
+  assert (
+      import_torch.torch_name('batch_stats', ('block1', 'layer_0', 'bn1', 'mean'))
+      == 'block1.layer.0.bn1.running_mean'
+  )
 
 
 def test_missing_torch_is_explained(monkeypatch, tmp_path):

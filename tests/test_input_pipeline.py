@@ -101,10 +101,15 @@ def test_folder_val_carve_out(folder, caplog):
   config = folder_config(folder, val_fraction=1 / 3)
   info = input_pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_val, info.num_test) == (12, 6, 9)
-  val = np.concatenate([b['image'] for b in
-                        input_pipeline.eval_iterator(config, 'val', local_batch_size=6)])
-  train = np.concatenate([b['image'] for b in take(
-      input_pipeline.train_iterator(config, local_batch_size=4, seed=1), 3)])  # one epoch
+  val = np.concatenate(
+      [b['image'] for b in input_pipeline.eval_iterator(config, 'val', local_batch_size=6)]
+  )
+  train = np.concatenate(
+      [
+          b['image']
+          for b in take(input_pipeline.train_iterator(config, local_batch_size=4, seed=1), 3)
+      ]
+  )  # one epoch
   val_set, train_set = set(to_uint8(val, info)), set(to_uint8(train, info))
   assert len(val_set) == 6 and len(train_set) == 12 and not val_set & train_set
   all_train, _ = read_images(folder, 'train', CLASSES)
@@ -127,8 +132,9 @@ def test_folder_resume_is_exact(folder, augment):
   streams = {}
   for cache in (True, False):
     config = folder_config(folder, augment=augment, cache=cache)
-    run = lambda start, n, seed=0: take(input_pipeline.train_iterator(
-        config, local_batch_size=4, seed=seed, start_step=start), n)  # 4 steps an epoch
+    run = lambda start, n, seed=0: take(
+        input_pipeline.train_iterator(config, local_batch_size=4, seed=seed, start_step=start), n
+    )  # 4 steps an epoch
     from_zero = run(0, 10)
     for start in (3, 4, 7):
       for a, b in zip(from_zero[start:], run(start, 10 - start)):
@@ -144,11 +150,14 @@ def test_folder_resume_is_exact(folder, augment):
 def test_folder_augmentation_changes_images_but_none_does_not(folder):
   info = input_pipeline.get_dataset_info(folder_config(folder))
   originals = {image.tobytes() for image in read_images(folder, 'train', CLASSES)[0]}
-  for augment, min_changed, max_changed in (('none', 0, 0), ('cifar', 8, 16),
-                                            ('imagenet', 12, 16)):
+  for augment, min_changed, max_changed in (('none', 0, 0), ('cifar', 8, 16), ('imagenet', 12, 16)):
     config = folder_config(folder, augment=augment)
-    images = np.concatenate([b['image'] for b in take(
-        input_pipeline.train_iterator(config, local_batch_size=8, seed=0), 2)])
+    images = np.concatenate(
+        [
+            b['image']
+            for b in take(input_pipeline.train_iterator(config, local_batch_size=8, seed=0), 2)
+        ]
+    )
     assert images.shape == (16, 8, 8, 3)
     changed = sum(image not in originals for image in to_uint8(images, info))
     assert min_changed <= changed <= max_changed, (augment, changed)
@@ -172,8 +181,14 @@ def test_folder_process_shards(folder, monkeypatch):
 
 def test_folder_varied_sizes_cached_as_read(tmp_path):
   """Images of varied shapes: the ragged cache gives exactly what decoding the files gives."""
-  root = write_image_folder(tmp_path / 'data', CLASSES, num_train=4, num_test=2,
-                            size=[(10, 14), (16, 12), (9, 9)], fmt='jpg')
+  root = write_image_folder(
+      tmp_path / 'data',
+      CLASSES,
+      num_train=4,
+      num_test=2,
+      size=[(10, 14), (16, 12), (9, 9)],
+      fmt='jpg',
+  )
   outputs = {}
   for cache in (True, False):
     config = folder_config(root, augment='imagenet', image_size=8, cache=cache)
@@ -205,18 +220,27 @@ def _mismatch(root):
   os.rename(root / 'test' / 'emu', root / 'test' / 'gnu')
 
 
-@pytest.mark.parametrize('make, overrides, expected', [
-    (None, {'path': None}, ['config.dataset.path=None']),
-    (None, {}, ['config.dataset.path=', 'not a directory']),
-    (_no_classes, {}, ['config.dataset.path=', 'no class subfolders']),
-    (_empty_class, {}, ['config.dataset.path=', 'eel', 'no images', '.jpg']),
-    (_mismatch, {}, ['config.dataset.path=', "only in train/: ['emu', 'fox']",
-                     "only in test/: ['gnu']"]),
-    (None, {'name': 'cifar1000'}, ["config.dataset.name='cifar1000'", 'not a TFDS builder',
-                                   'cifar100']),
-    (None, {'augment': 'autoaugment'}, ["config.dataset.augment='autoaugment'", "'cifar'"]),
-    (None, {'val_fraction': 1.0}, ['config.dataset.val_fraction=1.0', '[0, 1)']),
-])
+@pytest.mark.parametrize(
+    'make, overrides, expected',
+    [
+        (None, {'path': None}, ['config.dataset.path=None']),
+        (None, {}, ['config.dataset.path=', 'not a directory']),
+        (_no_classes, {}, ['config.dataset.path=', 'no class subfolders']),
+        (_empty_class, {}, ['config.dataset.path=', 'eel', 'no images', '.jpg']),
+        (
+            _mismatch,
+            {},
+            ['config.dataset.path=', "only in train/: ['emu', 'fox']", "only in test/: ['gnu']"],
+        ),
+        (
+            None,
+            {'name': 'cifar1000'},
+            ["config.dataset.name='cifar1000'", 'not a TFDS builder', 'cifar100'],
+        ),
+        (None, {'augment': 'autoaugment'}, ["config.dataset.augment='autoaugment'", "'cifar'"]),
+        (None, {'val_fraction': 1.0}, ['config.dataset.val_fraction=1.0', '[0, 1)']),
+    ],
+)
 def test_bad_config_errors(tmp_path, make, overrides, expected):
   root = tmp_path / 'data'
   if make:
@@ -235,9 +259,14 @@ def test_tfds_absent_error(tmp_path):
   with pytest.raises(input_pipeline.DatasetUnavailableError) as error:
     input_pipeline.get_dataset_info(config)
   message = str(error.value)
-  for text in ("config.dataset.name='cifar10'", 'absent', 'config.dataset.data_dir',
-               'config.dataset.manual_dir', "config.dataset.name='image_folder'",
-               'config.dataset.path'):
+  for text in (
+      "config.dataset.name='cifar10'",
+      'absent',
+      'config.dataset.data_dir',
+      'config.dataset.manual_dir',
+      "config.dataset.name='image_folder'",
+      'config.dataset.path',
+  ):
     assert text in message
 
 
@@ -275,8 +304,10 @@ def cifar10_jpeg(tmp_path_factory):
   if (CIFAR10_UNPACKED / 'train').is_dir() and (CIFAR10_UNPACKED / 'test').is_dir():
     return CIFAR10_UNPACKED
   if not CIFAR10_ARCHIVE.is_file():
-    pytest.skip(f'real CIFAR-10 JPEGs absent: no {CIFAR10_ARCHIVE.resolve()} (see '
-                '../shared/data/README.md)')
+    pytest.skip(
+        f'real CIFAR-10 JPEGs absent: no {CIFAR10_ARCHIVE.resolve()} (see '
+        '../shared/data/README.md)'
+    )
   root = tmp_path_factory.mktemp('cifar10')
   with tarfile.open(CIFAR10_ARCHIVE) as archive:
     archive.extractall(root, filter='data')
@@ -287,10 +318,24 @@ def test_real_cifar10_jpegs(cifar10_jpeg):
   mean, std = input_pipeline.MEAN_STD['cifar10']
   config = folder_config(cifar10_jpeg, augment='cifar', cache=False, mean=mean, std=std)
   info = input_pipeline.get_dataset_info(config)
-  assert (info.num_classes, info.num_train, info.num_test, info.image_size) == (10, 50000, 10000,
-                                                                               32)
-  assert info.class_names == ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
-                              'horse', 'ship', 'truck')
+  assert (info.num_classes, info.num_train, info.num_test, info.image_size) == (
+      10,
+      50000,
+      10000,
+      32,
+  )
+  assert info.class_names == (
+      'airplane',
+      'automobile',
+      'bird',
+      'cat',
+      'deer',
+      'dog',
+      'frog',
+      'horse',
+      'ship',
+      'truck',
+  )
   batch = next(input_pipeline.train_iterator(config, local_batch_size=256, seed=0))
   assert batch['image'].shape == (256, 32, 32, 3)
   assert len(np.unique(batch['label'])) == 10
@@ -302,8 +347,9 @@ def test_real_cifar10_jpegs(cifar10_jpeg):
   test = next(input_pipeline.eval_iterator(config, 'test', local_batch_size=500))
   assert test['mask'].all() and set(test['label']) == {0}  # class-major order: airplanes first
   first = read_images(cifar10_jpeg, 'test', ['airplane'], limit=1)[0][0]  # decoded by PIL
-  np.testing.assert_allclose(test['image'][0], (first / 255 - np.array(mean)) / np.array(std),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      test['image'][0], (first / 255 - np.array(mean)) / np.array(std), atol=1e-5
+  )
 
 
 def test_image_folder_archive_is_unpacked_once(tmp_path, monkeypatch):
@@ -321,7 +367,9 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, monkeypatch):
   config.path = str(root)
   from_folder = input_pipeline.get_dataset_info(config)
   assert from_archive.class_names == from_folder.class_names
-  assert (from_archive.num_train, from_archive.num_test) == (from_folder.num_train,
-                                                             from_folder.num_test)
+  assert (from_archive.num_train, from_archive.num_test) == (
+      from_folder.num_train,
+      from_folder.num_test,
+  )
   unpacked = list((tmp_path / 'cache').iterdir())
   assert len(unpacked) == 1 and (unpacked[0] / 'myimages' / 'train').is_dir()

@@ -14,387 +14,408 @@ ATOL = 1e-6
 
 
 def np_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
 
 
 def np_kl(p, q):
-    """KL(p || q) for two probability vectors, summed over classes, with a loop."""
-    return sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q) if pk > 0)
+  """KL(p || q) for two probability vectors, summed over classes, with a loop."""
+  return sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q) if pk > 0)
 
 
 def np_huber(d):
-    d = abs(d)
-    return 0.5 * d * d if d < 1.0 else d - 0.5
+  d = abs(d)
+  return 0.5 * d * d if d < 1.0 else d - 0.5
 
 
 def rng_for(seed):
-    return np.random.default_rng(seed)
+  return np.random.default_rng(seed)
 
 
 # ---- classification -----------------------------------------------------------------------
 
+
 def test_cross_entropy_against_numpy():
-    rng = rng_for(0)
-    logits = rng.normal(size=(6, 5)) * 3
-    labels = rng.integers(0, 5, size=6)
-    expected = np.mean([-math.log(np_softmax(logits[i])[labels[i]]) for i in range(6)])
-    np.testing.assert_allclose(classification.cross_entropy(logits, labels), expected, rtol=RTOL)
+  rng = rng_for(0)
+  logits = rng.normal(size=(6, 5)) * 3
+  labels = rng.integers(0, 5, size=6)
+  expected = np.mean([-math.log(np_softmax(logits[i])[labels[i]]) for i in range(6)])
+  np.testing.assert_allclose(classification.cross_entropy(logits, labels), expected, rtol=RTOL)
 
 
 def test_softened_kl_against_numpy_and_zero_for_equal_logits():
-    rng = rng_for(1)
-    teacher = rng.normal(size=(5, 7)) * 2
-    student = rng.normal(size=(5, 7)) * 2
-    tau = 4.0
-    expected = tau**2 * np.mean([np_kl(np_softmax(teacher[i] / tau), np_softmax(student[i] / tau))
-                                 for i in range(5)])
-    np.testing.assert_allclose(classification.softened_kl(teacher, student, tau), expected,
-                               rtol=RTOL)
-    np.testing.assert_allclose(classification.softened_kl(teacher, teacher, tau), 0.0, atol=1e-6)
-    # Per-example constants do not change a softmax.
-    shifted = student + rng.normal(size=(5, 1)) * 10
-    np.testing.assert_allclose(classification.softened_kl(teacher, shifted, tau), expected,
-                               rtol=1e-4)
-    grad = jax.grad(classification.softened_kl, argnums=1)(jnp.asarray(teacher, jnp.float32),
-                                                           jnp.asarray(teacher, jnp.float32), tau)
-    np.testing.assert_allclose(grad, 0.0, atol=1e-6)  # a minimum
+  rng = rng_for(1)
+  teacher = rng.normal(size=(5, 7)) * 2
+  student = rng.normal(size=(5, 7)) * 2
+  tau = 4.0
+  expected = tau**2 * np.mean(
+      [np_kl(np_softmax(teacher[i] / tau), np_softmax(student[i] / tau)) for i in range(5)]
+  )
+  np.testing.assert_allclose(classification.softened_kl(teacher, student, tau), expected, rtol=RTOL)
+  np.testing.assert_allclose(classification.softened_kl(teacher, teacher, tau), 0.0, atol=1e-6)
+  # Per-example constants do not change a softmax.
+  shifted = student + rng.normal(size=(5, 1)) * 10
+  np.testing.assert_allclose(classification.softened_kl(teacher, shifted, tau), expected, rtol=1e-4)
+  grad = jax.grad(classification.softened_kl, argnums=1)(
+      jnp.asarray(teacher, jnp.float32), jnp.asarray(teacher, jnp.float32), tau
+  )
+  np.testing.assert_allclose(grad, 0.0, atol=1e-6)  # a minimum
 
 
 def test_top_k_correct_against_numpy_and_ties():
-    rng = rng_for(2)
-    logits = rng.normal(size=(20, 10))
-    labels = rng.integers(0, 10, size=20)
-    for k in (1, 3):
-        order = np.argsort(-logits, axis=1)[:, :k]
-        expected = np.array([labels[i] in order[i] for i in range(20)], np.float32)
-        np.testing.assert_array_equal(classification.top_k_correct(logits, labels, k), expected)
-    constant = np.zeros((4, 10))
-    np.testing.assert_array_equal(
-        classification.top_k_correct(constant, np.array([0, 1, 2, 0]), 1), [1, 0, 0, 1])
+  rng = rng_for(2)
+  logits = rng.normal(size=(20, 10))
+  labels = rng.integers(0, 10, size=20)
+  for k in (1, 3):
+    order = np.argsort(-logits, axis=1)[:, :k]
+    expected = np.array([labels[i] in order[i] for i in range(20)], np.float32)
+    np.testing.assert_array_equal(classification.top_k_correct(logits, labels, k), expected)
+  constant = np.zeros((4, 10))
+  np.testing.assert_array_equal(
+      classification.top_k_correct(constant, np.array([0, 1, 2, 0]), 1), [1, 0, 0, 1]
+  )
 
 
 # ---- FFKD ---------------------------------------------------------------------------------
 
+
 def test_channel_weights_sum_rank_and_stop_gradient():
-    omega = jnp.array([0.9, 0.2, 0.6, 0.95, 0.5])
-    w = ffkd.channel_weights(omega, temperature=0.5)
-    np.testing.assert_allclose(jnp.sum(w), 5.0, rtol=RTOL)  # default scale = c, mean weight 1
-    assert int(jnp.argmax(w)) == int(jnp.argmin(omega))  # least understood weighs most
-    assert np.all(np.diff(np.asarray(w)[np.argsort(np.asarray(omega))]) < 0)  # monotone
-    logits = [(1 - float(o)) / 0.5 for o in omega]
-    expected = [5.0 * math.exp(z) / sum(math.exp(y) for y in logits) for z in logits]
-    np.testing.assert_allclose(w, expected, rtol=RTOL)
-    np.testing.assert_allclose(jnp.sum(ffkd.channel_weights(omega, 2.0, scale=3.0)), 3.0,
-                               rtol=RTOL)
-    np.testing.assert_allclose(ffkd.channel_weights(jnp.full((4,), 0.7), 1.0), np.ones(4),
-                               rtol=RTOL)
-    stacked = ffkd.channel_weights(jnp.stack([omega, omega[::-1]]), 0.5)  # (layers, c)
-    np.testing.assert_allclose(jnp.sum(stacked, axis=-1), [5.0, 5.0], rtol=RTOL)
-    grad = jax.grad(lambda o: jnp.sum(ffkd.channel_weights(o, 0.5) * jnp.arange(5.0)))(omega)
-    np.testing.assert_array_equal(grad, np.zeros(5))
+  omega = jnp.array([0.9, 0.2, 0.6, 0.95, 0.5])
+  w = ffkd.channel_weights(omega, temperature=0.5)
+  np.testing.assert_allclose(jnp.sum(w), 5.0, rtol=RTOL)  # default scale = c, mean weight 1
+  assert int(jnp.argmax(w)) == int(jnp.argmin(omega))  # least understood weighs most
+  assert np.all(np.diff(np.asarray(w)[np.argsort(np.asarray(omega))]) < 0)  # monotone
+  logits = [(1 - float(o)) / 0.5 for o in omega]
+  expected = [5.0 * math.exp(z) / sum(math.exp(y) for y in logits) for z in logits]
+  np.testing.assert_allclose(w, expected, rtol=RTOL)
+  np.testing.assert_allclose(jnp.sum(ffkd.channel_weights(omega, 2.0, scale=3.0)), 3.0, rtol=RTOL)
+  np.testing.assert_allclose(ffkd.channel_weights(jnp.full((4,), 0.7), 1.0), np.ones(4), rtol=RTOL)
+  stacked = ffkd.channel_weights(jnp.stack([omega, omega[::-1]]), 0.5)  # (layers, c)
+  np.testing.assert_allclose(jnp.sum(stacked, axis=-1), [5.0, 5.0], rtol=RTOL)
+  grad = jax.grad(lambda o: jnp.sum(ffkd.channel_weights(o, 0.5) * jnp.arange(5.0)))(omega)
+  np.testing.assert_array_equal(grad, np.zeros(5))
 
 
 def test_weighted_feature_loss_against_numpy_and_gradients():
-    rng = rng_for(3)
-    u = rng.normal(size=(3, 4, 4, 5))
-    v = rng.normal(size=(3, 4, 4, 5))
-    w = rng.uniform(0.1, 2.0, size=5)
-    expected = 0.0
-    for c in range(5):
-        expected += w[c] * np.mean((v[..., c] - u[..., c]) ** 2)
-    expected /= 5
-    np.testing.assert_allclose(ffkd.weighted_feature_loss(u, v, w), expected, rtol=RTOL)
-    np.testing.assert_allclose(ffkd.weighted_feature_loss(u, v, np.ones(5)),
-                               np.mean((v - u) ** 2), rtol=RTOL)
-    grad_u, grad_v = jax.grad(ffkd.weighted_feature_loss, argnums=(0, 1))(
-        jnp.asarray(u), jnp.asarray(v), jnp.asarray(w))
-    np.testing.assert_array_equal(grad_u, np.zeros_like(u))  # sg(U): the teacher is not moved
-    assert np.any(np.asarray(grad_v) != 0)
-    with pytest.raises(ValueError, match="same shape"):
-        ffkd.weighted_feature_loss(u, v[:, :2], w)
+  rng = rng_for(3)
+  u = rng.normal(size=(3, 4, 4, 5))
+  v = rng.normal(size=(3, 4, 4, 5))
+  w = rng.uniform(0.1, 2.0, size=5)
+  expected = 0.0
+  for c in range(5):
+    expected += w[c] * np.mean((v[..., c] - u[..., c]) ** 2)
+  expected /= 5
+  np.testing.assert_allclose(ffkd.weighted_feature_loss(u, v, w), expected, rtol=RTOL)
+  np.testing.assert_allclose(
+      ffkd.weighted_feature_loss(u, v, np.ones(5)), np.mean((v - u) ** 2), rtol=RTOL
+  )
+  grad_u, grad_v = jax.grad(ffkd.weighted_feature_loss, argnums=(0, 1))(
+      jnp.asarray(u), jnp.asarray(v), jnp.asarray(w)
+  )
+  np.testing.assert_array_equal(grad_u, np.zeros_like(u))  # sg(U): the teacher is not moved
+  assert np.any(np.asarray(grad_v) != 0)
+  with pytest.raises(ValueError, match='same shape'):
+    ffkd.weighted_feature_loss(u, v[:, :2], w)
 
 
 def test_feedback_alignment_loss_against_numpy():
-    rng = rng_for(4)
-    omega = rng.uniform(size=(2, 6))
-    w = rng.uniform(0.5, 1.5, size=(2, 6))
-    expected = sum(np.mean([w[l, c] * (1 - omega[l, c]) for c in range(6)]) for l in range(2))
-    np.testing.assert_allclose(ffkd.feedback_alignment_loss(omega, w), expected, rtol=RTOL)
-    np.testing.assert_allclose(ffkd.feedback_alignment_loss(omega[0], w[0]),
-                               np.mean(w[0] * (1 - omega[0])), rtol=RTOL)
-    grad = jax.grad(ffkd.feedback_alignment_loss)(jnp.asarray(omega[0]), jnp.asarray(w[0]))
-    np.testing.assert_allclose(grad, -w[0] / 6, rtol=RTOL)  # drives omega up, weighted
+  rng = rng_for(4)
+  omega = rng.uniform(size=(2, 6))
+  w = rng.uniform(0.5, 1.5, size=(2, 6))
+  expected = sum(np.mean([w[l, c] * (1 - omega[l, c]) for c in range(6)]) for l in range(2))
+  np.testing.assert_allclose(ffkd.feedback_alignment_loss(omega, w), expected, rtol=RTOL)
+  np.testing.assert_allclose(
+      ffkd.feedback_alignment_loss(omega[0], w[0]), np.mean(w[0] * (1 - omega[0])), rtol=RTOL
+  )
+  grad = jax.grad(ffkd.feedback_alignment_loss)(jnp.asarray(omega[0]), jnp.asarray(w[0]))
+  np.testing.assert_allclose(grad, -w[0] / 6, rtol=RTOL)  # drives omega up, weighted
 
 
 # ---- DIST ---------------------------------------------------------------------------------
 
+
 def np_dist(z_s, z_t, tau, beta, gamma):
-    y_s, y_t = np_softmax(z_s / tau), np_softmax(z_t / tau)
-    inter = 1 - np.mean([np.corrcoef(y_s[i], y_t[i])[0, 1] for i in range(y_s.shape[0])])
-    intra = 1 - np.mean([np.corrcoef(y_s[:, c], y_t[:, c])[0, 1] for c in range(y_s.shape[1])])
-    return tau**2 * (beta * inter + gamma * intra)
+  y_s, y_t = np_softmax(z_s / tau), np_softmax(z_t / tau)
+  inter = 1 - np.mean([np.corrcoef(y_s[i], y_t[i])[0, 1] for i in range(y_s.shape[0])])
+  intra = 1 - np.mean([np.corrcoef(y_s[:, c], y_t[:, c])[0, 1] for c in range(y_s.shape[1])])
+  return tau**2 * (beta * inter + gamma * intra)
 
 
 def test_dist_against_numpy_and_invariance():
-    dist_loss = jax.jit(dist.dist_loss, static_argnums=(2, 3, 4))
-    rng = rng_for(5)
-    z_s = rng.normal(size=(8, 6)) * 2
-    z_t = z_s + rng.normal(size=(8, 6))
-    for tau, beta, gamma in [(1.0, 1.0, 1.0), (4.0, 2.0, 0.5)]:
-        np.testing.assert_allclose(dist_loss(z_s, z_t, tau, beta, gamma),
-                                   np_dist(z_s, z_t, tau, beta, gamma), rtol=1e-4)
-    base = dist_loss(z_s, z_t, 4.0)
+  dist_loss = jax.jit(dist.dist_loss, static_argnums=(2, 3, 4))
+  rng = rng_for(5)
+  z_s = rng.normal(size=(8, 6)) * 2
+  z_t = z_s + rng.normal(size=(8, 6))
+  for tau, beta, gamma in [(1.0, 1.0, 1.0), (4.0, 2.0, 0.5)]:
     np.testing.assert_allclose(
-        dist_loss(z_s + rng.normal(size=(8, 1)) * 5, z_t - rng.normal(size=(8, 1)) * 5, 4.0),
-        base, rtol=1e-4)
-    np.testing.assert_allclose(dist_loss(z_t, z_t, 4.0), 0.0, atol=1e-4)
-    # Uniform predictions (constant logits) stay finite, gradients too.
-    zeros = jnp.zeros((8, 6))
-    value, grad = jax.value_and_grad(dist.dist_loss)(zeros, zeros, 4.0)
-    assert np.isfinite(value) and np.all(np.isfinite(grad))
+        dist_loss(z_s, z_t, tau, beta, gamma), np_dist(z_s, z_t, tau, beta, gamma), rtol=1e-4
+    )
+  base = dist_loss(z_s, z_t, 4.0)
+  np.testing.assert_allclose(
+      dist_loss(z_s + rng.normal(size=(8, 1)) * 5, z_t - rng.normal(size=(8, 1)) * 5, 4.0),
+      base,
+      rtol=1e-4,
+  )
+  np.testing.assert_allclose(dist_loss(z_t, z_t, 4.0), 0.0, atol=1e-4)
+  # Uniform predictions (constant logits) stay finite, gradients too.
+  zeros = jnp.zeros((8, 6))
+  value, grad = jax.value_and_grad(dist.dist_loss)(zeros, zeros, 4.0)
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
 # ---- RKD ----------------------------------------------------------------------------------
 
+
 def np_rkd(s, t):
-    n = s.shape[0]
+  n = s.shape[0]
 
-    def distances(e):
-        d = np.zeros((n, n))
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    d[i, j] = np.linalg.norm(e[i] - e[j])
-        return d / (d.sum() / (n * (n - 1)))
+  def distances(e):
+    d = np.zeros((n, n))
+    for i in range(n):
+      for j in range(n):
+        if i != j:
+          d[i, j] = np.linalg.norm(e[i] - e[j])
+    return d / (d.sum() / (n * (n - 1)))
 
-    def angles(e):
-        a = np.zeros((n, n, n))
-        for i in range(n):
-            for j in range(n):
-                for k in range(n):
-                    if j == i or k == i:
-                        continue
-                    u = (e[j] - e[i]) / np.linalg.norm(e[j] - e[i])
-                    v = (e[k] - e[i]) / np.linalg.norm(e[k] - e[i])
-                    a[i, j, k] = u @ v
-        return a
+  def angles(e):
+    a = np.zeros((n, n, n))
+    for i in range(n):
+      for j in range(n):
+        for k in range(n):
+          if j == i or k == i:
+            continue
+          u = (e[j] - e[i]) / np.linalg.norm(e[j] - e[i])
+          v = (e[k] - e[i]) / np.linalg.norm(e[k] - e[i])
+          a[i, j, k] = u @ v
+    return a
 
-    ds, dt = distances(s), distances(t)
-    as_, at_ = angles(s), angles(t)
-    loss_d = np.mean([np_huber(x) for x in (ds - dt).ravel()])
-    loss_a = np.mean([np_huber(x) for x in (as_ - at_).ravel()])
-    return loss_d, loss_a
+  ds, dt = distances(s), distances(t)
+  as_, at_ = angles(s), angles(t)
+  loss_d = np.mean([np_huber(x) for x in (ds - dt).ravel()])
+  loss_a = np.mean([np_huber(x) for x in (as_ - at_).ravel()])
+  return loss_d, loss_a
 
 
 def test_rkd_against_numpy_and_invariances():
-    rkd_loss = jax.jit(rkd.rkd_loss)
-    rng = rng_for(6)
-    s = rng.normal(size=(5, 4))
-    t = rng.normal(size=(5, 3)) * 3  # the feature sizes may differ
-    expected_d, expected_a = np_rkd(s, t)
-    loss_d, loss_a = rkd_loss(s, t)
-    np.testing.assert_allclose(loss_d, expected_d, rtol=1e-4)
-    np.testing.assert_allclose(loss_a, expected_a, rtol=1e-4)
-    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
-    for transformed in (7.0 * s, s + 3.0, s @ q):  # scale, translation, rotation
-        d2, a2 = rkd_loss(transformed, t)
-        np.testing.assert_allclose(d2, expected_d, rtol=1e-3, atol=1e-6)
-        np.testing.assert_allclose(a2, expected_a, rtol=1e-3, atol=1e-6)
-    d0, a0 = rkd_loss(s, 0.1 * s - 2.0)
-    np.testing.assert_allclose([d0, a0], [0.0, 0.0], atol=1e-6)
-    # Duplicated examples stay finite, gradients too.
-    dup = jnp.asarray(np.concatenate([s[:3], s[:2]]), jnp.float32)
-    grads = jax.grad(lambda a: sum(rkd_loss(a, jnp.asarray(t, jnp.float32))))(dup)
-    assert np.all(np.isfinite(grads))
+  rkd_loss = jax.jit(rkd.rkd_loss)
+  rng = rng_for(6)
+  s = rng.normal(size=(5, 4))
+  t = rng.normal(size=(5, 3)) * 3  # the feature sizes may differ
+  expected_d, expected_a = np_rkd(s, t)
+  loss_d, loss_a = rkd_loss(s, t)
+  np.testing.assert_allclose(loss_d, expected_d, rtol=1e-4)
+  np.testing.assert_allclose(loss_a, expected_a, rtol=1e-4)
+  q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  for transformed in (7.0 * s, s + 3.0, s @ q):  # scale, translation, rotation
+    d2, a2 = rkd_loss(transformed, t)
+    np.testing.assert_allclose(d2, expected_d, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(a2, expected_a, rtol=1e-3, atol=1e-6)
+  d0, a0 = rkd_loss(s, 0.1 * s - 2.0)
+  np.testing.assert_allclose([d0, a0], [0.0, 0.0], atol=1e-6)
+  # Duplicated examples stay finite, gradients too.
+  dup = jnp.asarray(np.concatenate([s[:3], s[:2]]), jnp.float32)
+  grads = jax.grad(lambda a: sum(rkd_loss(a, jnp.asarray(t, jnp.float32))))(dup)
+  assert np.all(np.isfinite(grads))
 
 
 # ---- CC -----------------------------------------------------------------------------------
 
+
 def test_cc_against_numpy_symmetry_and_scaling():
-    rng = rng_for(7)
-    s = rng.normal(size=(6, 5))
-    t = rng.normal(size=(6, 8))
-    gamma, order = 0.4, 2
+  rng = rng_for(7)
+  s = rng.normal(size=(6, 5))
+  t = rng.normal(size=(6, 8))
+  gamma, order = 0.4, 2
 
-    def np_corr(f, order):
-        f = f / np.linalg.norm(f, axis=1, keepdims=True)
-        c = np.zeros((f.shape[0], f.shape[0]))
-        for i in range(f.shape[0]):
-            for j in range(f.shape[0]):
-                sim = float(f[i] @ f[j])
-                c[i, j] = sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p)
-                              * sim**p for p in range(order + 1))
-        return c
+  def np_corr(f, order):
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    c = np.zeros((f.shape[0], f.shape[0]))
+    for i in range(f.shape[0]):
+      for j in range(f.shape[0]):
+        sim = float(f[i] @ f[j])
+        c[i, j] = sum(
+            math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * sim**p
+            for p in range(order + 1)
+        )
+    return c
 
-    expected = np.mean((np_corr(s, order) - np_corr(t, order)) ** 2)
-    np.testing.assert_allclose(cc.cc_loss(s, t, gamma, order), expected, rtol=RTOL)
-    np.testing.assert_allclose(cc.cc_loss(t, s, gamma, order), expected, rtol=RTOL)  # symmetric
-    scales = rng.uniform(0.1, 10.0, size=(6, 1))
-    np.testing.assert_allclose(cc.cc_loss(s * scales, t, gamma, order), expected, rtol=1e-4)
-    np.testing.assert_allclose(cc.cc_loss(s, s, gamma, order), 0.0, atol=1e-7)
-    # A high Taylor order recovers the exact Gaussian RBF kernel of the normalised rows.
-    f = s / np.linalg.norm(s, axis=1, keepdims=True)
-    rbf = np.exp(-gamma * ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))
-    np.testing.assert_allclose(cc.correlation_matrix(s, gamma, order=12), rbf, rtol=1e-5)
+  expected = np.mean((np_corr(s, order) - np_corr(t, order)) ** 2)
+  np.testing.assert_allclose(cc.cc_loss(s, t, gamma, order), expected, rtol=RTOL)
+  np.testing.assert_allclose(cc.cc_loss(t, s, gamma, order), expected, rtol=RTOL)  # symmetric
+  scales = rng.uniform(0.1, 10.0, size=(6, 1))
+  np.testing.assert_allclose(cc.cc_loss(s * scales, t, gamma, order), expected, rtol=1e-4)
+  np.testing.assert_allclose(cc.cc_loss(s, s, gamma, order), 0.0, atol=1e-7)
+  # A high Taylor order recovers the exact Gaussian RBF kernel of the normalised rows.
+  f = s / np.linalg.norm(s, axis=1, keepdims=True)
+  rbf = np.exp(-gamma * ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))
+  np.testing.assert_allclose(cc.correlation_matrix(s, gamma, order=12), rbf, rtol=1e-5)
 
 
 # ---- SP -----------------------------------------------------------------------------------
 
+
 def test_sp_against_numpy_and_invariances():
-    rng = rng_for(8)
-    s = rng.normal(size=(5, 2, 2, 3))
-    t = rng.normal(size=(5, 4, 4, 2))
+  rng = rng_for(8)
+  s = rng.normal(size=(5, 2, 2, 3))
+  t = rng.normal(size=(5, 4, 4, 2))
 
-    def np_g(f):
-        f = f.reshape(f.shape[0], -1)
-        g = f @ f.T
-        return g / np.sqrt((g**2).sum(axis=1, keepdims=True))
+  def np_g(f):
+    f = f.reshape(f.shape[0], -1)
+    g = f @ f.T
+    return g / np.sqrt((g**2).sum(axis=1, keepdims=True))
 
-    expected = ((np_g(t) - np_g(s)) ** 2).sum() / 25
-    np.testing.assert_allclose(sp.sp_loss(s, t), expected, rtol=RTOL)
-    np.testing.assert_allclose(sp.sp_loss(0.01 * s, 50 * t), expected, rtol=1e-4)  # global scale
-    perm = rng.permutation(5)
-    np.testing.assert_allclose(sp.sp_loss(s[perm], t[perm]), expected, rtol=1e-4)
-    np.testing.assert_allclose(sp.sp_loss(s, 3 * s), 0.0, atol=1e-7)
+  expected = ((np_g(t) - np_g(s)) ** 2).sum() / 25
+  np.testing.assert_allclose(sp.sp_loss(s, t), expected, rtol=RTOL)
+  np.testing.assert_allclose(sp.sp_loss(0.01 * s, 50 * t), expected, rtol=1e-4)  # global scale
+  perm = rng.permutation(5)
+  np.testing.assert_allclose(sp.sp_loss(s[perm], t[perm]), expected, rtol=1e-4)
+  np.testing.assert_allclose(sp.sp_loss(s, 3 * s), 0.0, atol=1e-7)
 
 
 # ---- ICKD ---------------------------------------------------------------------------------
 
+
 def test_ickd_against_numpy_and_invariances():
-    rng = rng_for(9)
-    s = rng.normal(size=(3, 4, 4, 5))
-    t = rng.normal(size=(3, 4, 4, 5))
-    total = 0.0
-    for i in range(3):
-        gs = s[i].reshape(-1, 5).T @ s[i].reshape(-1, 5)
-        gt = t[i].reshape(-1, 5).T @ t[i].reshape(-1, 5)
-        gs = gs / np.linalg.norm(gs, axis=1, keepdims=True)
-        gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
-        total += ((gs - gt) ** 2).sum()
-    expected = total / (5 * 3)
-    np.testing.assert_allclose(ickd.ickd_loss(s, t), expected, rtol=RTOL)
-    per_example = rng.uniform(0.2, 5.0, size=(3, 1, 1, 1))
-    np.testing.assert_allclose(ickd.ickd_loss(s * per_example, t), expected, rtol=1e-4)
-    positions = rng.permutation(16)
-    s_perm = s.reshape(3, 16, 5)[:, positions].reshape(3, 4, 4, 5)
-    np.testing.assert_allclose(ickd.ickd_loss(s_perm, t), expected, rtol=1e-4)
-    with pytest.raises(ValueError, match="connector"):
-        ickd.ickd_loss(s[..., :3], t)
+  rng = rng_for(9)
+  s = rng.normal(size=(3, 4, 4, 5))
+  t = rng.normal(size=(3, 4, 4, 5))
+  total = 0.0
+  for i in range(3):
+    gs = s[i].reshape(-1, 5).T @ s[i].reshape(-1, 5)
+    gt = t[i].reshape(-1, 5).T @ t[i].reshape(-1, 5)
+    gs = gs / np.linalg.norm(gs, axis=1, keepdims=True)
+    gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
+    total += ((gs - gt) ** 2).sum()
+  expected = total / (5 * 3)
+  np.testing.assert_allclose(ickd.ickd_loss(s, t), expected, rtol=RTOL)
+  per_example = rng.uniform(0.2, 5.0, size=(3, 1, 1, 1))
+  np.testing.assert_allclose(ickd.ickd_loss(s * per_example, t), expected, rtol=1e-4)
+  positions = rng.permutation(16)
+  s_perm = s.reshape(3, 16, 5)[:, positions].reshape(3, 4, 4, 5)
+  np.testing.assert_allclose(ickd.ickd_loss(s_perm, t), expected, rtol=1e-4)
+  with pytest.raises(ValueError, match='connector'):
+    ickd.ickd_loss(s[..., :3], t)
 
 
 # ---- FitNet -------------------------------------------------------------------------------
 
+
 def test_hint_loss_against_numpy():
-    rng = rng_for(10)
-    s = rng.normal(size=(2, 3, 3, 4))
-    t = rng.normal(size=(2, 3, 3, 4))
-    np.testing.assert_allclose(fitnet.hint_loss(s, t), np.sum((s - t) ** 2) / s.size, rtol=RTOL)
-    with pytest.raises(ValueError, match=r"\(2, 3, 3, 4\)"):
-        fitnet.hint_loss(s[..., :2], t)
+  rng = rng_for(10)
+  s = rng.normal(size=(2, 3, 3, 4))
+  t = rng.normal(size=(2, 3, 3, 4))
+  np.testing.assert_allclose(fitnet.hint_loss(s, t), np.sum((s - t) ** 2) / s.size, rtol=RTOL)
+  with pytest.raises(ValueError, match=r'\(2, 3, 3, 4\)'):
+    fitnet.hint_loss(s[..., :2], t)
 
 
 # ---- AT -----------------------------------------------------------------------------------
 
+
 def test_at_against_numpy_scaling_and_shape_error():
-    rng = rng_for(11)
-    s = rng.normal(size=(3, 4, 4, 2))
-    t = rng.normal(size=(3, 4, 4, 6))  # channel counts may differ
+  rng = rng_for(11)
+  s = rng.normal(size=(3, 4, 4, 2))
+  t = rng.normal(size=(3, 4, 4, 6))  # channel counts may differ
 
-    def np_at(f):
-        a = np.zeros((f.shape[0], f.shape[1] * f.shape[2]))
-        for i in range(f.shape[0]):
-            a[i] = (f[i] ** 2).mean(axis=-1).ravel()
-            a[i] /= np.linalg.norm(a[i])
-        return a
+  def np_at(f):
+    a = np.zeros((f.shape[0], f.shape[1] * f.shape[2]))
+    for i in range(f.shape[0]):
+      a[i] = (f[i] ** 2).mean(axis=-1).ravel()
+      a[i] /= np.linalg.norm(a[i])
+    return a
 
-    expected = np.mean((np_at(s) - np_at(t)) ** 2)
-    np.testing.assert_allclose(at.at_loss(s, t), expected, rtol=RTOL)
-    np.testing.assert_allclose(at.at_loss(10 * s, 0.1 * t), expected, rtol=1e-4)
-    np.testing.assert_allclose(at.at_loss(s, -2 * np.concatenate([s, s], -1)), 0.0, atol=1e-7)
-    with pytest.raises(ValueError) as error:
-        at.at_loss(s, t[:, :2, :2])
-    assert "(3, 4, 4, 2)" in str(error.value) and "(3, 2, 2, 6)" in str(error.value)
-    value, grad = jax.value_and_grad(at.at_loss)(jnp.zeros((3, 4, 4, 2)), jnp.asarray(t))
-    assert np.isfinite(value) and np.all(np.isfinite(grad))
+  expected = np.mean((np_at(s) - np_at(t)) ** 2)
+  np.testing.assert_allclose(at.at_loss(s, t), expected, rtol=RTOL)
+  np.testing.assert_allclose(at.at_loss(10 * s, 0.1 * t), expected, rtol=1e-4)
+  np.testing.assert_allclose(at.at_loss(s, -2 * np.concatenate([s, s], -1)), 0.0, atol=1e-7)
+  with pytest.raises(ValueError) as error:
+    at.at_loss(s, t[:, :2, :2])
+  assert '(3, 4, 4, 2)' in str(error.value) and '(3, 2, 2, 6)' in str(error.value)
+  value, grad = jax.value_and_grad(at.at_loss)(jnp.zeros((3, 4, 4, 2)), jnp.asarray(t))
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
 # ---- IE-KD --------------------------------------------------------------------------------
 
+
 def test_iekd_losses_against_numpy():
-    rng = rng_for(12)
-    x = rng.normal(size=(4, 2, 2, 3))
-    x_rec = rng.normal(size=(4, 2, 2, 3))
-    np.testing.assert_allclose(iekd.autoencoder_reconstruction_loss(x, x_rec),
-                               np.abs(x - x_rec).sum() / x.size, rtol=RTOL)
-    s = rng.normal(size=(4, 6))
-    t = rng.normal(size=(4, 6))
-    total = 0.0
-    for i in range(4):
-        total += np.abs(s[i] / np.linalg.norm(s[i]) - t[i] / np.linalg.norm(t[i])).sum()
-    expected = total / s.size
-    np.testing.assert_allclose(iekd.inheritance_loss(s, t), expected, rtol=RTOL)
-    np.testing.assert_allclose(iekd.exploration_loss(s, t), -expected, rtol=RTOL)
-    # Only directions count: a positively rescaled teacher code is inherited perfectly.
-    np.testing.assert_allclose(iekd.inheritance_loss(s, 3 * s), 0.0, atol=1e-7)
-    assert float(iekd.exploration_loss(s, -s)) <= float(iekd.exploration_loss(s, t))
-    assert float(iekd.exploration_loss(s, -s)) >= -2 / math.sqrt(6) - 1e-6
+  rng = rng_for(12)
+  x = rng.normal(size=(4, 2, 2, 3))
+  x_rec = rng.normal(size=(4, 2, 2, 3))
+  np.testing.assert_allclose(
+      iekd.autoencoder_reconstruction_loss(x, x_rec), np.abs(x - x_rec).sum() / x.size, rtol=RTOL
+  )
+  s = rng.normal(size=(4, 6))
+  t = rng.normal(size=(4, 6))
+  total = 0.0
+  for i in range(4):
+    total += np.abs(s[i] / np.linalg.norm(s[i]) - t[i] / np.linalg.norm(t[i])).sum()
+  expected = total / s.size
+  np.testing.assert_allclose(iekd.inheritance_loss(s, t), expected, rtol=RTOL)
+  np.testing.assert_allclose(iekd.exploration_loss(s, t), -expected, rtol=RTOL)
+  # Only directions count: a positively rescaled teacher code is inherited perfectly.
+  np.testing.assert_allclose(iekd.inheritance_loss(s, 3 * s), 0.0, atol=1e-7)
+  assert float(iekd.exploration_loss(s, -s)) <= float(iekd.exploration_loss(s, t))
+  assert float(iekd.exploration_loss(s, -s)) >= -2 / math.sqrt(6) - 1e-6
 
 
 # ---- mutual learning ----------------------------------------------------------------------
 
+
 def test_mutual_kl_against_numpy_and_stop_gradient():
-    rng = rng_for(13)
-    peers = [rng.normal(size=(4, 5)) * 2 for _ in range(3)]
-    tau = 2.0
-    probs = [np_softmax(z / tau) for z in peers]
-    expected = []
-    for k in range(3):
-        others = [np.mean([np_kl(probs[j][i], probs[k][i]) for i in range(4)])
-                  for j in range(3) if j != k]
-        expected.append(tau**2 * np.mean(others))
-    np.testing.assert_allclose(mutual.mutual_kl(peers, tau), expected, rtol=1e-5)
-    np.testing.assert_allclose(mutual.mutual_kl(np.stack(peers), tau), expected, rtol=1e-5)
-    stacked = jnp.asarray(np.stack(peers), jnp.float32)
-    # Peer 0's loss moves only peer 0: the other peers' predictions are fixed targets.
-    grad = jax.grad(lambda z: mutual.mutual_kl(z, tau)[0])(stacked)
-    assert np.any(np.asarray(grad[0]) != 0)
-    np.testing.assert_array_equal(grad[1:], np.zeros_like(grad[1:]))
-    # Summing the per-peer losses gives every peer exactly its own gradient.
-    grad_sum = jax.grad(lambda z: jnp.sum(mutual.mutual_kl(z, tau)))(stacked)
-    np.testing.assert_allclose(grad_sum[0], grad[0], rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="at least 2"):
-        mutual.mutual_kl(peers[:1])
+  rng = rng_for(13)
+  peers = [rng.normal(size=(4, 5)) * 2 for _ in range(3)]
+  tau = 2.0
+  probs = [np_softmax(z / tau) for z in peers]
+  expected = []
+  for k in range(3):
+    others = [
+        np.mean([np_kl(probs[j][i], probs[k][i]) for i in range(4)]) for j in range(3) if j != k
+    ]
+    expected.append(tau**2 * np.mean(others))
+  np.testing.assert_allclose(mutual.mutual_kl(peers, tau), expected, rtol=1e-5)
+  np.testing.assert_allclose(mutual.mutual_kl(np.stack(peers), tau), expected, rtol=1e-5)
+  stacked = jnp.asarray(np.stack(peers), jnp.float32)
+  # Peer 0's loss moves only peer 0: the other peers' predictions are fixed targets.
+  grad = jax.grad(lambda z: mutual.mutual_kl(z, tau)[0])(stacked)
+  assert np.any(np.asarray(grad[0]) != 0)
+  np.testing.assert_array_equal(grad[1:], np.zeros_like(grad[1:]))
+  # Summing the per-peer losses gives every peer exactly its own gradient.
+  grad_sum = jax.grad(lambda z: jnp.sum(mutual.mutual_kl(z, tau)))(stacked)
+  np.testing.assert_allclose(grad_sum[0], grad[0], rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match='at least 2'):
+    mutual.mutual_kl(peers[:1])
 
 
 # ---- every loss is jittable ---------------------------------------------------------------
 
+
 def test_every_loss_jits():
-    rng = rng_for(14)
-    maps = [jnp.asarray(rng.normal(size=(4, 2, 2, 3)), jnp.float32) for _ in range(2)]
-    logits = [jnp.asarray(rng.normal(size=(4, 5)), jnp.float32) for _ in range(2)]
-    labels = jnp.asarray([0, 3, 1, 4])
-    omega = jnp.asarray(rng.uniform(size=3), jnp.float32)
-    weights = ffkd.channel_weights(omega, 0.5)
-    cases = [
-        (classification.cross_entropy, (logits[0], labels)),
-        (lambda t, s: classification.softened_kl(t, s, 4.0), tuple(logits)),
-        (lambda z, y: classification.top_k_correct(z, y, 2), (logits[0], labels)),
-        (lambda o: ffkd.channel_weights(o, 0.5), (omega,)),
-        (ffkd.weighted_feature_loss, (maps[0], maps[1], weights)),
-        (ffkd.feedback_alignment_loss, (omega, weights)),
-        (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
-        (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
-        (cc.cc_loss, tuple(maps)),
-        (sp.sp_loss, tuple(maps)),
-        (ickd.ickd_loss, tuple(maps)),
-        (fitnet.hint_loss, tuple(maps)),
-        (at.at_loss, tuple(maps)),
-        (iekd.autoencoder_reconstruction_loss, tuple(maps)),
-        (iekd.inheritance_loss, tuple(maps)),
-        (iekd.exploration_loss, tuple(maps)),
-        (lambda a, b: mutual.mutual_kl([a, b], 2.0), tuple(logits)),
-    ]
-    for fn, args in cases:
-        assert np.all(np.isfinite(jax.jit(fn)(*args)))
+  rng = rng_for(14)
+  maps = [jnp.asarray(rng.normal(size=(4, 2, 2, 3)), jnp.float32) for _ in range(2)]
+  logits = [jnp.asarray(rng.normal(size=(4, 5)), jnp.float32) for _ in range(2)]
+  labels = jnp.asarray([0, 3, 1, 4])
+  omega = jnp.asarray(rng.uniform(size=3), jnp.float32)
+  weights = ffkd.channel_weights(omega, 0.5)
+  cases = [
+      (classification.cross_entropy, (logits[0], labels)),
+      (lambda t, s: classification.softened_kl(t, s, 4.0), tuple(logits)),
+      (lambda z, y: classification.top_k_correct(z, y, 2), (logits[0], labels)),
+      (lambda o: ffkd.channel_weights(o, 0.5), (omega,)),
+      (ffkd.weighted_feature_loss, (maps[0], maps[1], weights)),
+      (ffkd.feedback_alignment_loss, (omega, weights)),
+      (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
+      (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
+      (cc.cc_loss, tuple(maps)),
+      (sp.sp_loss, tuple(maps)),
+      (ickd.ickd_loss, tuple(maps)),
+      (fitnet.hint_loss, tuple(maps)),
+      (at.at_loss, tuple(maps)),
+      (iekd.autoencoder_reconstruction_loss, tuple(maps)),
+      (iekd.inheritance_loss, tuple(maps)),
+      (iekd.exploration_loss, tuple(maps)),
+      (lambda a, b: mutual.mutual_kl([a, b], 2.0), tuple(logits)),
+  ]
+  for fn, args in cases:
+    assert np.all(np.isfinite(jax.jit(fn)(*args)))

@@ -51,8 +51,10 @@ def two_device_run(method):
 
 def changed(before, after) -> list[bool]:
   """Per leaf: whether it changed."""
-  return [not np.array_equal(np.asarray(a), np.asarray(b))
-          for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+  return [
+      not np.array_equal(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+  ]
 
 
 @pytest.mark.parametrize('method', METHODS)
@@ -75,8 +77,9 @@ def test_two_steps_on_two_devices(method):
     if program.optimizer is None:
       assert after.opt_state == ()
   if method in ONLINE:
-    assert all(program.role.train_backbone and not program.role.pretrained
-               for program in programs.values())
+    assert all(
+        program.role.train_backbone and not program.role.pretrained for program in programs.values()
+    )
     assert methods.create_method(method_config(method)).primary_role == 'peer0'
   else:
     assert not programs['teacher'].role.train_backbone and programs['teacher'].role.pretrained
@@ -87,17 +90,20 @@ def test_iekd_trains_the_autoencoder_first_then_inherits_and_explores():
   # Step 0 (< ae_steps): the inheritance and exploration terms are off ...
   assert first['iekd/active'] == 0
   assert first['loss/student_inheritance'] == 0 and first['loss/student_exploration'] == 0
-  assert not any(changed(initial.roles['student'].params['heads'],
-                         after_ae.roles['student'].params['heads']))
+  assert not any(
+      changed(initial.roles['student'].params['heads'], after_ae.roles['student'].params['heads'])
+  )
   # ... while the teacher's auto-encoder trains.
-  assert all(changed(initial.roles['teacher'].params['heads'],
-                     after_ae.roles['teacher'].params['heads']))
+  assert all(
+      changed(initial.roles['teacher'].params['heads'], after_ae.roles['teacher'].params['heads'])
+  )
   assert first['loss/teacher_reconstruction'] > 0
   # Step 1 (>= ae_steps): they are on, and the auto-encoder stays fixed.
   assert second['iekd/active'] == 1
   assert second['loss/student_inheritance'] > 0 and second['loss/student_exploration'] < 0
-  assert all(changed(after_ae.roles['student'].params['heads'],
-                     final.roles['student'].params['heads']))
+  assert all(
+      changed(after_ae.roles['student'].params['heads'], final.roles['student'].params['heads'])
+  )
   assert not any(changed(after_ae.roles['teacher'], final.roles['teacher']))
 
 
@@ -116,8 +122,9 @@ def test_rkd_two_devices_equal_one_device():
   flat_1 = jax.tree_util.tree_leaves_with_path(states_1[-1])
   flat_2 = dict(jax.tree_util.tree_leaves_with_path(states_2[-1]))
   for path, leaf in flat_1:
-    np.testing.assert_allclose(flat_2[path], leaf, rtol=2e-4, atol=2e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        flat_2[path], leaf, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+    )
   for m1, m2 in zip(history_1, history_2):
     for key in m1:
       np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -132,8 +139,10 @@ def test_dml_with_three_peers():
   config.dml.models = 'resnet8,resnet14,resnet8'
   method = methods.create_method(config)
   assert [(r.name, r.model, r.train_backbone, r.pretrained) for r in method.roles()] == [
-      ('peer0', 'resnet8', True, False), ('peer1', 'resnet14', True, False),
-      ('peer2', 'resnet8', True, False)]
+      ('peer0', 'resnet8', True, False),
+      ('peer1', 'resnet14', True, False),
+      ('peer2', 'resnet8', True, False),
+  ]
   rng = np.random.default_rng(0)
   logits = {f'peer{k}': rng.normal(size=(8, 10)).astype(np.float32) for k in range(3)}
   labels = jnp.asarray(rng.integers(0, 10, size=(8,)))
@@ -146,8 +155,11 @@ def test_dml_with_three_peers():
   assert set(losses) == {'peer0', 'peer1', 'peer2'}
   # The summed objective gives each peer the gradient of its own loss only.
   for k in range(3):
-    own = jax.grad(lambda z, k=k: method.loss(_outputs({**logits, f'peer{k}': z}), labels,
-                                              jnp.int32(0))[0][f'peer{k}'])(logits[f'peer{k}'])
+    own = jax.grad(
+        lambda z, k=k: method.loss(_outputs({**logits, f'peer{k}': z}), labels, jnp.int32(0))[0][
+            f'peer{k}'
+        ]
+    )(logits[f'peer{k}'])
     np.testing.assert_allclose(grads[f'peer{k}'], own, rtol=1e-5, atol=1e-7)
 
 
@@ -166,15 +178,21 @@ def test_peer_lists_are_checked():
 
 
 def _shapes(*sizes_and_channels):
-  return {f'stage{i}': jax.ShapeDtypeStruct((2, hw, hw, c), jnp.float32)
-          for i, (hw, c) in enumerate(sizes_and_channels, start=1)}
+  return {
+      f'stage{i}': jax.ShapeDtypeStruct((2, hw, hw, c), jnp.float32)
+      for i, (hw, c) in enumerate(sizes_and_channels, start=1)
+  }
 
 
 def test_stage_pairs_align_at_the_deepest_stage():
   vgg = _shapes((32, 64), (16, 128), (8, 256), (4, 512), (4, 512))
   mobilenet = _shapes((16, 12), (8, 16), (4, 48), (2, 160))
   assert common.aligned_stage_pairs(vgg, mobilenet) == (
-      ('stage2', 'stage1'), ('stage3', 'stage2'), ('stage4', 'stage3'), ('stage5', 'stage4'))
+      ('stage2', 'stage1'),
+      ('stage3', 'stage2'),
+      ('stage4', 'stage3'),
+      ('stage5', 'stage4'),
+  )
   assert common.common_size((8, 8), (4, 4), 'x') == (4, 4)
   with pytest.raises(ValueError, match='6x6'):
     common.common_size((6, 6), (4, 4), 'x')

@@ -166,9 +166,7 @@ def test_outputs_and_feature_dict(name):
   assert features['embedding'].shape == (2, EMBEDDING_DIM[name])
   assert logits.shape == eval_logits.shape == (2, 10)
   assert logits.dtype == jnp.float32
-  assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(
-      variables['batch_stats']
-  )
+  assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(variables['batch_stats'])
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -41,24 +41,41 @@ VARYING_METRICS = ('time', 'perf/')  # wall-clock measurements
 
 def _cli(workdir: str, data: str) -> list[str]:
   return [
-      sys.executable, '-m', 'ffkd_jax.main', '--config', 'configs/quickstart.py',
-      '--workdir', workdir,
-      '--config.dataset.name=image_folder', f'--config.dataset.path={data}',
+      sys.executable,
+      '-m',
+      'ffkd_jax.main',
+      '--config',
+      'configs/quickstart.py',
+      '--workdir',
+      workdir,
+      '--config.dataset.name=image_folder',
+      f'--config.dataset.path={data}',
       '--config.dataset.augment=none',
-      '--config.method=ffkd', '--config.model=resnet8', '--config.teacher.model=resnet8',
-      f'--config.teacher.pretrain_steps={STEPS}', f'--config.num_train_steps={STEPS}',
-      '--config.batch_size=16', '--config.eval_batch_size=8', '--config.log_every_steps=1',
-      f'--config.eval_every_steps={STEPS}', f'--config.checkpoint_every_steps={STEPS}',
+      '--config.method=ffkd',
+      '--config.model=resnet8',
+      '--config.teacher.model=resnet8',
+      f'--config.teacher.pretrain_steps={STEPS}',
+      f'--config.num_train_steps={STEPS}',
+      '--config.batch_size=16',
+      '--config.eval_batch_size=8',
+      '--config.log_every_steps=1',
+      f'--config.eval_every_steps={STEPS}',
+      f'--config.checkpoint_every_steps={STEPS}',
   ]
 
 
 def _env(num_local_devices: int, **jax_distributed) -> dict[str, str]:
   """The parent's environment without JAX_* and proxy settings, plus the given ones."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith('JAX_') and 'proxy' not in k.lower()}
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_local_devices}',
-             NO_PROXY='127.0.0.1,localhost')
+  env = {
+      k: v for k, v in os.environ.items() if not k.startswith('JAX_') and 'proxy' not in k.lower()
+  }
+  env.update(
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='3',
+      JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={num_local_devices}',
+      NO_PROXY='127.0.0.1,localhost',
+  )
   env.update({k: str(v) for k, v in jax_distributed.items()})
   return env
 
@@ -82,8 +99,12 @@ def _run_together(runs: dict[str, tuple[list[str], dict]], log_dir: str, timeout
     for name, (argv, env) in runs.items():
       log = open(os.path.join(log_dir, f'{name}.log'), 'w', encoding='utf-8')  # noqa: SIM115
       # Own session: killing its process group reaches the children it may start, nothing else.
-      procs[name] = (subprocess.Popen(argv, cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True), log)
+      procs[name] = (
+          subprocess.Popen(
+              argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+          ),
+          log,
+      )
     deadline = time.monotonic() + timeout_s
     while failure is None:
       codes = {name: proc.poll() for name, (proc, _) in procs.items()}
@@ -104,25 +125,30 @@ def _run_together(runs: dict[str, tuple[list[str], dict]], log_dir: str, timeout
         proc.wait()
       log.close()
   if failure:
-    logs = '\n'.join(f'--- {name}.log (end) ---\n{_tail(os.path.join(log_dir, f"{name}.log"))}'
-                     for name in runs)
+    logs = '\n'.join(
+        f'--- {name}.log (end) ---\n{_tail(os.path.join(log_dir, f"{name}.log"))}' for name in runs
+    )
     pytest.fail(f'CLI runs failed: {failure}\n{logs}')
 
 
 def _run_cli(root) -> dict[str, str]:
   """Workdirs of the one-process (4 devices) and the two-process (2 + 2 devices) runs."""
-  data = write_image_folder(str(root / 'data'), classes=('a', 'b'), num_train=8, num_test=4,
-                            size=8)
+  data = write_image_folder(str(root / 'data'), classes=('a', 'b'), num_train=8, num_test=4, size=8)
   single, multi = str(root / 'single'), str(root / 'multi')
   address = f'127.0.0.1:{_free_port()}'
-  coordinator = dict(JAX_COORDINATOR_ADDRESS=address, JAX_COORDINATOR_BIND_ADDRESS=address,
-                     JAX_NUM_PROCESSES=2)
+  coordinator = dict(
+      JAX_COORDINATOR_ADDRESS=address, JAX_COORDINATOR_BIND_ADDRESS=address, JAX_NUM_PROCESSES=2
+  )
   start = time.monotonic()
-  _run_together({
-      'single': (_cli(single, data), _env(4)),
-      'process0': (_cli(multi, data), _env(2, JAX_PROCESS_ID=0, **coordinator)),
-      'process1': (_cli(multi, data), _env(2, JAX_PROCESS_ID=1, **coordinator)),
-  }, str(root), TIMEOUT_S)
+  _run_together(
+      {
+          'single': (_cli(single, data), _env(4)),
+          'process0': (_cli(multi, data), _env(2, JAX_PROCESS_ID=0, **coordinator)),
+          'process1': (_cli(multi, data), _env(2, JAX_PROCESS_ID=1, **coordinator)),
+      },
+      str(root),
+      TIMEOUT_S,
+  )
   print(f'CLI runs: {time.monotonic() - start:.0f} s')
   return {'single': single, 'multi': multi, 'logs': str(root)}
 
@@ -155,9 +181,13 @@ def _check_metrics(runs, run):
     one, two = _comparable(one), _comparable(two)
     assert sorted(two) == sorted(one)
     for key, value in one.items():
-      np.testing.assert_allclose(np.asarray(two[key], np.float64), np.asarray(value, np.float64),
-                                 rtol=METRIC_RTOL, atol=METRIC_ATOL,
-                                 err_msg=f'{run} step {one["step"]} {key}')
+      np.testing.assert_allclose(
+          np.asarray(two[key], np.float64),
+          np.asarray(value, np.float64),
+          rtol=METRIC_RTOL,
+          atol=METRIC_ATOL,
+          err_msg=f'{run} step {one["step"]} {key}',
+      )
 
 
 def _check_logs(runs):
@@ -199,8 +229,9 @@ def _check_final_state(runs, run):
   worst = 0.0
   for path, leaf in single:
     leaf, other = np.asarray(leaf), np.asarray(multi[path])
-    np.testing.assert_allclose(other, leaf, rtol=RTOL, atol=ATOL,
-                               err_msg=f'{run} {jax.tree_util.keystr(path)}')
+    np.testing.assert_allclose(
+        other, leaf, rtol=RTOL, atol=ATOL, err_msg=f'{run} {jax.tree_util.keystr(path)}'
+    )
     if leaf.size:
       worst = max(worst, float(np.max(np.abs(other.astype(np.float64) - leaf))))
   print(f'{run}: largest |two processes - one process| over the state: {worst:.3g}')
@@ -208,14 +239,23 @@ def _check_final_state(runs, run):
 
 def _check_teacher_loads(runs):
   """A teacher two processes trained loads in this one process, equal to one process's."""
-  template = _host_template(os.path.join(runs['single'], 'teacher', 'checkpoints', str(STEPS),
-                                         'state'))['roles']['model']
+  template = _host_template(
+      os.path.join(runs['single'], 'teacher', 'checkpoints', str(STEPS), 'state')
+  )['roles']['model']
   params, stats, meta = checkpoint_lib.load_pretrained_role(
-      os.path.join(runs['multi'], 'teacher'), 'resnet8', 2, template['params']['backbone'],
-      template['batch_stats']['backbone'])
+      os.path.join(runs['multi'], 'teacher'),
+      'resnet8',
+      2,
+      template['params']['backbone'],
+      template['batch_stats']['backbone'],
+  )
   assert meta['step'] == STEPS
   single = checkpoint_lib.load_pretrained_role(
-      os.path.join(runs['single'], 'teacher'), 'resnet8', 2, template['params']['backbone'],
-      template['batch_stats']['backbone'])
+      os.path.join(runs['single'], 'teacher'),
+      'resnet8',
+      2,
+      template['params']['backbone'],
+      template['batch_stats']['backbone'],
+  )
   for one, two in zip(jax.tree.leaves(single[:2]), jax.tree.leaves((params, stats))):
     np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=RTOL, atol=ATOL)

@@ -28,8 +28,9 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   # kernel 'python3' with argv[0] 'python' starts as sys.executable (jupyter_client), i.e. the
   # interpreter running the tests; the notebook prints sys.prefix, checked below.
-  client = nbclient.NotebookClient(notebook, kernel_name='python3', timeout=600,
-                                   resources={'metadata': {'path': str(REPO_ROOT)}})
+  client = nbclient.NotebookClient(
+      notebook, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(REPO_ROOT)}}
+  )
   try:
     client.execute()  # raises CellExecutionError naming the cell when one fails
   finally:
@@ -40,8 +41,12 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
   assert f'ffkd_jax: {REPO_ROOT}' in install, install  # the checkout, nothing installed
   assert f'sys.prefix: {sys.prefix}' in devices, devices
   assert 'backend: cpu' in devices
-  images = [output for cell in code for output in cell.get('outputs', [])
-            if 'image/png' in output.get('data', {})]
+  images = [
+      output
+      for cell in code
+      for output in cell.get('outputs', [])
+      if 'image/png' in output.get('data', {})
+  ]
   assert len(images) >= 4, 'expected the accuracy curves and three CKA pictures'
   workdir = tmp_path / 'workdir'
   assert sorted(os.listdir(workdir / 'ffkd' / 'cka'))[0].startswith('cka_matrix_step')

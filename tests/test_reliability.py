@@ -91,17 +91,23 @@ os._exit(0)  # ... when the process dies
 
 def test_a_crash_during_an_asynchronous_save_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
-  script = CRASH_DURING_SAVE.format(repo=run_fixture.REPO, workdir=workdir,
-                                    tests=os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run([sys.executable, '-c', script], check=True, env=run_fixture.cli_env(1),
-                 capture_output=True, timeout=300)
+  script = CRASH_DURING_SAVE.format(
+      repo=run_fixture.REPO, workdir=workdir, tests=os.path.dirname(os.path.abspath(__file__))
+  )
+  subprocess.run(
+      [sys.executable, '-c', script],
+      check=True,
+      env=run_fixture.cli_env(1),
+      capture_output=True,
+      timeout=300,
+  )
   steps = run_fixture.checkpoint_steps(workdir)
-  assert 2 in steps and (1 in steps or 3 in steps), os.listdir(os.path.join(workdir,
-                                                                            'checkpoints'))
+  assert 2 in steps and (1 in steps or 3 in steps), os.listdir(os.path.join(workdir, 'checkpoints'))
   state, _ = restore(workdir)
   newest = steps[-1]
-  run_fixture.assert_trees_equal(jax.device_get(state),
-                                 run_fixture.small_state(newest, offset=newest))
+  run_fixture.assert_trees_equal(
+      jax.device_get(state), run_fixture.small_state(newest, offset=newest)
+  )
   # The step that was cut off is saved again over whatever it left.
   save_steps(workdir, [3])
   state, _ = restore(workdir)
@@ -158,18 +164,18 @@ CORRUPTIONS = {
     'meta truncated': lambda d: _truncate(os.path.join(d, 'meta', 'metadata')),
     # Damaged bytes: orbax may read these without complaint; the saved digest catches them.
     'byte flipped in the largest array file': lambda d: _flip_byte(
-        _largest_file(os.path.join(d, 'state'))),
+        _largest_file(os.path.join(d, 'state'))
+    ),
     'arrays differ from the saved digest': lambda d: _rewrite_meta(
-        os.path.join(d, 'meta', 'metadata'),
-        lambda meta: meta.update(state_digest='0' * 64)),
+        os.path.join(d, 'meta', 'metadata'), lambda meta: meta.update(state_digest='0' * 64)
+    ),
 }
 
 
 # orbax's reader threads report the damaged files once more at exit ("Event loop is closed").
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog,
-                                                                      corruption):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, corruption):
   workdir = str(tmp_path)
   saved = save_steps(workdir, [1, 2, 3])
   CORRUPTIONS[corruption](step_dir(workdir, 3))
@@ -204,8 +210,13 @@ def test_checkpoints_of_another_shape_do_not_restore(tmp_path):
   workdir = str(tmp_path)
   save_steps(workdir, [1])
   other = run_fixture.small_state(0)
-  other = other.replace(roles={'model': other.roles['model'].replace(
-      params={'backbone': {'conv1': {'kernel': jnp.zeros((3, 3, 3, 32))}}})})
+  other = other.replace(
+      roles={
+          'model': other.roles['model'].replace(
+              params={'backbone': {'conv1': {'kernel': jnp.zeros((3, 3, 3, 32))}}}
+          )
+      }
+  )
   checkpoints = checkpoint_lib.Checkpoints(workdir, 3)
   with pytest.raises(RuntimeError, match=r'(?s)step 1.*config changed.*--workdir'):
     checkpoints.restore_latest(other)
@@ -248,8 +259,13 @@ def data_path(shared):
 
 def reference(shared, data_path, name, changes, num_devices) -> str:
   """The workdir of an uninterrupted run, made once a session."""
-  return run_fixture.once(shared, name, lambda path: run_fixture.run_to_end(
-      path, run_fixture.tiny_overrides(data_path, **changes), num_devices))
+  return run_fixture.once(
+      shared,
+      name,
+      lambda path: run_fixture.run_to_end(
+          path, run_fixture.tiny_overrides(data_path, **changes), num_devices
+      ),
+  )
 
 
 def record_key(record):
@@ -261,19 +277,26 @@ def assert_same_records(records, reference_records, what):
 
   `final/*` records are left out: a command started again after the end writes another.
   """
-  expected = {record_key(r): run_fixture.stable_values(r) for r in reference_records
-              if not any(k.startswith('final/') for k in r)}
+  expected = {
+      record_key(r): run_fixture.stable_values(r)
+      for r in reference_records
+      if not any(k.startswith('final/') for k in r)
+  }
   records = [r for r in records if not any(k.startswith('final/') for k in r)]
   for record in records:
     assert record_key(record) in expected, f'{what}: unexpected record {record}'
-    assert run_fixture.stable_values(record) == expected[record_key(record)], (
-        f'{what}: step {record["step"]} differs')
+    assert (
+        run_fixture.stable_values(record) == expected[record_key(record)]
+    ), f'{what}: step {record["step"]} differs'
   assert {record_key(r) for r in records} == set(expected), f'{what}: records missing'
 
 
 def new_train_steps(workdir, already_logged):
-  return [r['step'] for r in run_fixture.read_records(workdir)[already_logged:]
-          if run_fixture.is_train_record(r)]
+  return [
+      r['step']
+      for r in run_fixture.read_records(workdir)[already_logged:]
+      if run_fixture.is_train_record(r)
+  ]
 
 
 def test_chain_resumes_bit_identically_after_sigint_and_sigkill(tmp_path, shared, data_path):
@@ -313,18 +336,21 @@ def test_chain_resumes_bit_identically_after_sigint_and_sigkill(tmp_path, shared
   for sub, step in (('teacher', 8), ('', 9)):
     run_fixture.assert_trees_equal(
         run_fixture.restore_state(os.path.join(workdir, sub), step),
-        run_fixture.restore_state(os.path.join(uninterrupted, sub), step), f'{sub or "ffkd"}:')
-    assert_same_records(run_fixture.read_records(os.path.join(workdir, sub)),
-                        run_fixture.read_records(os.path.join(uninterrupted, sub)),
-                        sub or 'ffkd')
+        run_fixture.restore_state(os.path.join(uninterrupted, sub), step),
+        f'{sub or "ffkd"}:',
+    )
+    assert_same_records(
+        run_fixture.read_records(os.path.join(workdir, sub)),
+        run_fixture.read_records(os.path.join(uninterrupted, sub)),
+        sub or 'ffkd',
+    )
   # FFKD's feedback trained the teacher on: its parameters moved from the pre-trained ones.
   final = run_fixture.restore_state(workdir, 9)['roles']['teacher']['params']['backbone']
   pretrained = run_fixture.restore_state(teacher_dir, 8)['roles']['model']['params']['backbone']
   assert not np.array_equal(final['conv1']['kernel'], pretrained['conv1']['kernel'])
 
 
-def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path, shared,
-                                                                     data_path):
+def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path, shared, data_path):
   """CE on 4 devices: SIGTERM finishes the step, saves it, flushes metrics, exits 0 with a
   message; the same command resumes at that step and ends as an uninterrupted run."""
   workdir = str(tmp_path / 'ce')
@@ -334,8 +360,9 @@ def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path, sh
   assert run.wait() == 0, run.output[-3000:]
   saved = run_fixture.checkpoint_steps(workdir)[-1]
   assert 2 <= saved < 8
-  assert (f'Received SIGTERM: saved step {saved} to {workdir}; the same command resumes.'
-          in run.output)
+  assert (
+      f'Received SIGTERM: saved step {saved} to {workdir}; the same command resumes.' in run.output
+  )
   assert max(run_fixture.train_steps(workdir)) == saved
   logged = len(run_fixture.read_records(workdir))
 
@@ -345,10 +372,12 @@ def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path, sh
   assert new_train_steps(workdir, logged) == list(range(saved + 1, 9))
 
   uninterrupted = reference(shared, data_path, 'ce_4_devices', TEACHER, num_devices=4)
-  run_fixture.assert_trees_equal(run_fixture.restore_state(workdir, 8),
-                                 run_fixture.restore_state(uninterrupted, 8))
-  assert_same_records(run_fixture.read_records(workdir),
-                      run_fixture.read_records(uninterrupted), 'ce')
+  run_fixture.assert_trees_equal(
+      run_fixture.restore_state(workdir, 8), run_fixture.restore_state(uninterrupted, 8)
+  )
+  assert_same_records(
+      run_fixture.read_records(workdir), run_fixture.read_records(uninterrupted), 'ce'
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,12 +397,18 @@ def test_one_and_four_devices_agree_within_tolerance(shared, data_path):
   state_one, state_four = run_fixture.restore_state(one, 8), run_fixture.restore_state(four, 8)
   flat_four = dict(jax.tree_util.tree_leaves_with_path(state_four))
   for path, leaf in jax.tree_util.tree_leaves_with_path(state_one):
-    np.testing.assert_allclose(flat_four[path], leaf, rtol=DEVICES_RTOL, atol=DEVICES_ATOL,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        flat_four[path],
+        leaf,
+        rtol=DEVICES_RTOL,
+        atol=DEVICES_ATOL,
+        err_msg=jax.tree_util.keystr(path),
+    )
   losses = {}
   for name, workdir in (('one', one), ('four', four)):
-    losses[name] = [r['loss/ce'] for r in run_fixture.read_records(workdir)
-                    if run_fixture.is_train_record(r)]
+    losses[name] = [
+        r['loss/ce'] for r in run_fixture.read_records(workdir) if run_fixture.is_train_record(r)
+    ]
   assert len(losses['one']) == 8
   np.testing.assert_allclose(losses['four'], losses['one'], rtol=LOSS_RTOL)
 
@@ -381,20 +416,28 @@ def test_one_and_four_devices_agree_within_tolerance(shared, data_path):
 def test_the_same_seed_gives_identical_metrics_and_parameters(tmp_path, shared, data_path):
   """The 4-device CE run again, in this process (4 emulated devices): equal to the last bit."""
   from ffkd_jax import train  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path / 'again')
   train.train_and_evaluate(
-      run_fixture.make_config(run_fixture.tiny_overrides(data_path, **TEACHER)), workdir)
+      run_fixture.make_config(run_fixture.tiny_overrides(data_path, **TEACHER)), workdir
+  )
   first = reference(shared, data_path, 'ce_4_devices', TEACHER, num_devices=4)
   assert_same_records(run_fixture.read_records(workdir), run_fixture.read_records(first), 'ce')
-  run_fixture.assert_trees_equal(run_fixture.restore_state(workdir, 8),
-                                 run_fixture.restore_state(first, 8))
+  run_fixture.assert_trees_equal(
+      run_fixture.restore_state(workdir, 8), run_fixture.restore_state(first, 8)
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # Non-finite values (in this process, with the loss, the input or the schedule patched).
 
-NONFINITE_RUN = dict(num_train_steps=6, checkpoint_every_steps=1, keep_checkpoints=10,
-                     eval_every_steps=100, optimizer__schedule='constant')
+NONFINITE_RUN = dict(
+    num_train_steps=6,
+    checkpoint_every_steps=1,
+    keep_checkpoints=10,
+    eval_every_steps=100,
+    optimizer__schedule='constant',
+)
 
 
 def _roles(workdir, step):
@@ -459,8 +502,10 @@ def test_stop_policy_names_the_step_and_the_loss(tmp_path, data_path, monkeypatc
     def loss(outputs, labels, step):
       losses, metrics = clean_loss(outputs, labels, step)
       factor = jnp.where(step == 2, jnp.nan, 1.0)  # state.step 2: the update logged as step 3
-      return ({k: v * factor for k, v in losses.items()},
-              {k: v * factor if k == 'loss/ce' else v for k, v in metrics.items()})
+      return (
+          {k: v * factor for k, v in losses.items()},
+          {k: v * factor if k == 'loss/ce' else v for k, v in metrics.items()},
+      )
 
     method.loss = loss
     return method
@@ -468,8 +513,11 @@ def test_stop_policy_names_the_step_and_the_loss(tmp_path, data_path, monkeypatc
   clean_create = methods.create_method
   monkeypatch.setattr(methods, 'create_method', create_method)
   workdir = str(tmp_path / 'stop')
-  config = run_fixture.make_config(run_fixture.tiny_overrides(
-      data_path, nonfinite_policy='stop', log_every_steps=2, **NONFINITE_RUN))
+  config = run_fixture.make_config(
+      run_fixture.tiny_overrides(
+          data_path, nonfinite_policy='stop', log_every_steps=2, **NONFINITE_RUN
+      )
+  )
   with pytest.raises(FloatingPointError) as error:
     train.train_and_evaluate(config, workdir)
   message = str(error.value)
@@ -484,6 +532,7 @@ def test_stop_policy_names_the_step_and_the_loss(tmp_path, data_path, monkeypatc
 def test_torn_metrics_line_is_skipped_and_appending_continues(tmp_path):
   """A crash mid-write leaves a partial last line; readers skip it and writers start afresh."""
   from ffkd_jax import metrics as metrics_lib
+
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo', encoding='utf-8')
   writer = metrics_lib.MetricWriter(str(tmp_path), tensorboard=False)

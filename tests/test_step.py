@@ -33,8 +33,9 @@ def test_four_devices_equal_one_device(method):
   flat_1 = jax.tree_util.tree_leaves_with_path(state_1)
   flat_4 = dict(jax.tree_util.tree_leaves_with_path(state_4))
   for path, leaf in flat_1:
-    np.testing.assert_allclose(flat_4[path], leaf, rtol=2e-4, atol=2e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        flat_4[path], leaf, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+    )
   for m1, m4 in zip(metrics_1, metrics_4):
     for key in m1:
       np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -51,9 +52,9 @@ def test_combined_backward_equals_separate_gradients():
   def losses_of(params_by_role, batch):
     outputs = {}
     for name, program in programs.items():
-      outputs[name], _ = step_lib.forward(program, params_by_role[name],
-                                          state.roles[name].batch_stats, batch['image'],
-                                          train=True)
+      outputs[name], _ = step_lib.forward(
+          program, params_by_role[name], state.roles[name].batch_stats, batch['image'], train=True
+      )
     losses, _ = method.loss(outputs, batch['label'], jnp.int32(0))
     return losses
 
@@ -64,8 +65,9 @@ def test_combined_backward_equals_separate_gradients():
     return combined, student_only, teacher_only
 
   params = {name: s.params for name, s in state.roles.items()}
-  combined, student_only, teacher_only = jax.jit(jax.shard_map(
-      grads, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))(params, batch)
+  combined, student_only, teacher_only = jax.jit(
+      jax.shard_map(grads, mesh=mesh, in_specs=(P(), P('data')), out_specs=P())
+  )(params, batch)
   combined, student_only, teacher_only = parallel.fetch((combined, student_only, teacher_only))
   for a, b in zip(jax.tree.leaves(combined['student']), jax.tree.leaves(student_only['student'])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -83,11 +85,18 @@ def test_teacher_frozen_without_feedback(preset):
   _, _, initial = helpers.build(config)
   final, metrics, _ = run_steps(config, 2, num_steps=2)
   assert final.roles['teacher'].opt_state == ()
-  for a, b in zip(jax.tree.leaves(initial.roles['teacher']), jax.tree.leaves(final.roles['teacher'])):
+  for a, b in zip(
+      jax.tree.leaves(initial.roles['teacher']), jax.tree.leaves(final.roles['teacher'])
+  ):
     np.testing.assert_array_equal(np.asarray(a), b)
   # ... while the student did move.
-  moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(
-      jax.tree.leaves(initial.roles['student'].params), jax.tree.leaves(final.roles['student'].params))]
+  moved = [
+      np.abs(np.asarray(a) - b).max()
+      for a, b in zip(
+          jax.tree.leaves(initial.roles['student'].params),
+          jax.tree.leaves(final.roles['student'].params),
+      )
+  ]
   assert max(moved) > 0
   assert 'loss/teacher' not in metrics[-1]
 
@@ -96,8 +105,13 @@ def test_teacher_updates_with_feedback():
   config = helpers.tiny_config('ffkd')
   _, _, initial = helpers.build(config)
   final, _, _ = run_steps(config, 2, num_steps=1)
-  moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(
-      jax.tree.leaves(initial.roles['teacher'].params), jax.tree.leaves(final.roles['teacher'].params))]
+  moved = [
+      np.abs(np.asarray(a) - b).max()
+      for a, b in zip(
+          jax.tree.leaves(initial.roles['teacher'].params),
+          jax.tree.leaves(final.roles['teacher'].params),
+      )
+  ]
   assert max(moved) > 0
 
 
@@ -106,7 +120,9 @@ def test_feedback_start_step_delays_teacher_updates():
   config.ffkd.feedback_start_step = 5
   _, _, initial = helpers.build(config)
   final, _, _ = run_steps(config, 2, num_steps=2)
-  for a, b in zip(jax.tree.leaves(initial.roles['teacher']), jax.tree.leaves(final.roles['teacher'])):
+  for a, b in zip(
+      jax.tree.leaves(initial.roles['teacher']), jax.tree.leaves(final.roles['teacher'])
+  ):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
@@ -136,8 +152,15 @@ def test_presets_switch_the_spec_terms():
     ffkd_method.terms_for_preset('ffkd_x', config.ffkd)
 
 
-@pytest.mark.parametrize('preset,expect_feat,expect_teacher', [
-    ('fkd', False, False), ('fkd_cka', True, False), ('fkd_fbkd', True, True), ('ffkd', True, True)])
+@pytest.mark.parametrize(
+    'preset,expect_feat,expect_teacher',
+    [
+        ('fkd', False, False),
+        ('fkd_cka', True, False),
+        ('fkd_fbkd', True, True),
+        ('ffkd', True, True),
+    ],
+)
 def test_presets_in_the_step(preset, expect_feat, expect_teacher):
   config = helpers.tiny_config(preset)
   _, metrics, _ = run_steps(config, 1, num_steps=1, batch_size=8)

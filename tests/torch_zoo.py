@@ -61,7 +61,8 @@ class ResBlock(nn.Module):
     projection = None
     if stride != 1 or in_planes != out_planes:
       projection = nn.Sequential(
-          nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), _bn(out_planes))
+          nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), _bn(out_planes)
+      )
     setattr(self, shortcut_name, projection)
 
   def forward(self, x):
@@ -89,8 +90,9 @@ class ResNet(nn.Module):
     for s, (planes, stride) in enumerate(zip(widths, (1, 2, 2, 2)), start=1):
       stage = []
       for b in range(blocks[s - 1]):
-        stage.append(ResBlock(in_planes, planes, stride if b == 0 else 1, bottleneck,
-                              shortcut_name))
+        stage.append(
+            ResBlock(in_planes, planes, stride if b == 0 else 1, bottleneck, shortcut_name)
+        )
         in_planes = planes * (4 if bottleneck else 1)
       setattr(self, f'layer{s}', nn.ModuleList(stage))
     self.head = head
@@ -112,6 +114,7 @@ class ResNet(nn.Module):
 
 
 class WideBlock(nn.Module):
+
   def __init__(self, in_planes, out_planes, stride):
     super().__init__()
     self.bn1 = _bn(in_planes)
@@ -121,7 +124,8 @@ class WideBlock(nn.Module):
     self.equal_in_out = in_planes == out_planes
     if not self.equal_in_out:
       self.convShortcut = nn.Conv2d(  # pylint: disable=invalid-name
-          in_planes, out_planes, 1, stride=stride, bias=False)
+          in_planes, out_planes, 1, stride=stride, bias=False
+      )
 
   def forward(self, x):
     activated = F.relu(self.bn1(x))
@@ -131,17 +135,22 @@ class WideBlock(nn.Module):
 
 
 class WideStage(nn.Module):
+
   def __init__(self, num_layers, in_planes, out_planes, stride):
     super().__init__()
-    self.layer = nn.Sequential(*[
-        WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-        for i in range(num_layers)])
+    self.layer = nn.Sequential(
+        *[
+            WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+            for i in range(num_layers)
+        ]
+    )
 
   def forward(self, x):
     return self.layer(x)
 
 
 class WideResNet(nn.Module):
+
   def __init__(self, depth, widen_factor, num_classes):
     super().__init__()
     n = (depth - 4) // 6
@@ -160,7 +169,9 @@ class WideResNet(nn.Module):
     final = self.bn1(f3)
     embedding = F.relu(final).mean(dim=(2, 3))
     features = {
-        'stage1': f1, 'stage2': f2, 'stage3': f3,
+        'stage1': f1,
+        'stage2': f2,
+        'stage3': f3,
         'stage1_preact': self.block2.layer[0].bn1(f1),
         'stage2_preact': self.block3.layer[0].bn1(f2),
         'stage3_preact': final,
@@ -173,14 +184,18 @@ class WideResNet(nn.Module):
 
 
 class VGG(nn.Module):
+
   def __init__(self, cfg, num_classes):
     super().__init__()
     in_channels = 3
     for i, channels in enumerate(cfg):
       modules = []
       for out_channels in channels:
-        modules += [nn.Conv2d(in_channels, out_channels, 3, padding=1), _bn(out_channels),
-                    nn.ReLU()]
+        modules += [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            _bn(out_channels),
+            nn.ReLU(),
+        ]
         in_channels = out_channels
       setattr(self, f'block{i}', nn.Sequential(*modules[:-1]))  # last ReLU applied outside
     self.classifier = nn.Linear(512, num_classes)
@@ -213,29 +228,43 @@ VGG_CFG = {
 
 
 class InvertedResidual(nn.Module):
+
   def __init__(self, inp, oup, stride, expand_ratio):
     super().__init__()
     hidden = inp * expand_ratio
     self.use_res_connect = stride == 1 and inp == oup
     self.conv = nn.Sequential(
-        nn.Conv2d(inp, hidden, 1, bias=False), _bn(hidden), nn.ReLU(),
-        nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), _bn(hidden),
+        nn.Conv2d(inp, hidden, 1, bias=False),
+        _bn(hidden),
         nn.ReLU(),
-        nn.Conv2d(hidden, oup, 1, bias=False), _bn(oup))
+        nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+        _bn(hidden),
+        nn.ReLU(),
+        nn.Conv2d(hidden, oup, 1, bias=False),
+        _bn(oup),
+    )
 
   def forward(self, x):
     return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
 class MobileNetV2(nn.Module):
-  SETTING = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
-             (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1)]  # t (None: T), c, n, s
+  SETTING = [
+      (1, 16, 1, 1),
+      (None, 24, 2, 1),
+      (None, 32, 3, 2),
+      (None, 64, 4, 2),
+      (None, 96, 3, 1),
+      (None, 160, 3, 2),
+      (None, 320, 1, 1),
+  ]  # t (None: T), c, n, s
 
   def __init__(self, num_classes, expansion=6, width_mult=0.5):
     super().__init__()
     channels = int(32 * width_mult)
-    self.conv1 = nn.Sequential(nn.Conv2d(3, channels, 3, 2, 1, bias=False), _bn(channels),
-                               nn.ReLU())
+    self.conv1 = nn.Sequential(
+        nn.Conv2d(3, channels, 3, 2, 1, bias=False), _bn(channels), nn.ReLU()
+    )
     self.blocks = nn.ModuleList()
     for t, c, n, s in self.SETTING:
       out = int(c * width_mult)
@@ -267,6 +296,7 @@ class MobileNetV2(nn.Module):
 
 
 class ShuffleV1Block(nn.Module):
+
   def __init__(self, in_planes, out_planes, stride, groups):
     super().__init__()
     self.stride = stride
@@ -291,6 +321,7 @@ class ShuffleV1Block(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
+
   def __init__(self, num_classes, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups=3):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -321,6 +352,7 @@ class ShuffleNetV1(nn.Module):
 
 
 class ShuffleV2Block(nn.Module):
+
   def __init__(self, channels):
     super().__init__()
     half = channels // 2
@@ -341,6 +373,7 @@ class ShuffleV2Block(nn.Module):
 
 
 class ShuffleV2Down(nn.Module):
+
   def __init__(self, in_channels, out_channels):
     super().__init__()
     mid = out_channels // 2
@@ -363,6 +396,7 @@ class ShuffleV2Down(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
+
   def __init__(self, num_classes, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3)):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -394,12 +428,24 @@ class ShuffleNetV2(nn.Module):
 
 # ----------------------------------------------------------------- registry names
 
-_RESNET_DEPTHS = {'resnet8': 8, 'resnet14': 14, 'resnet20': 20, 'resnet32': 32,
-                  'resnet44': 44, 'resnet56': 56, 'resnet110': 110}
+_RESNET_DEPTHS = {
+    'resnet8': 8,
+    'resnet14': 14,
+    'resnet20': 20,
+    'resnet32': 32,
+    'resnet44': 44,
+    'resnet56': 56,
+    'resnet110': 110,
+}
 _WRN = {'wrn_16_1': (16, 1), 'wrn_16_2': (16, 2), 'wrn_40_1': (40, 1), 'wrn_40_2': (40, 2)}
 
-NAMES = (sorted(_RESNET_DEPTHS) + ['resnet8x4', 'resnet32x4', 'resnet50_cifar'] + sorted(_WRN)
-         + sorted(VGG_CFG) + ['mobilenetv2', 'shufflenetv1', 'shufflenetv2'])
+NAMES = (
+    sorted(_RESNET_DEPTHS)
+    + ['resnet8x4', 'resnet32x4', 'resnet50_cifar']
+    + sorted(_WRN)
+    + sorted(VGG_CFG)
+    + ['mobilenetv2', 'shufflenetv1', 'shufflenetv2']
+)
 
 
 def build(name, num_classes):
@@ -408,11 +454,10 @@ def build(name, num_classes):
     n = (_RESNET_DEPTHS[name] - 2) // 6
     return ResNet(16, (16, 32, 64), (n,) * 3, False, 'downsample', 'fc', num_classes)
   if name in ('resnet8x4', 'resnet32x4'):
-    n = (int(name[len('resnet'):-len('x4')]) - 2) // 6
+    n = (int(name[len('resnet') : -len('x4')]) - 2) // 6
     return ResNet(32, (64, 128, 256), (n,) * 3, False, 'downsample', 'fc', num_classes)
   if name == 'resnet50_cifar':
-    return ResNet(64, (64, 128, 256, 512), (3, 4, 6, 3), True, 'shortcut', 'linear',
-                  num_classes)
+    return ResNet(64, (64, 128, 256, 512), (3, 4, 6, 3), True, 'shortcut', 'linear', num_classes)
   if name in _WRN:
     return WideResNet(*_WRN[name], num_classes)
   if name in VGG_CFG:

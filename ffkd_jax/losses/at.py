@@ -21,25 +21,26 @@ from ffkd_jax.losses._numerics import l2_normalize
 
 
 def attention_map(feature_map: jax.Array, p: float = 2.0) -> jax.Array:
-    """(n, h, w, c) -> (n, h*w) L2-normalised spatial attention mean_c |F|^p."""
-    f = feature_map.astype(jnp.promote_types(feature_map.dtype, jnp.float32))
-    attention = jnp.mean(jnp.abs(f) ** p, axis=-1)  # (n, h, w)
-    return l2_normalize(attention.reshape(f.shape[0], -1), axis=-1)
+  """(n, h, w, c) -> (n, h*w) L2-normalised spatial attention mean_c |F|^p."""
+  f = feature_map.astype(jnp.promote_types(feature_map.dtype, jnp.float32))
+  attention = jnp.mean(jnp.abs(f) ** p, axis=-1)  # (n, h, w)
+  return l2_normalize(attention.reshape(f.shape[0], -1), axis=-1)
 
 
 def at_loss(student: jax.Array, teacher: jax.Array, p: float = 2.0) -> jax.Array:
-    """Attention transfer loss mean((Q_s - Q_t)^2) for one stage pair.
+  """Attention transfer loss mean((Q_s - Q_t)^2) for one stage pair.
 
-    Args:
-      student: (n, h, w, c_s) student map.
-      teacher: (n, h, w, c_t) teacher map with the same n, h, w.
-      p: power of |F| (2 in the paper).
-    Returns:
-      A scalar.
-    """
-    if student.ndim != 4 or teacher.ndim != 4 or student.shape[:3] != teacher.shape[:3]:
-        raise ValueError(
-            f"at_loss needs NHWC maps with the same batch and spatial size (pool the larger map "
-            f"first); got student {student.shape} and teacher {teacher.shape}")
-    diff = attention_map(student, p) - attention_map(teacher, p)
-    return jnp.mean(diff * diff)
+  Args:
+    student: (n, h, w, c_s) student map.
+    teacher: (n, h, w, c_t) teacher map with the same n, h, w.
+    p: power of |F| (2 in the paper).
+  Returns:
+    A scalar.
+  """
+  if student.ndim != 4 or teacher.ndim != 4 or student.shape[:3] != teacher.shape[:3]:
+    raise ValueError(
+        f'at_loss needs NHWC maps with the same batch and spatial size (pool the larger map '
+        f'first); got student {student.shape} and teacher {teacher.shape}'
+    )
+  diff = attention_map(student, p) - attention_map(teacher, p)
+  return jnp.mean(diff * diff)

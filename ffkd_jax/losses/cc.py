@@ -27,44 +27,47 @@ from ffkd_jax.losses._numerics import flatten_examples, l2_normalize
 
 
 def correlation_matrix(embedding: jax.Array, gamma: float = 0.4, order: int = 2) -> jax.Array:
-    """Taylor-approximated RBF correlation between the L2-normalised rows of `embedding`.
+  """Taylor-approximated RBF correlation between the L2-normalised rows of `embedding`.
 
-    Args:
-      embedding: (n, ...) embeddings, flattened per example.
-      gamma: RBF kernel parameter.
-      order: P, the highest power kept (static).
-    Returns:
-      (n, n) symmetric correlation matrix.
-    """
-    f = l2_normalize(flatten_examples(embedding).astype(
-        jnp.promote_types(embedding.dtype, jnp.float32)))
-    similarity = f @ f.T  # (n, n) cosine similarities
-    corr = jnp.zeros_like(similarity)
-    power = jnp.ones_like(similarity)
-    for p in range(order + 1):  # static, P + 1 terms
-        corr = corr + (2.0 * gamma) ** p / math.factorial(p) * power
-        power = power * similarity
-    return math.exp(-2.0 * gamma) * corr
+  Args:
+    embedding: (n, ...) embeddings, flattened per example.
+    gamma: RBF kernel parameter.
+    order: P, the highest power kept (static).
+  Returns:
+    (n, n) symmetric correlation matrix.
+  """
+  f = l2_normalize(
+      flatten_examples(embedding).astype(jnp.promote_types(embedding.dtype, jnp.float32))
+  )
+  similarity = f @ f.T  # (n, n) cosine similarities
+  corr = jnp.zeros_like(similarity)
+  power = jnp.ones_like(similarity)
+  for p in range(order + 1):  # static, P + 1 terms
+    corr = corr + (2.0 * gamma) ** p / math.factorial(p) * power
+    power = power * similarity
+  return math.exp(-2.0 * gamma) * corr
 
 
-def cc_loss(student: jax.Array, teacher: jax.Array, gamma: float = 0.4,
-            order: int = 2) -> jax.Array:
-    """Correlation congruence: mean((C_s - C_t)^2) over the n x n correlation matrices.
+def cc_loss(
+    student: jax.Array, teacher: jax.Array, gamma: float = 0.4, order: int = 2
+) -> jax.Array:
+  """Correlation congruence: mean((C_s - C_t)^2) over the n x n correlation matrices.
 
-    Symmetric in (student, teacher); invariant to per-example scaling of either input.
-    No stop-gradient inside.
+  Symmetric in (student, teacher); invariant to per-example scaling of either input.
+  No stop-gradient inside.
 
-    Args:
-      student: (n, ...) student embeddings (global batch).
-      teacher: (n, ...) teacher embeddings (global batch); feature sizes may differ.
-      gamma: RBF kernel parameter.
-      order: Taylor order P.
-    Returns:
-      A scalar.
-    """
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"cc_loss needs the same number of student and teacher examples; got shapes "
-            f"{student.shape} and {teacher.shape}")
-    diff = correlation_matrix(student, gamma, order) - correlation_matrix(teacher, gamma, order)
-    return jnp.mean(diff * diff)
+  Args:
+    student: (n, ...) student embeddings (global batch).
+    teacher: (n, ...) teacher embeddings (global batch); feature sizes may differ.
+    gamma: RBF kernel parameter.
+    order: Taylor order P.
+  Returns:
+    A scalar.
+  """
+  if student.shape[0] != teacher.shape[0]:
+    raise ValueError(
+        f'cc_loss needs the same number of student and teacher examples; got shapes '
+        f'{student.shape} and {teacher.shape}'
+    )
+  diff = correlation_matrix(student, gamma, order) - correlation_matrix(teacher, gamma, order)
+  return jnp.mean(diff * diff)

@@ -14,19 +14,20 @@ import jax.numpy as jnp
 
 
 def hint_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
-    """Mean squared error between the connector-mapped student map and the teacher map.
+  """Mean squared error between the connector-mapped student map and the teacher map.
 
-    No stop-gradient inside (the caller stops the teacher's gradient).
+  No stop-gradient inside (the caller stops the teacher's gradient).
 
-    Args:
-      student: (n, h, w, c) connector output r(V_s).
-      teacher: (n, h, w, c) teacher hint U_t.
-    Returns:
-      A scalar.
-    """
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"hint_loss needs the connector-mapped student map in the teacher's shape; got "
-            f"student {student.shape} and teacher {teacher.shape}")
-    diff = student - teacher
-    return jnp.mean(diff * diff)
+  Args:
+    student: (n, h, w, c) connector output r(V_s).
+    teacher: (n, h, w, c) teacher hint U_t.
+  Returns:
+    A scalar.
+  """
+  if student.shape != teacher.shape:
+    raise ValueError(
+        f"hint_loss needs the connector-mapped student map in the teacher's shape; got "
+        f"student {student.shape} and teacher {teacher.shape}"
+    )
+  diff = student - teacher
+  return jnp.mean(diff * diff)

@@ -28,53 +28,55 @@ from ffkd_jax.losses._numerics import flatten_examples, l2_normalize
 
 
 def autoencoder_reconstruction_loss(x: jax.Array, x_rec: jax.Array) -> jax.Array:
-    """L1 reconstruction loss mean |x - x_rec| over all elements.
+  """L1 reconstruction loss mean |x - x_rec| over all elements.
 
-    Args:
-      x: (n, ...) auto-encoder input (features).
-      x_rec: (n, ...) its reconstruction.
-    Returns:
-      A scalar.
-    """
-    if x.shape != x_rec.shape:
-        raise ValueError(
-            f"autoencoder_reconstruction_loss needs x and its reconstruction in the same shape; "
-            f"got {x.shape} and {x_rec.shape}")
-    return jnp.mean(jnp.abs(x - x_rec))
+  Args:
+    x: (n, ...) auto-encoder input (features).
+    x_rec: (n, ...) its reconstruction.
+  Returns:
+    A scalar.
+  """
+  if x.shape != x_rec.shape:
+    raise ValueError(
+        f'autoencoder_reconstruction_loss needs x and its reconstruction in the same shape; '
+        f'got {x.shape} and {x_rec.shape}'
+    )
+  return jnp.mean(jnp.abs(x - x_rec))
 
 
 def factor_distance(a: jax.Array, b: jax.Array) -> jax.Array:
-    """FT factor distance: mean over n and features of |a/||a||_2 - b/||b||_2| (per example)."""
-    if a.shape != b.shape:
-        raise ValueError(f"factor_distance needs codes of the same shape; got {a.shape} and "
-                         f"{b.shape}")
-    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-    a_unit = l2_normalize(flatten_examples(a).astype(dtype), axis=-1)  # (n, d)
-    b_unit = l2_normalize(flatten_examples(b).astype(dtype), axis=-1)  # (n, d)
-    return jnp.mean(jnp.abs(a_unit - b_unit))
+  """FT factor distance: mean over n and features of |a/||a||_2 - b/||b||_2| (per example)."""
+  if a.shape != b.shape:
+    raise ValueError(
+        f'factor_distance needs codes of the same shape; got {a.shape} and ' f'{b.shape}'
+    )
+  dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+  a_unit = l2_normalize(flatten_examples(a).astype(dtype), axis=-1)  # (n, d)
+  b_unit = l2_normalize(flatten_examples(b).astype(dtype), axis=-1)  # (n, d)
+  return jnp.mean(jnp.abs(a_unit - b_unit))
 
 
 def inheritance_loss(student_code: jax.Array, teacher_code: jax.Array) -> jax.Array:
-    """Inheritance (similarity) loss: factor_distance(student_code, teacher_code).
+  """Inheritance (similarity) loss: factor_distance(student_code, teacher_code).
 
-    Args:
-      student_code: (n, ...) code of the student's inheritance part.
-      teacher_code: (n, ...) teacher's code (same shape).
-    Returns:
-      A scalar >= 0.
-    """
-    return factor_distance(student_code, teacher_code)
+  Args:
+    student_code: (n, ...) code of the student's inheritance part.
+    teacher_code: (n, ...) teacher's code (same shape).
+  Returns:
+    A scalar >= 0.
+  """
+  return factor_distance(student_code, teacher_code)
 
 
 def exploration_loss(student_code: jax.Array, teacher_code: jax.Array) -> jax.Array:
-    """Exploration (dis-similarity) loss: -factor_distance(student_code, teacher_code).
+  """Exploration (dis-similarity) loss: -factor_distance(student_code, teacher_code).
 
-    Minimising it pushes the exploration part's normalised code away from the teacher's.
+  Minimising it pushes the exploration part's normalised code away from the teacher's.
 
-    Args:
-      student_code: (n, ...) code of the student's exploration part.
-      teacher_code: (n, ...) teacher's code (same shape).
-    Returns:
-      A scalar <= 0.
-    """
-    return -factor_distance(student_code, teacher_code)
+  Args:
+    student_code: (n, ...) code of the student's exploration part.
+    teacher_code: (n, ...) teacher's code (same shape).
+  Returns:
+    A scalar <= 0.
+  """
+  return -factor_distance(student_code, teacher_code)

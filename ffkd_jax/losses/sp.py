@@ -22,24 +22,25 @@ from ffkd_jax.losses._numerics import flatten_examples, l2_normalize
 
 
 def similarity_matrix(feature_map: jax.Array) -> jax.Array:
-    """(n, ...) -> (n, n) row-L2-normalised Gram matrix of the flattened examples."""
-    f = flatten_examples(feature_map).astype(jnp.promote_types(feature_map.dtype, jnp.float32))
-    return l2_normalize(f @ f.T, axis=1)  # (n, n)
+  """(n, ...) -> (n, n) row-L2-normalised Gram matrix of the flattened examples."""
+  f = flatten_examples(feature_map).astype(jnp.promote_types(feature_map.dtype, jnp.float32))
+  return l2_normalize(f @ f.T, axis=1)  # (n, n)
 
 
 def sp_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
-    """Similarity-preserving loss ||G_t - G_s||_F^2 / n^2.
+  """Similarity-preserving loss ||G_t - G_s||_F^2 / n^2.
 
-    Args:
-      student: (n, ...) student map (global batch); shapes may differ from the teacher's.
-      teacher: (n, ...) teacher map (global batch).
-    Returns:
-      A scalar.
-    """
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"sp_loss needs the same number of student and teacher examples; got shapes "
-            f"{student.shape} and {teacher.shape}")
-    n = student.shape[0]
-    diff = similarity_matrix(teacher) - similarity_matrix(student)
-    return jnp.sum(diff * diff) / (n * n)
+  Args:
+    student: (n, ...) student map (global batch); shapes may differ from the teacher's.
+    teacher: (n, ...) teacher map (global batch).
+  Returns:
+    A scalar.
+  """
+  if student.shape[0] != teacher.shape[0]:
+    raise ValueError(
+        f'sp_loss needs the same number of student and teacher examples; got shapes '
+        f'{student.shape} and {teacher.shape}'
+    )
+  n = student.shape[0]
+  diff = similarity_matrix(teacher) - similarity_matrix(student)
+  return jnp.sum(diff * diff) / (n * n)

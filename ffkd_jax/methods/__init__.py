@@ -18,11 +18,19 @@ from ffkd_jax.methods.sp import SP
 _REGISTRY = {
     'ce': CrossEntropy,
     # Logit and relation distillation from a frozen teacher.
-    'kd': KD, 'dist': DIST, 'rkd': RKD, 'cc': CC,
+    'kd': KD,
+    'dist': DIST,
+    'rkd': RKD,
+    'cc': CC,
     # Feature distillation from a frozen teacher.
-    'fitnet': FitNet, 'at': AT, 'sp': SP, 'ickd': ICKD, 'iekd': IEKD,
+    'fitnet': FitNet,
+    'at': AT,
+    'sp': SP,
+    'ickd': ICKD,
+    'iekd': IEKD,
     # Online: peers trained together from scratch.
-    'dml': DML, 'iedml': IEDML,
+    'dml': DML,
+    'iedml': IEDML,
 }
 _REGISTRY.update({preset: FFKD for preset in FFKD_PRESETS})
 
@@ -33,8 +41,10 @@ def available_methods() -> list[str]:
 
 def create_method(config) -> Method:
   if config.method not in _REGISTRY:
-    raise ValueError(f"config.method='{config.method}' is not a method; valid: "
-                     f"{', '.join(available_methods())}.")
+    raise ValueError(
+        f"config.method='{config.method}' is not a method; valid: "
+        f"{', '.join(available_methods())}."
+    )
   return _REGISTRY[config.method](config)
 
 

@@ -18,8 +18,15 @@ import jax
 
 from ffkd_jax.losses.at import at_loss
 from ffkd_jax.losses.classification import cross_entropy
-from ffkd_jax.methods.common import (TeacherStudent, aligned_stage_pairs, check_pairs,
-                                     common_size, parse_pairs, pool_to_smaller, spatial_size)
+from ffkd_jax.methods.common import (
+    TeacherStudent,
+    aligned_stage_pairs,
+    check_pairs,
+    common_size,
+    parse_pairs,
+    pool_to_smaller,
+    spatial_size,
+)
 from ffkd_jax.parallel import DATA_AXIS
 
 
@@ -31,8 +38,9 @@ class AT(TeacherStudent):
     c = config.at
     self.ce_weight, self.at_weight, self.p = c.ce_weight, c.at_weight, c.p
     self._pairs_spec = c.layer_pairs
-    self.layer_pairs = () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs,
-                                                                       'at.layer_pairs')
+    self.layer_pairs = (
+        () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs, 'at.layer_pairs')
+    )
 
   def setup(self, feature_shapes):
     teacher, student = feature_shapes['teacher'], feature_shapes['student']
@@ -40,12 +48,17 @@ class AT(TeacherStudent):
       self.layer_pairs = aligned_stage_pairs(teacher, student)
     check_pairs(feature_shapes, self.layer_pairs, 'at.layer_pairs')
     for t_name, s_name in self.layer_pairs:
-      common_size(spatial_size(teacher[t_name]), spatial_size(student[s_name]),
-                  f'config.at.layer_pairs {t_name}:{s_name}')
+      common_size(
+          spatial_size(teacher[t_name]),
+          spatial_size(student[s_name]),
+          f'config.at.layer_pairs {t_name}:{s_name}',
+      )
 
   def required_features(self):
-    return {'teacher': tuple(t for t, _ in self.layer_pairs),
-            'student': tuple(s for _, s in self.layer_pairs)}
+    return {
+        'teacher': tuple(t for t, _ in self.layer_pairs),
+        'student': tuple(s for _, s in self.layer_pairs),
+    }
 
   def _at(self, outputs):
     total = 0.0
@@ -60,8 +73,10 @@ class AT(TeacherStudent):
     del step
     ce = cross_entropy(outputs['student'].logits, labels)
     at = self._at(outputs)
-    return ({'student': self.ce_weight * ce + self.at_weight * at},
-            {'loss/student_ce': ce, 'loss/student_at': at})
+    return (
+        {'student': self.ce_weight * ce + self.at_weight * at},
+        {'loss/student_ce': ce, 'loss/student_at': at},
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

@@ -35,6 +35,7 @@ class Role:
   pretrained: whether the backbone is loaded from `config.teacher.checkpoint`.
   lr_scale: its learning rate over the base schedule's.
   """
+
   name: str
   model: str
   train_backbone: bool = True
@@ -45,6 +46,7 @@ class Role:
 @dataclasses.dataclass(frozen=True)
 class RoleOutput:
   """What one forward pass of a role gives the loss (this device's rows)."""
+
   logits: Array  # (n, classes)
   features: Mapping[str, Array]  # backbone features by name
   heads: Mapping[str, Any]  # outputs of the role's heads, {} without heads
@@ -65,8 +67,9 @@ class Method(abc.ABC):
     """Called once with every role's feature shapes before `heads` (e.g. to pick layer pairs)."""
     del feature_shapes
 
-  def heads(self, role: str, feature_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]
-            ) -> nn.Module | None:
+  def heads(
+      self, role: str, feature_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]
+  ) -> nn.Module | None:
     """The trainable extras of `role`, or None. feature_shapes: role -> feature name -> shape.
 
     The module is called as `heads(features, train=bool)` on the role's own features (already
@@ -81,8 +84,9 @@ class Method(abc.ABC):
     return True
 
   @abc.abstractmethod
-  def loss(self, outputs: Mapping[str, RoleOutput], labels: Array, step: Array
-           ) -> tuple[dict[str, Array], Metrics]:
+  def loss(
+      self, outputs: Mapping[str, RoleOutput], labels: Array, step: Array
+  ) -> tuple[dict[str, Array], Metrics]:
     """Per-role losses (each a scalar) and metrics. Runs inside the data-parallel step."""
 
   def diagnostics(self, outputs: Mapping[str, RoleOutput]) -> Metrics:
@@ -98,4 +102,3 @@ class Method(abc.ABC):
 def gather(x: Array) -> Array:
   """This device's rows -> the global batch's rows (concatenated over the `data` axis)."""
   return jax.lax.all_gather(x, DATA_AXIS, tiled=True)
-

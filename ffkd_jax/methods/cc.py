@@ -54,8 +54,10 @@ class CC(TeacherStudent):
     kd = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, self.temperature)
     cc = self._cc(outputs)
     total = self.ce_weight * ce + self.kd_weight * kd + self.cc_weight * cc
-    return ({'student': total},
-            {'loss/student_ce': ce, 'loss/student_kd': kd, 'loss/student_cc': cc})
+    return (
+        {'student': total},
+        {'loss/student_ce': ce, 'loss/student_kd': kd, 'loss/student_cc': cc},
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

@@ -24,23 +24,26 @@ Shapes = Mapping[str, jax.ShapeDtypeStruct]
 def stage_names(shapes: Shapes) -> list[str]:
   """The post-activation stage outputs of a model, in order (stage1, stage2, ...)."""
   names = [k for k in shapes if k.startswith('stage') and not k.endswith('_preact')]
-  return sorted(names, key=lambda k: int(k[len('stage'):]))
+  return sorted(names, key=lambda k: int(k[len('stage') :]))
 
 
 def last_stage(shapes: Shapes) -> str:
   names = stage_names(shapes)
   if not names:
-    raise ValueError(f'the model exposes no stage outputs (stage1, ...); it has: '
-                     f'{", ".join(sorted(shapes))}.')
+    raise ValueError(
+        f'the model exposes no stage outputs (stage1, ...); it has: '
+        f'{", ".join(sorted(shapes))}.'
+    )
   return names[-1]
 
 
-def aligned_stage_pairs(teacher_shapes: Shapes, student_shapes: Shapes
-                        ) -> tuple[tuple[str, str], ...]:
+def aligned_stage_pairs(
+    teacher_shapes: Shapes, student_shapes: Shapes
+) -> tuple[tuple[str, str], ...]:
   """(teacher, student) stage pairs: the last min(K_t, K_s) stages of each, deepest aligned."""
   teacher, student = stage_names(teacher_shapes), stage_names(student_shapes)
   count = min(len(teacher), len(student))
-  return tuple(zip(teacher[len(teacher) - count:], student[len(student) - count:]))
+  return tuple(zip(teacher[len(teacher) - count :], student[len(student) - count :]))
 
 
 def parse_pairs(spec: str, field: str) -> tuple[tuple[str, str], ...]:
@@ -49,8 +52,10 @@ def parse_pairs(spec: str, field: str) -> tuple[tuple[str, str], ...]:
   for item in spec.split(','):
     names = [n.strip() for n in item.split(':')]
     if len(names) != 2 or not all(names):
-      raise ValueError(f"config.{field}='{spec}' is not valid: give 'auto' or comma-separated "
-                       "teacher:student feature names, e.g. 'stage2:stage2,stage3:stage3'.")
+      raise ValueError(
+          f"config.{field}='{spec}' is not valid: give 'auto' or comma-separated "
+          "teacher:student feature names, e.g. 'stage2:stage2,stage3:stage3'."
+      )
     pairs.append(tuple(names))
   return tuple(pairs)
 
@@ -59,8 +64,10 @@ def check_names(shapes: Shapes, role: str, names, field: str) -> None:
   """Raises, naming the config field, when a feature name is not one the role's model has."""
   for name in names:
     if name not in shapes:
-      raise ValueError(f"config.{field}: feature '{name}' of the {role} is not produced by its "
-                       f"model; it has: {', '.join(sorted(shapes))}.")
+      raise ValueError(
+          f"config.{field}: feature '{name}' of the {role} is not produced by its "
+          f"model; it has: {', '.join(sorted(shapes))}."
+      )
 
 
 def check_pairs(feature_shapes, pairs, field: str) -> None:
@@ -75,8 +82,10 @@ def spatial_size(shape: jax.ShapeDtypeStruct) -> tuple[int, int]:
 def check_poolable(larger: tuple[int, int], smaller: tuple[int, int], what: str) -> None:
   """Raises unless the map of size `larger` average-pools exactly onto `smaller`."""
   if any(a < b or a % b for a, b in zip(larger, smaller)):
-    raise ValueError(f'{what}: a {larger[0]}x{larger[1]} map cannot be average-pooled to '
-                     f'{smaller[0]}x{smaller[1]} (sizes must divide); pick other layers.')
+    raise ValueError(
+        f'{what}: a {larger[0]}x{larger[1]} map cannot be average-pooled to '
+        f'{smaller[0]}x{smaller[1]} (sizes must divide); pick other layers.'
+    )
 
 
 def common_size(a: tuple[int, int], b: tuple[int, int], what: str) -> tuple[int, int]:
@@ -105,8 +114,10 @@ def pool_to_smaller(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 def teacher_student_roles(config) -> tuple[Role, Role]:
   """A frozen pre-trained `config.teacher.model` and a `config.model` student trained from
   scratch."""
-  return (Role('teacher', config.teacher.model, train_backbone=False, pretrained=True),
-          Role('student', config.model))
+  return (
+      Role('teacher', config.teacher.model, train_backbone=False, pretrained=True),
+      Role('student', config.model),
+  )
 
 
 class TeacherStudent(Method):
@@ -122,8 +133,9 @@ class TeacherStudent(Method):
     return prediction_agreement(outputs['teacher'].logits, outputs['student'].logits)
 
 
-def prediction_agreement(teacher_logits: jax.Array, student_logits: jax.Array,
-                         key: str = 'agreement/teacher-student') -> dict[str, jax.Array]:
+def prediction_agreement(
+    teacher_logits: jax.Array, student_logits: jax.Array, key: str = 'agreement/teacher-student'
+) -> dict[str, jax.Array]:
   """Share of the global batch where the two roles' top-1 classes agree."""
   teacher_top1 = jnp.argmax(gather(teacher_logits), axis=-1)  # (n,)
   return {key: jnp.mean(top_k_correct(gather(student_logits), teacher_top1, 1))}

@@ -30,16 +30,23 @@ class DIST(TeacherStudent):
     self.ce_weight, self.kd_weight = c.ce_weight, c.kd_weight
 
   def _dist(self, student_logits, teacher_logits):
-    return dist_loss(gather(student_logits), gather(jax.lax.stop_gradient(teacher_logits)),
-                     self.temperature, self.beta, self.gamma)
+    return dist_loss(
+        gather(student_logits),
+        gather(jax.lax.stop_gradient(teacher_logits)),
+        self.temperature,
+        self.beta,
+        self.gamma,
+    )
 
   def loss(self, outputs, labels, step):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
     kd = self._dist(student.logits, teacher.logits)  # global batch
-    return ({'student': self.ce_weight * ce + self.kd_weight * kd},
-            {'loss/student_ce': ce, 'loss/student_dist': kd})
+    return (
+        {'student': self.ce_weight * ce + self.kd_weight * kd},
+        {'loss/student_ce': ce, 'loss/student_dist': kd},
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

@@ -25,21 +25,27 @@ from ffkd_jax.methods.base import Method, Role, gather
 from ffkd_jax.methods.common import prediction_agreement
 
 
-def peer_models(spec: str, default_model: str, field: str, count: int | None = None
-                ) -> tuple[str, ...]:
+def peer_models(
+    spec: str, default_model: str, field: str, count: int | None = None
+) -> tuple[str, ...]:
   """'resnet8,resnet20' -> ('resnet8', 'resnet20'); '' -> two copies of `default_model`."""
   names = tuple(n.strip() for n in spec.split(',')) if spec.strip() else (default_model,) * 2
   valid = models.available_models()
   for name in names:
     if name not in valid:
-      raise ValueError(f"config.{field}='{spec}': '{name}' is not a model; valid: "
-                       f"{', '.join(valid)}.")
+      raise ValueError(
+          f"config.{field}='{spec}': '{name}' is not a model; valid: " f"{', '.join(valid)}."
+      )
   if count is not None and len(names) != count:
-    raise ValueError(f"config.{field}='{spec}' names {len(names)} models; this method has "
-                     f"exactly {count} peers.")
+    raise ValueError(
+        f"config.{field}='{spec}' names {len(names)} models; this method has "
+        f'exactly {count} peers.'
+    )
   if len(names) < 2:
-    raise ValueError(f"config.{field}='{spec}' names {len(names)} model; mutual learning needs "
-                     "at least 2 peers, e.g. 'resnet8,resnet8'.")
+    raise ValueError(
+        f"config.{field}='{spec}' names {len(names)} model; mutual learning needs "
+        "at least 2 peers, e.g. 'resnet8,resnet8'."
+    )
   return names
 
 
@@ -56,8 +62,9 @@ def peer_diagnostics(outputs, num_peers: int) -> dict[str, jax.Array]:
     key = f'{peer_name(0)}-{peer_name(j)}'
     metrics.update(prediction_agreement(other.logits, first.logits, f'agreement/{key}'))
     if 'embedding' in first.features and 'embedding' in other.features:
-      metrics[f'cka/{key}'] = cka.layer_cka(gather(first.features['embedding']),
-                                            gather(other.features['embedding']))
+      metrics[f'cka/{key}'] = cka.layer_cka(
+          gather(first.features['embedding']), gather(other.features['embedding'])
+      )
   return metrics
 
 
@@ -71,8 +78,10 @@ class DML(Method):
     self.temperature, self.kl_weight = c.temperature, c.kl_weight
 
   def roles(self):
-    return tuple(Role(peer_name(k), model, train_backbone=True, pretrained=False)
-                 for k, model in enumerate(self.models))
+    return tuple(
+        Role(peer_name(k), model, train_backbone=True, pretrained=False)
+        for k, model in enumerate(self.models)
+    )
 
   def loss(self, outputs, labels, step):
     del step

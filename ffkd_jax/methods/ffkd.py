@@ -33,6 +33,7 @@ PRESETS = ('ffkd', 'fkd', 'fkd_cka', 'fkd_fbkd')
 @dataclasses.dataclass(frozen=True)
 class FFKDTerms:
   """The weights and switches of one FFKD recipe, after the preset is applied."""
+
   temperature: float
   a_ce: float
   a_kd: float
@@ -72,10 +73,13 @@ def auto_layer_pairs(teacher_shapes, student_shapes, max_pairs: int = 3):
 
   Keeps the `max_pairs` deepest such pairs; a student map must be at least the teacher's size.
   """
+
   def deepest_by_size(shapes):
     by_size = {}
-    for name in sorted((k for k in shapes if k.startswith('stage') and not k.endswith('_preact')),
-                       key=lambda k: int(k[len('stage'):])):
+    for name in sorted(
+        (k for k in shapes if k.startswith('stage') and not k.endswith('_preact')),
+        key=lambda k: int(k[len('stage') :]),
+    ):
       by_size[tuple(shapes[name].shape[1:3])] = name
     return by_size
 
@@ -83,8 +87,10 @@ def auto_layer_pairs(teacher_shapes, student_shapes, max_pairs: int = 3):
   common = sorted(set(teacher) & set(student), key=lambda hw: -hw[0] * hw[1])
   pairs = tuple((teacher[hw], student[hw]) for hw in common)[-max_pairs:]
   if not pairs:
-    raise ValueError('config.ffkd.layer_pairs=auto: the teacher and the student have no feature '
-                     'map of the same spatial size; list the pairs explicitly.')
+    raise ValueError(
+        'config.ffkd.layer_pairs=auto: the teacher and the student have no feature '
+        'map of the same spatial size; list the pairs explicitly.'
+    )
   return pairs
 
 
@@ -94,9 +100,11 @@ def parse_layer_pairs(spec: str) -> tuple[tuple[str, str], ...]:
   for item in spec.split(','):
     names = [n.strip() for n in item.split(':')]
     if len(names) != 2 or not all(names):
-      raise ValueError(f"config.ffkd.layer_pairs='{spec}' is not valid: give 'auto' or "
-                       "comma-separated teacher:student feature names, e.g. "
-                       "'stage2:stage2,stage3:stage3'.")
+      raise ValueError(
+          f"config.ffkd.layer_pairs='{spec}' is not valid: give 'auto' or "
+          'comma-separated teacher:student feature names, e.g. '
+          "'stage2:stage2,stage3:stage3'."
+      )
     pairs.append(tuple(names))
   return tuple(pairs)
 
@@ -126,19 +134,30 @@ class FFKD(Method):
 
   def roles(self):
     t = self.terms
-    return (Role('teacher', self.teacher_model, train_backbone=t.feedback, pretrained=True,
-                 lr_scale=t.teacher_lr_scale),
-            Role('student', self.student_model))
+    return (
+        Role(
+            'teacher',
+            self.teacher_model,
+            train_backbone=t.feedback,
+            pretrained=True,
+            lr_scale=t.teacher_lr_scale,
+        ),
+        Role('student', self.student_model),
+    )
 
   def required_features(self):
-    return {'teacher': tuple(t for t, _ in self.layer_pairs),
-            'student': tuple(s for _, s in self.layer_pairs)}
+    return {
+        'teacher': tuple(t for t, _ in self.layer_pairs),
+        'student': tuple(s for _, s in self.layer_pairs),
+    }
 
   def heads(self, role, feature_shapes):
     if role != 'student' or not self.uses_features:
       return None
-    pairs = tuple((pair_key(t, s), s, tuple(feature_shapes['teacher'][t].shape[1:]))
-                  for t, s in self.layer_pairs)
+    pairs = tuple(
+        (pair_key(t, s), s, tuple(feature_shapes['teacher'][t].shape[1:]))
+        for t, s in self.layer_pairs
+    )
     return ConnectorHeads(pairs, axis_name=DATA_AXIS)
 
   def role_active(self, role, step):
@@ -156,8 +175,7 @@ class FFKD(Method):
     t, teacher, student = self.terms, outputs['teacher'], outputs['student']
     metrics = {}
     ce_student = cross_entropy(student.logits, labels)
-    kd_student = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits,
-                             t.temperature)
+    kd_student = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, t.temperature)
     loss_student = t.a_ce * ce_student + t.a_kd * kd_student
     metrics.update({'loss/student_ce': ce_student, 'loss/student_kd': kd_student})
 
@@ -170,8 +188,9 @@ class FFKD(Method):
         v = student.heads[key]  # (n_local, h, w, c), the connector's output
         # One CKA per channel on the global batch; V is stopped so that its gradient reaches
         # the teacher only, and the forward loss reads it through sg() in the channel weights.
-        omega = cka.channel_cka(gather(u), gather(jax.lax.stop_gradient(v)),
-                                unbiased=t.unbiased_hsic)  # (c,)
+        omega = cka.channel_cka(
+            gather(u), gather(jax.lax.stop_gradient(v)), unbiased=t.unbiased_hsic
+        )  # (c,)
         weights = self._channel_weights(omega)  # (c,), no gradient
         feat_total += ffkd_losses.weighted_feature_loss(u, v, weights)
         fb_total += ffkd_losses.feedback_alignment_loss(omega, weights)
@@ -185,8 +204,7 @@ class FFKD(Method):
     losses = {'student': loss_student}
     if t.feedback:
       ce_teacher = cross_entropy(teacher.logits, labels)
-      kd_teacher = softened_kl(jax.lax.stop_gradient(student.logits), teacher.logits,
-                               t.temperature)
+      kd_teacher = softened_kl(jax.lax.stop_gradient(student.logits), teacher.logits, t.temperature)
       losses['teacher'] = t.b_ce * ce_teacher + t.b_kd * kd_teacher + sum(feedback_terms)
       metrics.update({'loss/teacher_ce': ce_teacher, 'loss/teacher_kd': kd_teacher})
     return losses, metrics

@@ -22,8 +22,15 @@ import jax
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.fitnet import hint_loss
-from ffkd_jax.methods.common import (TeacherStudent, aligned_stage_pairs, check_pairs,
-                                     common_size, parse_pairs, pool_to, spatial_size)
+from ffkd_jax.methods.common import (
+    TeacherStudent,
+    aligned_stage_pairs,
+    check_pairs,
+    common_size,
+    parse_pairs,
+    pool_to,
+    spatial_size,
+)
 from ffkd_jax.methods.connectors import ConnectorHeads
 from ffkd_jax.parallel import DATA_AXIS
 
@@ -44,8 +51,10 @@ class FitNet(TeacherStudent):
     if c.layer_pair != 'auto':
       pairs = parse_pairs(c.layer_pair, 'fitnet.layer_pair')
       if len(pairs) != 1:
-        raise ValueError(f"config.fitnet.layer_pair='{c.layer_pair}' is not valid: give 'auto' "
-                         "or one teacher:student pair, e.g. 'stage2:stage2'.")
+        raise ValueError(
+            f"config.fitnet.layer_pair='{c.layer_pair}' is not valid: give 'auto' "
+            "or one teacher:student pair, e.g. 'stage2:stage2'."
+        )
       self.layer_pair = pairs[0]
     self.hint_size = None  # (h, w) where the hint is compared, set in setup
 
@@ -56,8 +65,11 @@ class FitNet(TeacherStudent):
       self.layer_pair = pairs[(len(pairs) - 1) // 2]
     check_pairs(feature_shapes, (self.layer_pair,), 'fitnet.layer_pair')
     t_name, s_name = self.layer_pair
-    self.hint_size = common_size(spatial_size(teacher[t_name]), spatial_size(student[s_name]),
-                                 f'config.fitnet.layer_pair {t_name}:{s_name}')
+    self.hint_size = common_size(
+        spatial_size(teacher[t_name]),
+        spatial_size(student[s_name]),
+        f'config.fitnet.layer_pair {t_name}:{s_name}',
+    )
 
   def required_features(self):
     if self.layer_pair is None:
@@ -69,8 +81,9 @@ class FitNet(TeacherStudent):
       return None
     t_name, s_name = self.layer_pair
     channels = feature_shapes['teacher'][t_name].shape[-1]
-    return ConnectorHeads(((pair_key(t_name, s_name), s_name, (*self.hint_size, channels)),),
-                          axis_name=DATA_AXIS)
+    return ConnectorHeads(
+        ((pair_key(t_name, s_name), s_name, (*self.hint_size, channels)),), axis_name=DATA_AXIS
+    )
 
   def _hint(self, outputs):
     t_name, s_name = self.layer_pair
@@ -82,8 +95,10 @@ class FitNet(TeacherStudent):
     del step
     ce = cross_entropy(outputs['student'].logits, labels)
     hint = self._hint(outputs)
-    return ({'student': self.ce_weight * ce + self.hint_weight * hint},
-            {'loss/student_ce': ce, 'loss/student_hint': hint})
+    return (
+        {'student': self.ce_weight * ce + self.hint_weight * hint},
+        {'loss/student_ce': ce, 'loss/student_hint': hint},
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

@@ -38,18 +38,22 @@ class ICKD(TeacherStudent):
     self.ce_weight, self.kd_weight, self.ickd_weight = c.ce_weight, c.kd_weight, c.ickd_weight
     self.temperature = c.temperature
     self._pairs_spec = c.layer_pairs
-    self.layer_pairs = () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs,
-                                                                       'ickd.layer_pairs')
+    self.layer_pairs = (
+        () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs, 'ickd.layer_pairs')
+    )
 
   def setup(self, feature_shapes):
     if self._pairs_spec == 'auto':
-      self.layer_pairs = ((last_stage(feature_shapes['teacher']),
-                           last_stage(feature_shapes['student'])),)
+      self.layer_pairs = (
+          (last_stage(feature_shapes['teacher']), last_stage(feature_shapes['student'])),
+      )
     check_pairs(feature_shapes, self.layer_pairs, 'ickd.layer_pairs')
 
   def required_features(self):
-    return {'teacher': tuple(t for t, _ in self.layer_pairs),
-            'student': tuple(s for _, s in self.layer_pairs)}
+    return {
+        'teacher': tuple(t for t, _ in self.layer_pairs),
+        'student': tuple(s for _, s in self.layer_pairs),
+    }
 
   def heads(self, role, feature_shapes):
     if role != 'student':
@@ -76,8 +80,10 @@ class ICKD(TeacherStudent):
     kd = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, self.temperature)
     ickd = self._ickd(outputs)
     total = self.ce_weight * ce + self.kd_weight * kd + self.ickd_weight * ickd
-    return ({'student': total},
-            {'loss/student_ce': ce, 'loss/student_kd': kd, 'loss/student_ickd': ickd})
+    return (
+        {'student': total},
+        {'loss/student_ce': ce, 'loss/student_kd': kd, 'loss/student_ickd': ickd},
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

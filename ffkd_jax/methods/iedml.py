@@ -58,8 +58,10 @@ class IEDML(Method):
     self.code_channels = None
 
   def roles(self):
-    return tuple(Role(peer_name(k), model, train_backbone=True, pretrained=False)
-                 for k, model in enumerate(self.models))
+    return tuple(
+        Role(peer_name(k), model, train_backbone=True, pretrained=False)
+        for k, model in enumerate(self.models)
+    )
 
   def setup(self, feature_shapes):
     channels = []
@@ -67,22 +69,32 @@ class IEDML(Method):
       shapes = feature_shapes[peer_name(k)]
       self.features[peer_name(k)] = last_stage(shapes)
       channels.append(shapes[self.features[peer_name(k)]].shape[-1])
-    sizes = [spatial_size(feature_shapes[peer_name(k)][self.features[peer_name(k)]])
-             for k in range(NUM_PEERS)]
+    sizes = [
+        spatial_size(feature_shapes[peer_name(k)][self.features[peer_name(k)]])
+        for k in range(NUM_PEERS)
+    ]
     common_size(sizes[0], sizes[1], f'config.iedml.models={",".join(self.models)}')
-    self.code_channels = (self._code_channels if self._code_channels > 0
-                          else max(1, min(channels) // 2))
+    self.code_channels = (
+        self._code_channels if self._code_channels > 0 else max(1, min(channels) // 2)
+    )
     if min(channels) < 2:
-      raise ValueError('iedml: a peer\'s last stage has one channel; it cannot be split into '
-                       'inheritance and exploration halves.')
+      raise ValueError(
+          "iedml: a peer's last stage has one channel; it cannot be split into "
+          'inheritance and exploration halves.'
+      )
 
   def required_features(self):
     return {peer: (feature,) for peer, feature in self.features.items()}
 
   def heads(self, role, feature_shapes):
     del feature_shapes
-    return IEHeads(self.features[role], self.code_channels, autoencoder=True, encoders=True,
-                   axis_name=DATA_AXIS)
+    return IEHeads(
+        self.features[role],
+        self.code_channels,
+        autoencoder=True,
+        encoders=True,
+        axis_name=DATA_AXIS,
+    )
 
   def _terms(self, outputs):
     """Per peer: (reconstruction, inheritance, exploration), ungated."""
@@ -90,8 +102,9 @@ class IEDML(Method):
     for k in range(NUM_PEERS):
       own, other = outputs[peer_name(k)], outputs[peer_name(1 - k)]
       source = jax.lax.stop_gradient(own.features[self.features[peer_name(k)]])
-      reconstruction = ie_losses.autoencoder_reconstruction_loss(source,
-                                                                 own.heads['reconstruction'])
+      reconstruction = ie_losses.autoencoder_reconstruction_loss(
+          source, own.heads['reconstruction']
+      )
       terms[peer_name(k)] = (reconstruction, *ie_terms(own.heads, other.heads['code']))
     return terms
 
@@ -105,17 +118,33 @@ class IEDML(Method):
       ce = cross_entropy(logits[k], labels)
       inherit = jnp.where(ie_on, inherit, 0.0)
       explore = jnp.where(ie_on, explore, 0.0)
-      losses[peer] = (ce + self.kl_weight * kl[k] + self.rec_weight * reconstruction
-                      + self.inh_weight * inherit + self.exp_weight * explore)
-      metrics.update({f'loss/{peer}_ce': ce, f'loss/{peer}_kl': kl[k],
-                      f'loss/{peer}_reconstruction': reconstruction,
-                      f'loss/{peer}_inheritance': inherit, f'loss/{peer}_exploration': explore})
+      losses[peer] = (
+          ce
+          + self.kl_weight * kl[k]
+          + self.rec_weight * reconstruction
+          + self.inh_weight * inherit
+          + self.exp_weight * explore
+      )
+      metrics.update(
+          {
+              f'loss/{peer}_ce': ce,
+              f'loss/{peer}_kl': kl[k],
+              f'loss/{peer}_reconstruction': reconstruction,
+              f'loss/{peer}_inheritance': inherit,
+              f'loss/{peer}_exploration': explore,
+          }
+      )
     return losses, metrics
 
   def diagnostics(self, outputs):
     local = {}
     for peer, (reconstruction, inherit, explore) in self._terms(outputs).items():
-      local.update({f'iedml/{peer}_reconstruction': reconstruction,
-                    f'iedml/{peer}_inheritance': inherit, f'iedml/{peer}_exploration': explore})
+      local.update(
+          {
+              f'iedml/{peer}_reconstruction': reconstruction,
+              f'iedml/{peer}_inheritance': inherit,
+              f'iedml/{peer}_exploration': explore,
+          }
+      )
     # Per-example means: their mean over devices is the global batch's.
     return {**peer_diagnostics(outputs, NUM_PEERS), **jax.lax.pmean(local, DATA_AXIS)}

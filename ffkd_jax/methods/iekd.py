@@ -48,8 +48,14 @@ import jax.numpy as jnp
 
 from ffkd_jax.losses import iekd as ie_losses
 from ffkd_jax.losses.classification import cross_entropy
-from ffkd_jax.methods.common import (TeacherStudent, check_names, common_size, last_stage,
-                                     pool_to_smaller, spatial_size)
+from ffkd_jax.methods.common import (
+    TeacherStudent,
+    check_names,
+    common_size,
+    last_stage,
+    pool_to_smaller,
+    spatial_size,
+)
 from ffkd_jax.parallel import DATA_AXIS
 
 # PyTorch's normal_(0, sqrt(2 / (k * k * out_channels))) of model/auto_encoder.py ('normal' is
@@ -64,6 +70,7 @@ def _leaky_relu(x):
 class Coder(nn.Module):
   """LeakyReLU, then three 3x3 conv + batch norm + LeakyReLU(0.1): c_in -> c_in -> c_out ->
   c_out (the official auto-encoder's `Coder`). (n, h, w, c_in) -> (n, h, w, c_out)."""
+
   out_channels: int
   axis_name: str | None = None
 
@@ -71,10 +78,16 @@ class Coder(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = _leaky_relu(x)
     for i, channels in enumerate((x.shape[-1], self.out_channels, self.out_channels)):
-      x = nn.Conv(channels, (3, 3), padding=1, use_bias=False, kernel_init=_CONV_INIT,
-                  name=f'conv{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       axis_name=self.axis_name, name=f'bn{i}')(x)
+      x = nn.Conv(
+          channels, (3, 3), padding=1, use_bias=False, kernel_init=_CONV_INIT, name=f'conv{i}'
+      )(x)
+      x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=0.9,
+          epsilon=1e-5,
+          axis_name=self.axis_name,
+          name=f'bn{i}',
+      )(x)
       x = _leaky_relu(x)
     return x
 
@@ -88,6 +101,7 @@ class IEHeads(nn.Module):
   encoders: the inheritance and exploration encoders of the feature's two channel halves ->
     {'inheritance_code', 'exploration_code'}.
   """
+
   feature: str
   code_channels: int
   autoencoder: bool
@@ -105,10 +119,12 @@ class IEHeads(nn.Module):
       out['reconstruction'] = Coder(x.shape[-1], self.axis_name, name='decoder')(code, train)
     if self.encoders:
       half = x.shape[-1] // 2
-      out['inheritance_code'] = Coder(self.code_channels, self.axis_name,
-                                      name='inheritance_encoder')(x[..., :half], train)
-      out['exploration_code'] = Coder(self.code_channels, self.axis_name,
-                                      name='exploration_encoder')(x[..., half:], train)
+      out['inheritance_code'] = Coder(
+          self.code_channels, self.axis_name, name='inheritance_encoder'
+      )(x[..., :half], train)
+      out['exploration_code'] = Coder(
+          self.code_channels, self.axis_name, name='exploration_encoder'
+      )(x[..., half:], train)
     return out
 
 
@@ -117,8 +133,10 @@ def ie_terms(student_heads, target_code: jax.Array) -> tuple[jax.Array, jax.Arra
   target = jax.lax.stop_gradient(target_code)
   inherit, target_i = pool_to_smaller(student_heads['inheritance_code'], target)
   explore, target_e = pool_to_smaller(student_heads['exploration_code'], target)
-  return (ie_losses.inheritance_loss(inherit, target_i),
-          ie_losses.exploration_loss(explore, target_e))
+  return (
+      ie_losses.inheritance_loss(inherit, target_i),
+      ie_losses.exploration_loss(explore, target_e),
+  )
 
 
 class IEKD(TeacherStudent):
@@ -129,8 +147,10 @@ class IEKD(TeacherStudent):
     c = config.iekd
     self.ce_weight, self.inh_weight, self.exp_weight = c.ce_weight, c.inh_weight, c.exp_weight
     if int(c.ae_steps) < 1:
-      raise ValueError(f'config.iekd.ae_steps={c.ae_steps} is not valid: the auto-encoder '
-                       'trains for the first ae_steps steps, so it must be >= 1.')
+      raise ValueError(
+          f'config.iekd.ae_steps={c.ae_steps} is not valid: the auto-encoder '
+          'trains for the first ae_steps steps, so it must be >= 1.'
+      )
     self.ae_steps = int(c.ae_steps)
     self._code_channels = c.code_channels
     self._features = (c.teacher_feature, c.student_feature)
@@ -144,14 +164,19 @@ class IEKD(TeacherStudent):
     check_names(teacher, 'teacher', (self.teacher_feature,), 'iekd.teacher_feature')
     check_names(student, 'student', (self.student_feature,), 'iekd.student_feature')
     teacher_channels = teacher[self.teacher_feature].shape[-1]
-    self.code_channels = (self._code_channels if self._code_channels > 0
-                          else max(1, teacher_channels // 2))
-    common_size(spatial_size(teacher[self.teacher_feature]),
-                spatial_size(student[self.student_feature]),
-                f'config.iekd teacher {self.teacher_feature} / student {self.student_feature}')
+    self.code_channels = (
+        self._code_channels if self._code_channels > 0 else max(1, teacher_channels // 2)
+    )
+    common_size(
+        spatial_size(teacher[self.teacher_feature]),
+        spatial_size(student[self.student_feature]),
+        f'config.iekd teacher {self.teacher_feature} / student {self.student_feature}',
+    )
     if student[self.student_feature].shape[-1] < 2:
-      raise ValueError(f'iekd: the student feature {self.student_feature} has one channel; it '
-                       'cannot be split into inheritance and exploration halves.')
+      raise ValueError(
+          f'iekd: the student feature {self.student_feature} has one channel; it '
+          'cannot be split into inheritance and exploration halves.'
+      )
 
   def required_features(self):
     if self.teacher_feature is None:
@@ -161,10 +186,20 @@ class IEKD(TeacherStudent):
   def heads(self, role, feature_shapes):
     del feature_shapes
     if role == 'teacher':
-      return IEHeads(self.teacher_feature, self.code_channels, autoencoder=True, encoders=False,
-                     axis_name=DATA_AXIS)
-    return IEHeads(self.student_feature, self.code_channels, autoencoder=False, encoders=True,
-                   axis_name=DATA_AXIS)
+      return IEHeads(
+          self.teacher_feature,
+          self.code_channels,
+          autoencoder=True,
+          encoders=False,
+          axis_name=DATA_AXIS,
+      )
+    return IEHeads(
+        self.student_feature,
+        self.code_channels,
+        autoencoder=False,
+        encoders=True,
+        axis_name=DATA_AXIS,
+    )
 
   def role_active(self, role, step):
     if role == 'teacher':  # the auto-encoder trains first, then stays fixed
@@ -184,15 +219,24 @@ class IEKD(TeacherStudent):
     inherit = jnp.where(ie_on, inherit, 0.0)
     explore = jnp.where(ie_on, explore, 0.0)
     loss_student = self.ce_weight * ce + self.inh_weight * inherit + self.exp_weight * explore
-    return ({'teacher': reconstruction, 'student': loss_student},
-            {'loss/teacher_reconstruction': reconstruction, 'loss/student_ce': ce,
-             'loss/student_inheritance': inherit, 'loss/student_exploration': explore,
-             'iekd/active': ie_on.astype(jnp.float32)})
+    return (
+        {'teacher': reconstruction, 'student': loss_student},
+        {
+            'loss/teacher_reconstruction': reconstruction,
+            'loss/student_ce': ce,
+            'loss/student_inheritance': inherit,
+            'loss/student_exploration': explore,
+            'iekd/active': ie_on.astype(jnp.float32),
+        },
+    )
 
   def diagnostics(self, outputs):
     teacher, student = outputs['teacher'], outputs['student']
     inherit, explore = ie_terms(student.heads, teacher.heads['code'])
-    local = {'iekd/reconstruction': self._reconstruction(teacher),
-             'iekd/inheritance': inherit, 'iekd/exploration': explore}
+    local = {
+        'iekd/reconstruction': self._reconstruction(teacher),
+        'iekd/inheritance': inherit,
+        'iekd/exploration': explore,
+    }
     # Per-example means: their mean over devices is the global batch's.
     return {**super().diagnostics(outputs), **jax.lax.pmean(local, DATA_AXIS)}

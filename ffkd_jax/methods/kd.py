@@ -28,5 +28,7 @@ class KD(TeacherStudent):
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
     kd = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, self.temperature)
-    return ({'student': self.ce_weight * ce + self.kd_weight * kd},
-            {'loss/student_ce': ce, 'loss/student_kd': kd})
+    return (
+        {'student': self.ce_weight * ce + self.kd_weight * kd},
+        {'loss/student_ce': ce, 'loss/student_kd': kd},
+    )

@@ -28,7 +28,10 @@ class RKD(TeacherStudent):
     super().__init__(config)
     c = config.rkd
     self.ce_weight, self.distance_weight, self.angle_weight = (
-        c.ce_weight, c.distance_weight, c.angle_weight)
+        c.ce_weight,
+        c.distance_weight,
+        c.angle_weight,
+    )
 
   def required_features(self):
     return {'teacher': (FEATURE,), 'student': (FEATURE,)}
@@ -43,9 +46,14 @@ class RKD(TeacherStudent):
     ce = cross_entropy(outputs['student'].logits, labels)
     distance, angle = self._rkd(outputs)
     total = self.ce_weight * ce + self.distance_weight * distance + self.angle_weight * angle
-    return ({'student': total},
-            {'loss/student_ce': ce, 'loss/student_rkd_distance': distance,
-             'loss/student_rkd_angle': angle})
+    return (
+        {'student': total},
+        {
+            'loss/student_ce': ce,
+            'loss/student_rkd_distance': distance,
+            'loss/student_rkd_angle': angle,
+        },
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

@@ -28,18 +28,22 @@ class SP(TeacherStudent):
     c = config.sp
     self.ce_weight, self.sp_weight = c.ce_weight, c.sp_weight
     self._pairs_spec = c.layer_pairs
-    self.layer_pairs = () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs,
-                                                                       'sp.layer_pairs')
+    self.layer_pairs = (
+        () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs, 'sp.layer_pairs')
+    )
 
   def setup(self, feature_shapes):
     if self._pairs_spec == 'auto':
-      self.layer_pairs = ((last_stage(feature_shapes['teacher']),
-                           last_stage(feature_shapes['student'])),)
+      self.layer_pairs = (
+          (last_stage(feature_shapes['teacher']), last_stage(feature_shapes['student'])),
+      )
     check_pairs(feature_shapes, self.layer_pairs, 'sp.layer_pairs')
 
   def required_features(self):
-    return {'teacher': tuple(t for t, _ in self.layer_pairs),
-            'student': tuple(s for _, s in self.layer_pairs)}
+    return {
+        'teacher': tuple(t for t, _ in self.layer_pairs),
+        'student': tuple(s for _, s in self.layer_pairs),
+    }
 
   def _sp(self, outputs):
     total = 0.0
@@ -53,8 +57,10 @@ class SP(TeacherStudent):
     del step
     ce = cross_entropy(outputs['student'].logits, labels)
     sp = self._sp(outputs)
-    return ({'student': self.ce_weight * ce + self.sp_weight * sp},
-            {'loss/student_ce': ce, 'loss/student_sp': sp})
+    return (
+        {'student': self.ce_weight * ce + self.sp_weight * sp},
+        {'loss/student_ce': ce, 'loss/student_sp': sp},
+    )
 
   def diagnostics(self, outputs):
     metrics = super().diagnostics(outputs)

@@ -62,9 +62,7 @@ def available_models() -> list[str]:
 
 def _lookup(name: str, field: str) -> tuple[Callable[..., nn.Module], int]:
   if name not in _REGISTRY:
-    raise ValueError(
-        f"{field}: unknown model {name!r}; valid: {', '.join(available_models())}"
-    )
+    raise ValueError(f"{field}: unknown model {name!r}; valid: {', '.join(available_models())}")
   return _REGISTRY[name]
 
 

@@ -61,7 +61,11 @@ class MobileNetV1(nn.Module):
     for unit, (out_channels, stride) in enumerate(_UNITS, start=1):
       in_channels = x.shape[-1]
       x = layers.conv2d(
-          in_channels, 3, stride=stride, groups=in_channels, dtype=self.dtype,
+          in_channels,
+          3,
+          stride=stride,
+          groups=in_channels,
+          dtype=self.dtype,
           name=f'model_{unit}_0',
       )(x)
       x = nn.relu(bn(f'model_{unit}_1')(x))

@@ -44,9 +44,7 @@ class ShuffleV1Bottleneck(nn.Module):
         mid_planes, 3, stride=self.stride, groups=mid_planes, dtype=self.dtype, name='conv2'
     )(out)
     out = nn.relu(layers.batch_norm(train, self.axis_name, self.dtype, 'bn2')(out))
-    out = layers.conv2d(
-        self.out_planes, 1, groups=self.groups, dtype=self.dtype, name='conv3'
-    )(out)
+    out = layers.conv2d(self.out_planes, 1, groups=self.groups, dtype=self.dtype, name='conv3')(out)
     out = layers.batch_norm(train, self.axis_name, self.dtype, 'bn3')(out)
     if self.stride == 2:
       residual = nn.avg_pool(

@@ -38,9 +38,9 @@ class WideBasicBlock(nn.Module):
     equal_in_out = x.shape[-1] == self.out_planes
     input_preact = layers.batch_norm(train, self.axis_name, self.dtype, 'bn1')(x)
     activated = nn.relu(input_preact)
-    out = layers.conv2d(
-        self.out_planes, 3, stride=self.stride, dtype=self.dtype, name='conv1'
-    )(activated)
+    out = layers.conv2d(self.out_planes, 3, stride=self.stride, dtype=self.dtype, name='conv1')(
+        activated
+    )
     out = layers.batch_norm(train, self.axis_name, self.dtype, 'bn2')(out)
     out = nn.relu(out)
     out = layers.conv2d(self.out_planes, 3, dtype=self.dtype, name='conv2')(out)
