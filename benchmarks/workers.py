@@ -324,9 +324,9 @@ class InputWorker:
   """train_iterator on an image folder, cache on: the time to deliver batches on the host."""
 
   def __init__(self, spec):
-    from ffkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from ffkd_jax import defaults, input_pipeline  # pylint: disable=g-import-not-at-top
 
-    config = input_pipeline.default_dataset_config()
+    config = defaults.dataset_config()
     config.name = input_pipeline.IMAGE_FOLDER
     config.path = spec['path']
     config.val_fraction = spec.get('val_fraction', 0.1)

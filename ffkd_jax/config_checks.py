@@ -9,6 +9,7 @@ from typing import Mapping
 import jax
 import ml_collections
 
+from ffkd_jax import defaults
 from ffkd_jax import methods
 from ffkd_jax import models
 
@@ -97,15 +98,8 @@ def validate(config, workdir: str | None = None) -> None:
 
 
 def check_known_fields(config: ml_collections.ConfigDict) -> None:
-  """Every field must be one configs/default.py defines (a typo would otherwise do nothing).
-
-  Skipped where the `configs` package is not importable (ffkd_jax installed on its own).
-  """
-  try:
-    from configs import default  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  _compare_fields(config, default.get_config(), 'config')
+  """Every field must be one ffkd_jax/defaults.py defines (a typo would otherwise do nothing)."""
+  _compare_fields(config, defaults.get_config(), 'config')
 
 
 def _compare_fields(config, reference, prefix: str) -> None:

@@ -1,7 +1,7 @@
 """Input pipeline: TFDS or image-folder data as NumPy batches, augmented and normalised.
 
 The trainer calls four functions: `get_dataset_info`, `train_iterator`, `eval_iterator` and
-`steps_per_epoch`. Each takes the `config.dataset` ConfigDict built by `default_dataset_config`:
+`steps_per_epoch`. Each takes the `config.dataset` ConfigDict built by `ffkd_jax.defaults.dataset_config`:
 
   name          a TFDS image-classification builder (`cifar100`, `cifar10`, `caltech_birds2011`,
                 `cars196`, `imagenet2012`, ...) or `image_folder`.
@@ -99,27 +99,6 @@ class DatasetInfo:
   class_names: tuple[str, ...] | None
   mean: tuple
   std: tuple
-
-
-def default_dataset_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-      dict(
-          name='cifar100',
-          path=config_dict.placeholder(str),
-          data_dir=config_dict.placeholder(str),
-          manual_dir=config_dict.placeholder(str),
-          download=True,
-          val_fraction=0.0,
-          image_size=0,
-          augment='cifar',
-          mean=config_dict.placeholder(tuple),
-          std=config_dict.placeholder(tuple),
-          on_bad_image='error',
-          cache=True,
-          shuffle_buffer=50_000,
-          prefetch=2,
-      )
-  )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ffkd_jax import input_pipeline
+from ffkd_jax import defaults, input_pipeline
 from image_folder_fixture import read_images, write_corrupt_file, write_image_folder
 
 CLASSES = ('cat', 'dog', 'emu')
@@ -26,7 +26,7 @@ def _fresh_sources():
 
 
 def folder_config(path, **overrides):
-  config = input_pipeline.default_dataset_config()
+  config = defaults.dataset_config()
   config.name = input_pipeline.IMAGE_FOLDER
   config.path = str(path)
   config.augment = 'none'
@@ -56,7 +56,7 @@ def to_uint8(images, info):
 
 @pytest.mark.parametrize('cache', [True, False])
 def test_mock_cifar10_train_and_eval(cache):
-  config = input_pipeline.default_dataset_config()
+  config = defaults.dataset_config()
   config.update(name='cifar10', cache=cache, prefetch=1)
   with tfds.testing.mock_data(num_examples=20):
     info = input_pipeline.get_dataset_info(config)
@@ -254,7 +254,7 @@ def test_bad_config_errors(tmp_path, make, overrides, expected):
 
 
 def test_tfds_absent_error(tmp_path):
-  config = input_pipeline.default_dataset_config()
+  config = defaults.dataset_config()
   config.update(name='cifar10', data_dir=str(tmp_path), download=False)
   with pytest.raises(input_pipeline.DatasetUnavailableError) as error:
     input_pipeline.get_dataset_info(config)
@@ -360,7 +360,7 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, monkeypatch):
   with tarfile.open(archive, 'w:gz') as tar:
     tar.add(root, arcname='myimages')
   monkeypatch.setenv('FFKD_DATA_CACHE', str(tmp_path / 'cache'))
-  config = input_pipeline.default_dataset_config()
+  config = defaults.dataset_config()
   config.name = 'image_folder'
   config.path = str(archive)
   from_archive = input_pipeline.get_dataset_info(config)

@@ -1,0 +1,169 @@
+"""Default configuration: every field ffkd_jax reads, with its default (the config schema).
+
+A config is data: this module imports ml_collections only (no TensorFlow, no JAX), so
+`config_checks` can compare any config with it whether or not `configs/` is importable.
+`configs/default.py` is this `get_config`; other configs import it and override a few fields. Any field can be changed from the
+command line: `--config.batch_size=32 --config.ffkd.b_fb=0.5`.
+"""
+
+import ml_collections
+
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # What is trained. 'ce' trains `model` alone with cross-entropy (teacher training and the
+  # CE baseline); every other method distils `teacher` into `model` (see ffkd_jax/methods).
+  config.method = 'ce'
+  config.model = 'resnet8x4'
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.model = 'resnet32x4'
+  # A workdir of an earlier run (its best checkpoint is used, else its latest), or a checkpoint
+  # step directory. Required by methods that distil from a pre-trained teacher.
+  config.teacher.checkpoint = ''
+  # Which role of that run to take ('' = 'model' of a CE run, else 'teacher').
+  config.teacher.role = ''
+  # With no checkpoint given, train the teacher first with CE for this many epochs (or steps)
+  # into WORKDIR/teacher, then distil from it: the whole chain in one command. 0 = off.
+  config.teacher.pretrain_epochs = 0.0
+  config.teacher.pretrain_steps = -1
+
+  config.dataset = dataset_config()
+
+  # Global batch (all devices of all processes); must be divisible by the device count.
+  config.batch_size = 64
+  config.eval_batch_size = 256
+  config.num_epochs = 240.0
+  # > 0 overrides num_epochs with an exact number of steps.
+  config.num_train_steps = -1
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'  # 'sgd' or 'adamw'
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.schedule = 'steps'  # 'steps', 'cosine' or 'constant'
+  config.optimizer.decay_epochs = (150, 180, 210)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.warmup_epochs = 0.0
+
+  # Distillation recipes; only the block of the selected method is read.
+  config.kd = ml_collections.ConfigDict(dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9))
+  config.dist = ml_collections.ConfigDict(
+      dict(temperature=4.0, beta=1.0, gamma=1.0, ce_weight=1.0, kd_weight=2.0)
+  )
+  config.rkd = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, distance_weight=25.0, angle_weight=50.0)
+  )
+  config.ffkd = ffkd_config()
+  # The FFKD paper's comparison methods; defaults and their sources in ffkd_jax/methods/<name>.py.
+  # layer_pairs / layer_pair: 'auto' or teacher:student feature names, e.g. 'stage3:stage3'.
+  config.cc = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, kd_weight=1.0, temperature=4.0, cc_weight=100.0, gamma=0.4, order=2)
+  )
+  config.sp = ml_collections.ConfigDict(dict(ce_weight=1.0, sp_weight=3000.0, layer_pairs='auto'))
+  config.ickd = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, kd_weight=1.0, temperature=4.0, ickd_weight=2.5, layer_pairs='auto')
+  )
+  config.fitnet = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, hint_weight=100.0, layer_pair='auto')
+  )
+  config.at = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, at_weight=1000.0, p=2.0, layer_pairs='auto')
+  )
+  config.iekd = iekd_config()
+  # Online methods: peers trained together from scratch. `models`: comma-separated model names
+  # ('' = two copies of config.model).
+  config.dml = ml_collections.ConfigDict(dict(models='', temperature=1.0, kl_weight=1.0))
+  config.iedml = iedml_config()
+
+  # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
+  config.dtype = 'float32'
+  # What to do when a loss or gradient is not finite: 'skip' the update (and count it), or 'stop'.
+  config.nonfinite_policy = 'skip'
+
+  config.log_every_steps = 50
+  # Evaluate this often (in steps); <= 0 means once per epoch.
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  return config
+
+
+def ffkd_config() -> ml_collections.ConfigDict:
+  """FFKD as ../shared/FFKD-METHOD.md reconstructs it; the preset picks which terms are on."""
+  c = ml_collections.ConfigDict()
+  # Teacher:student feature pairs by the names the models expose, e.g.
+  # 'stage2:stage2,stage3:stage3'; 'auto' pairs the deepest maps of each common resolution.
+  c.layer_pairs = 'auto'
+  c.temperature = 4.0  # tau of the softened outputs
+  # Forward loss (student and its connectors).
+  c.a_ce = 1.0
+  c.a_kd = 1.0
+  c.a_feat = 1.0
+  # Feedback loss (teacher).
+  c.b_ce = 1.0
+  c.b_fb = 1.0
+  c.b_kd = 0.5
+  # Weighting constraint w = scale * softmax_c((1 - omega) / weight_temperature).
+  c.use_channel_weights = True
+  c.weight_temperature = 0.1
+  c.weight_scale = -1.0  # <= 0 means the channel count, so the mean weight is 1
+  c.unbiased_hsic = False
+  c.feedback_start_step = 0
+  c.teacher_lr_scale = 0.1
+  return c
+
+
+def iekd_config() -> ml_collections.ConfigDict:
+  """IE-KD (ffkd_jax/methods/iekd.py): the official code's CIFAR settings."""
+  c = ml_collections.ConfigDict()
+  c.ce_weight = 1.0
+  c.inh_weight = 1.0  # inheritance: pull the student's first channel half toward the code
+  c.exp_weight = 1.0  # exploration: push the second half away from it
+  # The teacher's auto-encoder trains alone for this many steps (30 CIFAR-100 epochs at batch
+  # 64), then stays fixed and the inheritance and exploration terms start.
+  c.ae_steps = 23460
+  c.code_channels = -1  # <= 0: half the teacher feature's channels
+  c.teacher_feature = ''  # '' = the last stage output
+  c.student_feature = ''
+  return c
+
+
+def iedml_config() -> ml_collections.ConfigDict:
+  """IE-DML (ffkd_jax/methods/iedml.py): this project's symmetric extension of IE-KD to DML."""
+  c = ml_collections.ConfigDict()
+  c.models = ''  # two model names, comma-separated; '' = two copies of config.model
+  c.temperature = 1.0
+  c.kl_weight = 1.0
+  c.rec_weight = 1.0
+  c.inh_weight = 1.0
+  c.exp_weight = 1.0
+  c.ae_steps = 23460  # inheritance and exploration start here (the auto-encoders train always)
+  c.code_channels = -1  # <= 0: half the smaller peer's last-stage channels
+  return c
+
+
+def dataset_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          name='cifar100',
+          path=config_dict.placeholder(str),
+          data_dir=config_dict.placeholder(str),
+          manual_dir=config_dict.placeholder(str),
+          download=True,
+          val_fraction=0.0,
+          image_size=0,
+          augment='cifar',
+          mean=config_dict.placeholder(tuple),
+          std=config_dict.placeholder(tuple),
+          on_bad_image='error',
+          cache=True,
+          shuffle_buffer=50_000,
+          prefetch=2,
+      )
+  )
