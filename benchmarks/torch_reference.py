@@ -3,7 +3,7 @@
 The networks are tests/torch_zoo.py's PyTorch definitions of the model zoo (RepDistiller's
 modules, the ones `import_torch` is tested against), so any registered teacher and student work.
 
-The step is FFKD as ffkd_jax/methods/ffkd.py computes it (see ../shared/FFKD-METHOD.md):
+The step is FFKD as ffkd_jax/methods/ffkd.py computes it (see docs/FFKD.md):
   L_S = a_ce CE(y, z_S) + a_kd tau^2 KL(sg(p_T) || p_S)
       + a_feat sum_l mean_c w[l, c] mean((V[:, c] - sg(U[:, c]))^2)
   L_T = b_ce CE(y, z_T) + b_fb sum_l mean_c w[l, c] (1 - omega[l, c] with sg(V))

@@ -11,7 +11,7 @@ The unbiased option replaces HSIC by the unbiased estimator of Song et al. (ICML
 available only through the Gram form.
 
 FFKD uses this to measure how well the student understands the teacher: `channel_cka` gives
-omega[c] for every channel at once, `layer_cka` the whole-layer Omega (see FFKD-METHOD.md).
+omega[c] for every channel at once, `layer_cka` the whole-layer Omega (see docs/FFKD.md).
 
 Numerics (all documented behaviour, tested in tests/test_cka.py):
 - Inputs are promoted to at least float32; matrix products use `Precision.HIGHEST` so that TF32

@@ -1,10 +1,11 @@
 """CKA diagnostics as pictures: the teacher x student layer heat map and FFKD's omega histograms.
 
-At every evaluation `train.train_and_evaluate` calls `write_eval_figures`, which writes into
+At every evaluation `evaluation.Evaluator` calls `write_eval_figures`, which writes into
 WORKDIR/cka/ (process 0 only):
   cka_matrix_step<step>.png  linear CKA of every teacher stage with every student stage, on the
-                             first global eval batch (`cka_matrix` of the diagnostics step); the
-                             cells of FFKD's layer pairs are outlined;
+                             diagnostics subset of the validation split (`cka_matrix` of the
+                             diagnostics step, ffkd_jax/evaluation.py); the cells of the
+                             method's layer pairs are outlined;
   omega_hist_step<step>.png  per FFKD layer pair, the histogram of the channel understanding
                              omega[c] = CKA(U[..., c], V[..., c]) (`omega_channels/<pair>`);
   cka_step<step>.json        the numbers drawn (the omega arrays are not in metrics.jsonl);
@@ -72,16 +73,13 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def _layer_pairs_in(record, teacher_names, student_names) -> list[tuple[int, int]]:
-  """(row, column) of the FFKD pairs whose two features are stage outputs of the matrix."""
-  cells = []
-  for key in record:
-    if not key.startswith(LAYER_CKA_PREFIX):
-      continue
-    teacher_feature, _, student_feature = key[len(LAYER_CKA_PREFIX) :].partition('-')
-    if teacher_feature in teacher_names and student_feature in student_names:
-      cells.append((teacher_names.index(teacher_feature), student_names.index(student_feature)))
-  return cells
+def _cells_of(layer_pairs, teacher_names, student_names) -> list[tuple[int, int]]:
+  """(row, column) of the layer pairs whose two features are stage outputs of the matrix."""
+  return [
+      (teacher_names.index(t), student_names.index(s))
+      for t, s in layer_pairs
+      if t in teacher_names and s in student_names
+  ]
 
 
 def draw_cka_matrix(
@@ -181,8 +179,11 @@ def draw_figures(
     suffix: str = '',
     teacher_label: str = 'teacher',
     student_label: str = 'student',
+    layer_pairs: Sequence[tuple[str, str]] = (),
 ) -> dict[str, str]:
   """Draws the heat map and the omega histograms of `record` and writes the numbers as JSON.
+
+  layer_pairs: the method's (teacher feature, student feature) pairs, outlined on the heat map.
 
   Returns {'matrix': png, 'omega_histogram': png, 'numbers': json} for what was written.
   """
@@ -198,7 +199,7 @@ def draw_figures(
         f'Linear CKA, {teacher_label} x {student_label} layers\n{title_note}',
         teacher_label=teacher_label,
         student_label=student_label,
-        outlined=_layer_pairs_in(record, teacher_names, student_names),
+        outlined=_cells_of(layer_pairs, teacher_names, student_names),
     )
   histograms = draw_omega_histograms(
       os.path.join(out_dir, f'omega_hist{suffix}.png'),
@@ -228,6 +229,8 @@ def write_eval_figures(
     writer,
     teacher_names: Sequence[str],
     student_names: Sequence[str],
+    layer_pairs: Sequence[tuple[str, str]] = (),
+    title_note: str = '',
 ) -> dict[str, str]:
   """Training's evaluation hook: the figures of `record` into WORKDIR/cka/ and TensorBoard.
 
@@ -243,8 +246,9 @@ def write_eval_figures(
         record,
         teacher_names,
         student_names,
-        title_note=f'step {step}',
+        title_note=f'step {step}{title_note}',
         suffix=f'_step{step:07d}',
+        layer_pairs=layer_pairs,
     )
     for name, path in paths.items():
       if path.endswith('.png'):

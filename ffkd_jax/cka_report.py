@@ -6,9 +6,11 @@
 --teacher and --student name a workdir (its best checkpoint, else its latest) or a checkpoint
 step directory; the architectures and the class count come from the checkpoints' meta, the
 images from the config's dataset (`--split`, default 'val': the split training evaluates on).
-The report runs training's own diagnostics step (`ffkd_jax.step.make_diagnostics_step`) on one
-global batch of `--num_examples` images (or `--num_batches` x config.eval_batch_size) and draws
-with `ffkd_jax.cka_plots`, so its numbers are training's numbers:
+The report runs training's own diagnostics step (`ffkd_jax.step.make_diagnostics_step`) on the
+fixed, class-mixed subset of the split that training's diagnostics use
+(`ffkd_jax.evaluation.diagnostics_batch`), of `--num_examples` images (or `--num_batches` x
+config.eval_batch_size), and draws with `ffkd_jax.cka_plots`, so its numbers are training's
+numbers (for the same size):
 
   OUT/cka_matrix.png   linear CKA, every teacher stage x every student stage
   OUT/omega_hist.png   channel understanding omega per FFKD layer pair (config.ffkd.layer_pairs):
@@ -35,12 +37,13 @@ from absl import logging
 
 from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import cka_plots
-from ffkd_jax import input_pipeline
-from ffkd_jax import methods
+from ffkd_jax import data
+from ffkd_jax import evaluation
 from ffkd_jax import parallel
 from ffkd_jax import states as states_lib
 from ffkd_jax import step as step_lib
 from ffkd_jax.methods import ffkd as ffkd_lib
+from ffkd_jax.methods import pairs
 
 DEFAULT_NUM_EXAMPLES = 512
 _DEFAULT_ROLES = {'teacher': ('model', 'teacher'), 'student': ('student', 'model')}
@@ -105,19 +108,6 @@ def _has_matching_heads(saved: dict, template: states_lib.RoleState) -> bool:
   return heads is not None and _shapes(heads) == _shapes(template.params['heads'])
 
 
-def _num_examples(info, split: str, requested: int) -> int:
-  available = info.num_val if split == 'val' and info.num_val > 0 else info.num_test
-  n = min(requested, available)
-  n -= n % jax.device_count()
-  if n < max(4, jax.device_count()):
-    raise ValueError(
-        f'--num_examples={requested}: the {split} split of {info.name} has '
-        f'{available} images; CKA needs at least {max(4, jax.device_count())} '
-        f'(a multiple of the {jax.device_count()} devices).'
-    )
-  return n
-
-
 def run(
     config: ml_collections.ConfigDict,
     teacher: str,
@@ -140,7 +130,8 @@ def run(
       'teacher': _locate('teacher', teacher, teacher_role),
       'student': _locate('student', student, student_role),
   }
-  info = input_pipeline.get_dataset_info(config.dataset)
+  source = data.open_source(config.dataset)
+  info = source.info
   for side in sides.values():
     if side.meta.get('num_classes', info.num_classes) != info.num_classes:
       raise ValueError(
@@ -155,9 +146,8 @@ def run(
   config.teacher.model = sides['teacher'].model
   if config.method not in ffkd_lib.PRESETS:
     config.method = 'ffkd'
-  method = methods.create_method(config)
-  programs, feature_shapes = states_lib.build_programs(
-      method, info.num_classes, info.image_size, lambda lr_scale: (optax.identity(), None)
+  method, programs = states_lib.resolve(
+      config, info.num_classes, info.image_size, lambda lr_scale: (optax.identity(), None)
   )
   state = states_lib.init_state(programs, info.image_size, config.seed)
 
@@ -181,19 +171,17 @@ def run(
     params, stats = _take(side, saved, template, keys)
     roles[name] = states_lib.RoleState(params, stats, ())
 
-  n = _num_examples(
-      info, split, num_batches * config.eval_batch_size if num_batches > 0 else num_examples
-  )
-  batch = next(
-      input_pipeline.eval_iterator(config.dataset, split, local_batch_size=n // jax.process_count())
-  )
+  requested = num_batches * config.eval_batch_size if num_batches > 0 else num_examples
+  # The fixed, class-mixed subset training's diagnostics use (ffkd_jax/evaluation.py).
+  batch = evaluation.diagnostics_batch(source, split, requested)
+  n = len(batch['label']) * jax.process_count()
   mesh = parallel.make_mesh()
   state = parallel.replicate(mesh, state.replace(roles=roles))
   diagnostics_step = step_lib.make_diagnostics_step(method, programs, mesh)
   record = parallel.fetch(diagnostics_step(state, parallel.global_batch(mesh, batch)))
 
-  teacher_layers = step_lib.stage_names(feature_shapes['teacher'])
-  student_layers = step_lib.stage_names(feature_shapes['student'])
+  teacher_layers = pairs.stage_names(method.feature_shapes['teacher'])
+  student_layers = pairs.stage_names(method.feature_shapes['student'])
   files = {}
   if jax.process_index() == 0:
     t, s = sides['teacher'], sides['student']
@@ -208,6 +196,7 @@ def run(
         ),
         teacher_label=f'teacher {t.model}',
         student_label=f'student {s.model}',
+        layer_pairs=method.layer_pairs,
     )
     summary = {
         name: {
@@ -296,7 +285,7 @@ def _define_flags():
       0,
       '> 0: use this many config.eval_batch_size batches ' 'instead of --num_examples.',
   )
-  flags.DEFINE_enum('split', 'val', list(input_pipeline.EVAL_SPLITS), 'Which split to read.')
+  flags.DEFINE_enum('split', 'val', list(data.EVAL_SPLITS), 'Which split to read.')
   flags.DEFINE_string('teacher_role', '', "Role of the teacher checkpoint ('': model or teacher).")
   flags.DEFINE_string('student_role', '', "Role of the student checkpoint ('': student or model).")
   for name in ('num_examples', 'num_batches', 'teacher_role', 'student_role'):

@@ -1,10 +1,10 @@
 """Checks a config before anything runs; each error names the field, the value and what is valid."""
 
+import contextlib
 import difflib
 import math
 import os
 import tempfile
-from typing import Mapping
 
 import jax
 import ml_collections
@@ -13,6 +13,24 @@ from ffkd_jax import defaults
 from ffkd_jax import methods
 from ffkd_jax import models
 
+
+class ConfigError(ValueError):
+  """A config (or a file it names) is not valid: raised before training starts. The CLI shows
+  it as one line (field, value, what is valid) and exits with status 1."""
+
+
+@contextlib.contextmanager
+def config_errors():
+  """Turns the ValueErrors raised inside the block (the checks of every part: methods, data,
+  models, checkpoints) into ConfigErrors."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
+
+
 _POSITIVE = (
     'batch_size',
     'eval_batch_size',
@@ -20,16 +38,7 @@ _POSITIVE = (
     'log_every_steps',
     'checkpoint_every_steps',
     'keep_checkpoints',
-)
-_TEMPERATURES = (
-    'kd.temperature',
-    'dist.temperature',
-    'ffkd.temperature',
-    'ffkd.weight_temperature',
-    'cc.temperature',
-    'ickd.temperature',
-    'dml.temperature',
-    'iedml.temperature',
+    'diagnostics_examples',
 )
 
 
@@ -64,9 +73,7 @@ def validate(config, workdir: str | None = None) -> None:
   for field in _POSITIVE:
     if not _positive(_get(config, field)):
       _fail(field, _get(config, field), 'must be a finite number > 0')
-  for field in _TEMPERATURES:
-    if not _positive(_get(config, field)):
-      _fail(field, _get(config, field), 'a temperature must be a finite number > 0')
+  methods.check_config(config)  # each method checks its own block (temperatures, ...)
   if config.num_train_steps <= 0 and not _positive(config.num_epochs):
     _fail(
         'num_epochs',
@@ -120,7 +127,7 @@ def _compare_fields(config, reference, prefix: str) -> None:
 def _check_teacher_checkpoint(config) -> None:
   """A teacher checkpoint that is named must exist (what it holds is checked when loaded)."""
   path = config.teacher.checkpoint
-  if not path or not any(role.pretrained for role in methods.create_method(config).roles()):
+  if not path or not any(role.pretrained for role in methods.method_roles(config)):
     return
   if not os.path.exists(path):
     _fail(
@@ -142,16 +149,3 @@ def _check_writable(workdir: str) -> None:
         f"--workdir='{workdir}' is not a writable directory ({error.strerror}); "
         'pass a directory you can write to.'
     ) from error
-
-
-def check_features(method, feature_shapes: Mapping[str, Mapping]) -> None:
-  """Every feature a method asks of a role must be one the role's model produces."""
-  for role, names in method.required_features().items():
-    available = sorted(feature_shapes[role])
-    for name in names:
-      if name not in feature_shapes[role]:
-        raise ValueError(
-            f"feature '{name}' of the {role} (config.method='{method.name}', e.g. "
-            f'config.ffkd.layer_pairs) is not produced by its model; it has: '
-            f"{', '.join(available)}."
-        )

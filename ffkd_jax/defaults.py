@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Global batch (all devices of all processes); must be divisible by the device count.
   config.batch_size = 64
   config.eval_batch_size = 256
+  # Diagnostics (CKA per layer pair, the layer CKA matrix) at each evaluation are computed on a
+  # fixed, seeded, class-mixed subset of the validation split of this many images (fewer where
+  # the split is smaller; rounded down to a multiple of the device count).
+  config.diagnostics_examples = 1024
   config.num_epochs = 240.0
   # > 0 overrides num_epochs with an exact number of steps.
   config.num_train_steps = -1
@@ -95,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def ffkd_config() -> ml_collections.ConfigDict:
-  """FFKD as ../shared/FFKD-METHOD.md reconstructs it; the preset picks which terms are on."""
+  """FFKD as docs/FFKD.md reconstructs it; the preset picks which terms are on."""
   c = ml_collections.ConfigDict()
   # Teacher:student feature pairs by the names the models expose, e.g.
   # 'stage2:stage2,stage3:stage3'; 'auto' pairs the deepest maps of each common resolution.

@@ -59,12 +59,22 @@ def main(argv):
   distributed.maybe_initialize(FLAGS.multihost)
   from ffkd_jax import train  # pylint: disable=g-import-not-at-top
 
+  show_traceback = FLAGS.verbosity >= 1  # read before the line below sets it to INFO (0)
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep its warnings and errors only.
   logging.get_absl_handler().python_handler.addFilter(
       lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from ffkd_jax import config_checks  # pylint: disable=g-import-not-at-top
+
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except config_checks.ConfigError as error:
+    if show_traceback:  # --verbosity=1 or more: the traceback too
+      raise
+    message = ' '.join(str(error).split())
+    sys.stderr.write(f'FATAL Config error: {message}\n(--verbosity=1 shows the traceback.)\n')
+    sys.exit(1)
 
 
 if __name__ == '__main__':

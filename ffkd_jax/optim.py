@@ -1,5 +1,6 @@
 """Optimizers and learning-rate schedules built from `config.optimizer`."""
 
+import jax
 import ml_collections
 import optax
 
@@ -34,15 +35,25 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def make_optimizer(
-    opt_config: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay (PyTorch style, decay added to the gradient), or AdamW."""
+def make_optimizer(opt_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The update direction at a learning rate of 1; the train step multiplies it by
+  -schedule(global step), so that a role's rate at step s is its schedule at s even when the
+  role starts late, and the logged rate is the one applied.
+
+  'sgd': momentum SGD with L2 weight decay added to the gradient (PyTorch's SGD: v = mu v +
+  g + wd p, p -= lr v); 'adamw': Adam with decoupled weight decay (optax.adamw's order: Adam's
+  direction plus wd p, times the rate).
+  """
   if opt_config.name == 'sgd':
-    return optax.chain(
-        optax.add_decayed_weights(opt_config.weight_decay),
-        optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov),
-    )
+    parts = [optax.add_decayed_weights(opt_config.weight_decay)]
+    if opt_config.momentum:
+      parts.append(optax.trace(decay=opt_config.momentum, nesterov=opt_config.nesterov))
+    return optax.chain(*parts)
   if opt_config.name == 'adamw':
-    return optax.adamw(schedule, weight_decay=opt_config.weight_decay)
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(opt_config.weight_decay))
   raise ValueError(f"config.optimizer.name='{opt_config.name}' is not one of 'sgd', 'adamw'.")
+
+
+def scaled_updates(direction, learning_rate):
+  """The parameter update of a direction at `learning_rate`: -learning_rate * direction."""
+  return jax.tree.map(lambda d: (-learning_rate * d).astype(d.dtype), direction)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ffkd_jax import config_checks
+from ffkd_jax import methods
 from ffkd_jax import models
 from ffkd_jax.methods.base import Method, Role
 from ffkd_jax.parallel import DATA_AXIS
@@ -42,7 +42,7 @@ class RoleProgram:
   role: Role
   backbone: nn.Module
   heads: nn.Module | None
-  optimizer: optax.GradientTransformation | None
+  optimizer: optax.GradientTransformation | None  # the update direction (ffkd_jax.optim)
   schedule: optax.Schedule | None
 
   @property
@@ -60,32 +60,39 @@ def _split_variables(variables) -> tuple[dict, dict]:
   return variables.get('params', {}), variables.get('batch_stats', {})
 
 
-def build_programs(
-    method: Method, num_classes: int, image_size: int, make_optimizer, dtype=jnp.float32
-) -> tuple[dict[str, RoleProgram], dict]:
-  """Modules and optimizers of every role, and the shapes of every role's features.
-
-  make_optimizer(lr_scale) -> (optax transformation, schedule).
-  """
-  backbones = {
-      r.name: models.create_model(r.model, num_classes, axis_name=DATA_AXIS, dtype=dtype)
-      for r in method.roles()
-  }
+def feature_shapes_of(backbones: Mapping[str, nn.Module], image_size: int) -> dict:
+  """role -> feature name -> ShapeDtypeStruct, for a batch of 2 images (no computation)."""
   x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-  feature_shapes = {}
+  shapes = {}
   for name, backbone in backbones.items():
     variables = jax.eval_shape(functools.partial(backbone.init, train=False), jax.random.key(0), x)
     _, features = jax.eval_shape(functools.partial(backbone.apply, train=False), variables, x)
-    feature_shapes[name] = features
-  method.setup(feature_shapes)
-  config_checks.check_features(method, feature_shapes)  # before heads() look features up
+    shapes[name] = features
+  return shapes
+
+
+def resolve(
+    config, num_classes: int, image_size: int, make_optimizer, dtype=jnp.float32
+) -> tuple[Method, dict[str, RoleProgram]]:
+  """The resolved method and every role's program, before any state exists.
+
+  The method's roles give the backbones; their feature shapes resolve the method
+  (`methods.create_method`: layer pairs, head shapes, features checked); the method gives the
+  heads. make_optimizer(lr_scale) -> (optax direction, schedule).
+  """
+  roles = methods.method_roles(config)
+  backbones = {
+      r.name: models.create_model(r.model, num_classes, axis_name=DATA_AXIS, dtype=dtype)
+      for r in roles
+  }
+  method = methods.create_method(config, feature_shapes_of(backbones, image_size))
   programs = {}
   for role in method.roles():
-    heads = method.heads(role.name, feature_shapes)
+    heads = method.heads(role.name)
     trainable = role.train_backbone or heads is not None
     optimizer, schedule = make_optimizer(role.lr_scale) if trainable else (None, None)
     programs[role.name] = RoleProgram(role, backbones[role.name], heads, optimizer, schedule)
-  return programs, feature_shapes
+  return method, programs
 
 
 def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) -> TrainState:

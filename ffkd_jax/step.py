@@ -14,7 +14,9 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from ffkd_jax import cka
+from ffkd_jax import optim
 from ffkd_jax.losses.classification import top_k_correct
+from ffkd_jax.methods import pairs
 from ffkd_jax.methods.base import Method, RoleOutput
 from ffkd_jax.parallel import DATA_AXIS
 from ffkd_jax.states import RoleProgram, RoleState, TrainState, trainable_part
@@ -31,7 +33,9 @@ def forward(program: RoleProgram, params, stats, images, train: bool):
   """One role's forward pass -> (RoleOutput, new batch stats).
 
   train=True trains what the role trains: a frozen backbone still runs in inference mode and its
-  outputs are stop-gradient, so no backward pass goes through it.
+  outputs are stop-gradient, so no backward pass goes through it. train=False reads the whole
+  role in inference mode (evaluation, and a role not updated at this step; the train step then
+  takes no gradient with respect to it).
   """
   new_stats = dict(stats)
   backbone_vars = _variables(params, stats, 'backbone')
@@ -63,17 +67,55 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
-  """(state, batch) -> (state, metrics); jitted once, state donated."""
+class TrainStep:
+  """(state, batch, step) -> (state, metrics): the data-parallel train step.
+
+  One jitted program per set of roles updated at a step (state donated): every role whose
+  `Role.start_step`/`stop_step` window holds `step`. A role outside its window is read like a
+  frozen network (inference mode, stop-gradient): no backward pass goes through it and its state
+  is untouched. A method without role windows compiles one program. `step` is the host-side
+  global step (the train loop's counter); without it, the state's step is read from the device.
+  Each updated role's learning rate is its schedule at the global step.
+  """
+
+  def __init__(self, method: Method, programs: Mapping[str, RoleProgram], mesh):
+    self._method, self._programs, self._mesh = method, programs, mesh
+    self._compiled = {}  # frozenset of updated roles -> jitted step
+
+  def updated_roles(self, step: int) -> frozenset[str]:
+    """The roles with an optimizer whose window holds `step`."""
+    return frozenset(
+        name
+        for name, program in self._programs.items()
+        if program.optimizer is not None and program.role.active(step)
+    )
+
+  def compiled_count(self) -> int:
+    """Programs compiled so far, over every set of updated roles (each compiles once)."""
+    return sum(fn._cache_size() for fn in self._compiled.values())  # pylint: disable=protected-access
+
+  def __call__(self, state: TrainState, batch, step: int | None = None):
+    if step is None:
+      step = int(jax.device_get(state.step))
+    updated = self.updated_roles(step)
+    if updated not in self._compiled:
+      self._compiled[updated] = _jitted_train_step(
+          self._method, self._programs, self._mesh, updated
+      )
+    return self._compiled[updated](state, batch)
+
+
+def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh) -> TrainStep:
+  return TrainStep(method, programs, mesh)
+
+
+def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
+  """The jitted step that updates the roles in `updated` and reads every other one frozen."""
 
   def per_device_step(state: TrainState, batch):
     num_devices = jax.lax.axis_size(DATA_AXIS)
     step = state.step
-    trainable = {
-        name: trainable_part(p, state.roles[name].params)
-        for name, p in programs.items()
-        if p.optimizer is not None
-    }
+    trainable = {name: trainable_part(programs[name], state.roles[name].params) for name in updated}
 
     def objective(trainable):
       outputs, new_stats = {}, {}
@@ -81,24 +123,22 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
         role_state = state.roles[name]
         params = {**role_state.params, **trainable.get(name, {})}
         outputs[name], new_stats[name] = forward(
-            program, params, role_state.batch_stats, batch['image'], train=True
+            program, params, role_state.batch_stats, batch['image'], train=name in updated
         )
       losses, metrics = method.loss(outputs, batch['label'], step)
-      total = sum(losses.values()) / num_devices
+      total = sum(loss for name, loss in losses.items() if name in updated) / num_devices
       logits = {name: out.logits for name, out in outputs.items()}
       return total, (losses, metrics, new_stats, logits)
 
     grads, (losses, metrics, new_stats, logits) = jax.grad(objective, has_aux=True)(trainable)
 
-    updated_roles = {}
-    for name, program in programs.items():
-      if program.optimizer is None:
-        continue
-      role_state, part = state.roles[name], trainable[name]
-      updates, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
-      updated_roles[name] = RoleState(
-          {**role_state.params, **optax.apply_updates(part, updates)}, new_stats[name], opt_state
-      )
+    updated_roles, learning_rates = {}, {}
+    for name in sorted(updated):
+      program, role_state, part = programs[name], state.roles[name], trainable[name]
+      direction, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
+      learning_rates[name] = jnp.asarray(program.schedule(step), jnp.float32)
+      new_part = optax.apply_updates(part, optim.scaled_updates(direction, learning_rates[name]))
+      updated_roles[name] = RoleState({**role_state.params, **new_part}, new_stats[name], opt_state)
 
     # A non-finite loss, gradient or updated state anywhere (e.g. finite gradients times an
     # infinite learning rate) skips the whole update; every device agrees.
@@ -107,15 +147,12 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
     finite = jax.lax.pmin(finite.astype(jnp.int32), DATA_AXIS) > 0
 
     new_roles = {}
-    for name, program in programs.items():
-      role_state = state.roles[name]
-      if program.optimizer is None:
-        new_roles[name] = role_state
+    for name in programs:
+      if name not in updated:
+        new_roles[name] = state.roles[name]
         continue
-      updated = updated_roles[name]
-      keep = jnp.logical_and(finite, method.role_active(name, step))
       new_roles[name] = jax.tree.map(
-          lambda new, old: jnp.where(keep, new, old), updated, role_state
+          lambda new, old: jnp.where(finite, new, old), updated_roles[name], state.roles[name]
       )
     new_state = TrainState(
         step=step + 1,
@@ -130,8 +167,8 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
     for name, role_logits in logits.items():
       metrics[f'train/{name}_top1'] = jnp.mean(top_k_correct(role_logits, batch['label'], 1))
     for name, program in programs.items():
-      if program.schedule is not None:
-        metrics[f'lr/{name}'] = jnp.asarray(program.schedule(step), jnp.float32)
+      if program.schedule is not None:  # the rate applied; 0 where the role was not updated
+        metrics[f'lr/{name}'] = learning_rates.get(name, jnp.float32(0.0))
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
@@ -165,12 +202,6 @@ def make_eval_step(programs: Mapping[str, RoleProgram], mesh):
   return jax.jit(sharded)
 
 
-def stage_names(features: Mapping[str, object]) -> list[str]:
-  """The post-activation stage outputs of a model, in order (stage1, stage2, ...)."""
-  names = [k for k in features if k.startswith('stage') and not k.endswith('_preact')]
-  return sorted(names, key=lambda k: int(k[len('stage') :]))
-
-
 def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], mesh):
   """(state, batch) -> the method's diagnostics, plus the teacher-layer x student-layer linear CKA
   matrix `cka_matrix` (rows: teacher stages, columns: student stages) where both roles exist."""
@@ -187,7 +218,7 @@ def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], m
       stages = {
           role: [
               jax.lax.all_gather(outputs[role].features[name], DATA_AXIS, tiled=True)
-              for name in stage_names(outputs[role].features)
+              for name in pairs.stage_names(outputs[role].features)
           ]
           for role in ('teacher', 'student')
       }  # each (n_global, h, w, c)

@@ -1,7 +1,9 @@
 """Training and evaluation of any method: `train_and_evaluate(config, workdir)`.
 
-Sections in order: set-up, mesh, input, networks and optimizers, restore, the jitted steps, the
-loop (with evaluation, checkpoints and preemption), the end. The CLI (`ffkd_jax.main`) and the
+Sections in order: set-up (with the teacher pre-training chain, ffkd_jax/chain.py), mesh,
+input, the method resolved and its networks and optimizers, restore, the jitted step and the
+evaluator (ffkd_jax/evaluation.py), the loop (with evaluation, checkpoints and preemption), the
+end. The CLI (`ffkd_jax.main`) and the
 notebooks call this same function.
 
 Preemption: on SIGTERM or SIGINT the step under way finishes, is checkpointed, the metrics are
@@ -22,11 +24,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ffkd_jax import chain
 from ffkd_jax import checkpoint as checkpoint_lib
-from ffkd_jax import cka_plots
 from ffkd_jax import config_checks
-from ffkd_jax import input_pipeline
-from ffkd_jax import methods
+from ffkd_jax import data
+from ffkd_jax import evaluation
 from ffkd_jax import metrics as metrics_lib
 from ffkd_jax import optim
 from ffkd_jax import parallel
@@ -102,23 +104,16 @@ def _load_teachers(config, method, programs, state):
   return state.replace(roles=roles)
 
 
-def _evaluate(eval_step, state, batches, mesh, programs) -> dict[str, float]:
-  totals = None
-  for batch in batches:
-    counts = parallel.fetch(eval_step(state, parallel.global_batch(mesh, batch)))
-    totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
-  count = max(float(totals['count']), 1.0)
-  result = {}
-  for name in programs:
-    result[f'{name}_top1'] = 100.0 * float(totals[f'{name}_top1']) / count
-    result[f'{name}_top5'] = 100.0 * float(totals[f'{name}_top5']) / count
-  return result
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.method` and evaluates it; returns the final evaluation's metrics."""
   # --- Set-up -----------------------------------------------------------------------------
-  config_checks.validate(config, workdir)
+  with config_checks.config_errors():
+    config_checks.validate(config, workdir)
+    chain.check_teacher_source(config)
+  try:  # a method that needs a teacher and has none trains one first (ffkd_jax/chain.py)
+    config = chain.with_pretrained_teacher(config, workdir, train_and_evaluate)
+  except chain.TeacherPreempted as teacher:  # stopped while the teacher trained: stop too
+    return {'preempted_at': 0, 'teacher_preempted_at': teacher.args[0]}
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -131,65 +126,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       jax.process_count(),
   )
 
-  # --- Input ------------------------------------------------------------------------------
-  info = input_pipeline.get_dataset_info(config.dataset)
-  local_batch = parallel.local_batch_size(config.batch_size)
-  local_eval_batch = parallel.local_batch_size(config.eval_batch_size, 'config.eval_batch_size')
-  steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
-  total_steps = (
-      config.num_train_steps
-      if config.num_train_steps > 0
-      else int(config.num_epochs * steps_per_epoch)
-  )
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  logging.info(
-      'Dataset %s: %d classes, %d train / %d val / %d test; %d steps (%d per epoch).',
-      info.name,
-      info.num_classes,
-      info.num_train,
-      info.num_val,
-      info.num_test,
-      total_steps,
-      steps_per_epoch,
-  )
-
-  # --- Networks and optimizers ------------------------------------------------------------
-  method = methods.create_method(config)
-  try:
-    config = _pretrain_teacher_if_asked(config, method, workdir)
-  except Preempted as teacher:  # stopped while the teacher trained: stop too (it saved)
-    return {'preempted_at': 0, 'teacher_preempted_at': teacher.args[0]}
-
-  def make_optimizer(lr_scale):
-    schedule = optim.learning_rate_schedule(
-        config.optimizer, steps_per_epoch, total_steps, scale=lr_scale
+  # Set-up errors (a bad field, dataset, layer pair or teacher checkpoint) are ConfigErrors.
+  with config_checks.config_errors():
+    # --- Input ------------------------------------------------------------------------------
+    source = data.open_source(config.dataset)
+    info = source.info
+    local_batch = parallel.local_batch_size(config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
+    total_steps = (
+        config.num_train_steps
+        if config.num_train_steps > 0
+        else int(config.num_epochs * steps_per_epoch)
     )
-    return optim.make_optimizer(config.optimizer, schedule), schedule
-
-  programs, feature_shapes = states_lib.build_programs(
-      method, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config)
-  )
-  config_checks.check_features(method, feature_shapes)
-  state = states_lib.init_state(programs, info.image_size, config.seed)
-  for name, role_state in state.roles.items():
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     logging.info(
-        'Role %s: %s, %.3fM parameters%s.',
-        name,
-        programs[name].role.model,
-        states_lib.count_params(role_state.params['backbone']) / 1e6,
-        '' if programs[name].optimizer else ' (frozen)',
+        'Dataset %s: %d classes, %d train / %d val / %d test; %d steps (%d per epoch).',
+        info.name,
+        info.num_classes,
+        info.num_train,
+        info.num_val,
+        info.num_test,
+        total_steps,
+        steps_per_epoch,
     )
 
-  # --- Restore ----------------------------------------------------------------------------
-  checkpoints = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
-  restored = checkpoints.restore_latest(state)
-  best_top1 = -1.0
-  if restored is not None:
-    state, meta = restored
-    best_top1 = meta.get('best_top1', -1.0)
-    logging.info('Resuming from step %d.', int(state.step))
-  else:
-    state = _load_teachers(config, method, programs, state)
+    # --- Networks and optimizers: the method resolved before any state exists ---------------
+    def make_optimizer(lr_scale):
+      schedule = optim.learning_rate_schedule(
+          config.optimizer, steps_per_epoch, total_steps, scale=lr_scale
+      )
+      return optim.make_optimizer(config.optimizer), schedule
+
+    method, programs = states_lib.resolve(
+        config, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config)
+    )
+    state = states_lib.init_state(programs, info.image_size, config.seed)
+    for name, role_state in state.roles.items():
+      logging.info(
+          'Role %s: %s, %.3fM parameters%s.',
+          name,
+          programs[name].role.model,
+          states_lib.count_params(role_state.params['backbone']) / 1e6,
+          '' if programs[name].optimizer else ' (frozen)',
+      )
+
+    # --- Restore ----------------------------------------------------------------------------
+    checkpoints = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
+    restored = checkpoints.restore_latest(state)
+    best_top1 = -1.0
+    if restored is not None:
+      state, meta = restored
+      best_top1 = meta.get('best_top1', -1.0)
+      logging.info('Resuming from step %d.', int(state.step))
+    else:
+      state = _load_teachers(config, method, programs, state)
   meta_base = {
       'method': config.method,
       'num_classes': info.num_classes,
@@ -199,68 +189,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = parallel.replicate(mesh, state)
   start_step = int(jax.device_get(state.step))
 
-  # --- The jitted steps -------------------------------------------------------------------
+  # --- The jitted steps and the evaluator -------------------------------------------------
   train_step = step_lib.make_train_step(method, programs, mesh)
-  eval_step = step_lib.make_eval_step(programs, mesh)
-  diagnostics_step = step_lib.make_diagnostics_step(method, programs, mesh)
-  eval_splits = {'eval': 'val'}
-  if info.num_val > 0:
-    eval_splits['test'] = 'test'
-  eval_batches = {}  # read once, at the first evaluation, and kept in memory
-
-  def load_eval_batches():
-    if not eval_batches:
-      eval_batches.update(
-          {
-              prefix: list(
-                  input_pipeline.eval_iterator(
-                      config.dataset, split, local_batch_size=local_eval_batch
-                  )
-              )
-              for prefix, split in eval_splits.items()
-          }
-      )
-    return eval_batches
-
   writer = metrics_lib.MetricWriter(workdir)
-  # Row and column names of the diagnostics' teacher x student CKA matrix, for its picture.
-  layer_names = {
-      role: step_lib.stage_names(feature_shapes.get(role, {})) for role in ('teacher', 'student')
-  }
-
-  def evaluate(state, step) -> dict[str, Any]:
-    record = {}
-    for prefix, batches in load_eval_batches().items():
-      for key, value in _evaluate(eval_step, state, batches, mesh, programs).items():
-        record[f'{prefix}/{key}'] = value
-    record['eval/top1'] = record[f'eval/{method.primary_role}_top1']
-    record['eval/top5'] = record[f'eval/{method.primary_role}_top5']
-    first = eval_batches['eval'][0]
-    diagnostics = parallel.fetch(diagnostics_step(state, parallel.global_batch(mesh, first)))
-    for key, value in diagnostics.items():
-      record[key] = value
-    record['epoch'] = step / steps_per_epoch
-    # Arrays stay out of metrics.jsonl (omega per channel goes to WORKDIR/cka/), but cka_matrix.
-    writer.write(
-        step, {k: v for k, v in record.items() if np.ndim(v) == 0 or k == cka_plots.MATRIX_KEY}
-    )
-    cka_plots.write_eval_figures(
-        workdir, step, record, writer, layer_names['teacher'], layer_names['student']
-    )
-    logging.info(
-        'eval at step %d: %s',
-        step,
-        ', '.join(f'{k}={v:.2f}' for k, v in record.items() if k.startswith(('eval/', 'test/'))),
-    )
-    return record
+  evaluator = evaluation.Evaluator(
+      source=source,
+      method=method,
+      programs=programs,
+      mesh=mesh,
+      eval_batch_size=config.eval_batch_size,
+      diagnostics_examples=config.diagnostics_examples,
+      workdir=workdir,
+      writer=writer,
+  )
 
   def save(state, best=False, extra=None):
     meta = dict(meta_base, best_top1=best_top1, **(extra or {}))
     checkpoints.save(state, meta, best=best)
 
   # --- The loop ---------------------------------------------------------------------------
-  train_iter = input_pipeline.train_iterator(
-      config.dataset, local_batch_size=local_batch, seed=config.seed, start_step=start_step
+  train_iter = data.train_iterator(
+      source, local_batch_size=local_batch, seed=config.seed, start_step=start_step
   )
   progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
   last_record: dict[str, Any] = {}
@@ -270,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       while step < total_steps:
         batch = parallel.global_batch(mesh, next(train_iter))
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, step)
         step += 1
         pending_metrics.append(step_metrics)
         stop_now = stop.agreed(step, config.log_every_steps)
@@ -283,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           averaged.update(progress.report(step, averaged))
           writer.write(step, averaged)
         if step % eval_every == 0 or step == total_steps:
-          last_record = evaluate(state, step)
+          last_record = evaluator.evaluate(state, step, {'epoch': step / steps_per_epoch})
           if last_record['eval/top1'] > best_top1:
             best_top1 = last_record['eval/top1']
             save(state, best=True, extra={'eval': _scalars(last_record)})
@@ -296,7 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoints.wait()
       writer.flush()
       logging.warning(
-          'Received %s: saved step %d to %s; the same command resumes.', signal_name, step, workdir
+          'Received %s: saved step %d to %s; the same command resumes.',
+          signal_name,
+          step,
+          workdir,
       )
       writer.close()
       checkpoints.close()
@@ -311,38 +263,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   checkpoints.close()
   return summary
-
-
-def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The CE run that pre-trains config.teacher.model for the chain (same data and optimizer)."""
-  teacher = ml_collections.ConfigDict(config.to_dict())
-  teacher.method = 'ce'
-  teacher.model = config.teacher.model
-  teacher.num_train_steps = config.teacher.pretrain_steps
-  teacher.num_epochs = config.teacher.pretrain_epochs
-  return teacher
-
-
-def _pretrain_teacher_if_asked(config, method, workdir):
-  """Trains the teacher first (into WORKDIR/teacher) when the method needs one and none is given."""
-  if not any(role.pretrained for role in method.roles()) or config.teacher.checkpoint:
-    return config
-  if config.teacher.pretrain_steps <= 0 and config.teacher.pretrain_epochs <= 0:
-    raise ValueError(
-        f"config.method='{config.method}' distils from a pre-trained teacher, but "
-        'config.teacher.checkpoint is empty: give a workdir of a teacher run (e.g. '
-        'configs/cifar100_teacher_resnet32x4.py), a converted PyTorch teacher '
-        '(python -m ffkd_jax.import_torch), or set config.teacher.pretrain_steps > 0 to train '
-        'one first.'
-    )
-  teacher_workdir = os.path.join(workdir, 'teacher')
-  logging.info('Pre-training the teacher %s into %s.', config.teacher.model, teacher_workdir)
-  result = train_and_evaluate(teacher_config(config), teacher_workdir)
-  if 'preempted_at' in result:
-    raise Preempted(result['preempted_at'])
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.teacher.checkpoint = teacher_workdir
-  return config
 
 
 def _scalars(record):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from configs import default
-from ffkd_jax import methods, optim, parallel
+from ffkd_jax import optim, parallel
 from ffkd_jax import states as states_lib
 
 NUM_CLASSES = 10
@@ -23,15 +23,14 @@ def tiny_config(method='ffkd', model='resnet8', teacher='resnet8'):
 
 def build(config, steps_per_epoch=10, total_steps=100):
   """(method, programs, initial state on the host)."""
-  method = methods.create_method(config)
 
   def make_optimizer(lr_scale):
     schedule = optim.learning_rate_schedule(
         config.optimizer, steps_per_epoch, total_steps, scale=lr_scale
     )
-    return optim.make_optimizer(config.optimizer, schedule), schedule
+    return optim.make_optimizer(config.optimizer), schedule
 
-  programs, _ = states_lib.build_programs(method, NUM_CLASSES, IMAGE_SIZE, make_optimizer)
+  method, programs = states_lib.resolve(config, NUM_CLASSES, IMAGE_SIZE, make_optimizer)
   state = states_lib.init_state(programs, IMAGE_SIZE, config.seed)
   return method, programs, state
 

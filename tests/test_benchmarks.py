@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from benchmarks import accuracy
 from ffkd_jax import cka
 from tests.image_folder_fixture import write_image_folder

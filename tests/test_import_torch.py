@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from ffkd_jax import import_torch, models
 from ffkd_jax.checkpoint import load_pretrained_role
 

@@ -1,5 +1,6 @@
 """The methods around FFKD behind the one distiller interface: two data-parallel steps each."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,12 +11,21 @@ import pytest
 from configs import cifar100_distill
 from ffkd_jax import config_checks, methods, parallel
 from ffkd_jax import step as step_lib
-from ffkd_jax.methods import common
+from ffkd_jax.methods import common, pairs
+from ffkd_jax.methods import ffkd as ffkd_method
 from ffkd_jax.methods.base import RoleOutput
 from tests import helpers
 
-METHODS = ('kd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd', 'dml', 'iedml')
-ONLINE = ('dml', 'iedml')
+# Every registered method but CE (the FFKD presets have their own tests in test_step.py).
+METHODS = tuple(
+    m for m in methods.available_methods() if m != 'ce' and m not in ffkd_method.PRESETS
+)
+# Online methods: every role trained from scratch.
+ONLINE = tuple(
+    m
+    for m in METHODS
+    if not any(r.pretrained for r in methods.method_roles(helpers.tiny_config(m)))
+)
 
 
 def method_config(method):
@@ -80,9 +90,33 @@ def test_two_steps_on_two_devices(method):
     assert all(
         program.role.train_backbone and not program.role.pretrained for program in programs.values()
     )
-    assert methods.create_method(method_config(method)).primary_role == 'peer0'
+    assert methods.method_class(method_config(method)).primary_role == 'peer0'
   else:
     assert not programs['teacher'].role.train_backbone and programs['teacher'].role.pretrained
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_eval_and_diagnostics_steps(method):
+  """Each method's eval and diagnostics steps on its trained state: finite, on the global batch."""
+  programs, states, _ = two_device_run(method)
+  method_obj, _, _ = helpers.build(method_config(method))
+  mesh = helpers.mesh_of(2)
+  state = parallel.replicate(mesh, states[-1])
+  batch = dict(helpers.random_batch(5, 16), mask=np.ones((16,), np.float32))
+  batch = parallel.global_batch(mesh, batch)
+  counts = parallel.fetch(step_lib.make_eval_step(programs, mesh)(state, batch))
+  assert counts['count'] == 16
+  for name in programs:
+    assert 0 <= counts[f'{name}_top1'] <= counts[f'{name}_top5'] <= 16
+  diagnostics = parallel.fetch(
+      step_lib.make_diagnostics_step(method_obj, programs, mesh)(state, batch)
+  )
+  assert diagnostics
+  for key, value in diagnostics.items():
+    assert np.all(np.isfinite(value)), key
+  if 'teacher' in programs:
+    matrix = diagnostics['cka_matrix']
+    assert matrix.shape == (3, 3) and np.all((matrix > -1e-5) & (matrix < 1 + 1e-5))
 
 
 def test_iekd_trains_the_autoencoder_first_then_inherits_and_explores():
@@ -137,7 +171,7 @@ def _outputs(logits_by_role):
 def test_dml_with_three_peers():
   config = method_config('dml')
   config.dml.models = 'resnet8,resnet14,resnet8'
-  method = methods.create_method(config)
+  method, _, _ = helpers.build(config)
   assert [(r.name, r.model, r.train_backbone, r.pretrained) for r in method.roles()] == [
       ('peer0', 'resnet8', True, False),
       ('peer1', 'resnet14', True, False),
@@ -167,14 +201,14 @@ def test_peer_lists_are_checked():
   config = method_config('dml')
   config.dml.models = 'resnet8,resnet_nope'
   with pytest.raises(ValueError, match='config.dml.models'):
-    methods.create_method(config)
+    methods.check_config(config)
   config.dml.models = 'resnet8'
   with pytest.raises(ValueError, match='at least 2'):
-    methods.create_method(config)
+    methods.check_config(config)
   config = method_config('iedml')
   config.iedml.models = 'resnet8,resnet8,resnet8'
   with pytest.raises(ValueError, match='exactly 2'):
-    methods.create_method(config)
+    methods.check_config(config)
 
 
 def _shapes(*sizes_and_channels):
@@ -187,7 +221,7 @@ def _shapes(*sizes_and_channels):
 def test_stage_pairs_align_at_the_deepest_stage():
   vgg = _shapes((32, 64), (16, 128), (8, 256), (4, 512), (4, 512))
   mobilenet = _shapes((16, 12), (8, 16), (4, 48), (2, 160))
-  assert common.aligned_stage_pairs(vgg, mobilenet) == (
+  assert pairs.aligned_stage_pairs(vgg, mobilenet) == (
       ('stage2', 'stage1'),
       ('stage3', 'stage2'),
       ('stage4', 'stage3'),
@@ -213,8 +247,44 @@ def test_cifar100_distill_config(method):
   config = cifar100_distill.get_config(f'{method},resnet32x4,resnet8x4')
   config_checks.validate(config)
   assert config.method == method and config.model == 'resnet8x4'
-  roles = {r.name: r for r in methods.create_method(config).roles()}
+  roles = {r.name: r for r in methods.method_roles(config)}
   if method in ONLINE:
     assert (roles['peer0'].model, roles['peer1'].model) == ('resnet8x4', 'resnet32x4')
   else:
     assert (roles['teacher'].model, roles['student'].model) == ('resnet32x4', 'resnet8x4')
+
+
+def test_registry_lists_every_method_and_presets():
+  assert set(METHODS) >= {'kd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd'}
+  assert set(ONLINE) == {'dml', 'iedml'}
+
+
+def test_a_created_method_is_resolved_and_immutable():
+  method, _, _ = helpers.build(method_config('at'))
+  assert method.layer_pairs == (('stage1', 'stage1'), ('stage2', 'stage2'), ('stage3', 'stage3'))
+  assert method.required_features() == {
+      'teacher': ('stage1', 'stage2', 'stage3'),
+      'student': ('stage1', 'stage2', 'stage3'),
+  }
+  with pytest.raises(dataclasses.FrozenInstanceError, match='immutable'):
+    method.layer_pairs = ()
+
+
+def test_resolve_pairs_parses_checks_and_pairs_automatically():
+  shapes = {'teacher': _shapes((8, 4), (4, 8)), 'student': _shapes((8, 2), (4, 4))}
+  assert pairs.resolve_pairs('auto', 'x.pairs', shapes, pairs.last_stage_pair) == (
+      ('stage2', 'stage2'),
+  )
+  assert pairs.resolve_pairs(' stage1:stage2 ', 'x.pairs', shapes, pairs.last_stage_pair) == (
+      ('stage1', 'stage2'),
+  )
+  with pytest.raises(ValueError, match=r"config.x.pairs='stage1'"):
+    pairs.resolve_pairs('stage1', 'x.pairs', shapes, pairs.last_stage_pair)
+  with pytest.raises(ValueError, match=r"config.x.pairs: feature 'stage7' of the student"):
+    pairs.resolve_pairs('stage1:stage7', 'x.pairs', shapes, pairs.last_stage_pair)
+  with pytest.raises(ValueError, match='exactly 1'):
+    pairs.resolve_pairs('stage1:stage1,stage2:stage2', 'x.pairs', shapes, pairs.last_stage_pair, 1)
+  assert pairs.stage_names({'stage10': 0, 'stage2': 0, 'stage2_preact': 0, 'embedding': 0}) == [
+      'stage2',
+      'stage10',
+  ]

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+pytestmark = pytest.mark.slow
 from etils import epath
 
 from ffkd_jax import checkpoint as checkpoint_lib

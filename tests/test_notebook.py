@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 nbclient = pytest.importorskip('nbclient')
 nbformat = pytest.importorskip('nbformat')
 pytest.importorskip('ipykernel')

@@ -129,7 +129,7 @@ def test_feedback_start_step_delays_teacher_updates():
 def test_step_compiles_once():
   config = helpers.tiny_config('ffkd')
   _, _, train_step = run_steps(config, 2, num_steps=3)
-  assert train_step._cache_size() == 1  # pylint: disable=protected-access
+  assert train_step.compiled_count() == 1
 
 
 def test_presets_switch_the_spec_terms():
@@ -170,3 +170,69 @@ def test_presets_in_the_step(preset, expect_feat, expect_teacher):
     assert all(v == 0 for k, v in metrics[0].items() if k.startswith('weights_std/'))
   if preset in ('ffkd', 'fkd_cka'):
     assert any(v > 0 for k, v in metrics[0].items() if k.startswith('weights_std/'))
+
+
+def test_a_late_role_follows_the_global_schedule_and_is_not_updated_before():
+  """Teacher from step k = 2: no update (and no backward pass) before k; from k on, its update
+  is exactly schedule(s) times its update at unit rate from the same state and batch."""
+  k, num_steps = 2, 5
+
+  def config_with(schedule, learning_rate):
+    config = helpers.tiny_config('ffkd')
+    config.ffkd.feedback_start_step = k
+    config.optimizer.momentum = 0.0
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.schedule = schedule
+    config.optimizer.learning_rate = learning_rate
+    config.optimizer.decay_epochs = (0.3,)  # x0.1 at step 3 (10 steps an epoch)
+    return config
+
+  method, programs, state = helpers.build(config_with('steps', 0.05))
+  _, unit_programs, _ = helpers.build(config_with('constant', 1.0))
+  schedule = programs['teacher'].schedule
+  assert float(schedule(2)) != float(schedule(3))  # the decay falls after the start
+  mesh = helpers.mesh_of(2)
+  train_step = step_lib.make_train_step(method, programs, mesh)
+  unit_step = step_lib.make_train_step(method, unit_programs, mesh)
+  state = parallel.replicate(mesh, state)
+  for s in range(num_steps):
+    batch = parallel.global_batch(mesh, helpers.random_batch(s))
+    before = parallel.fetch(state)
+    unit_state, _ = unit_step(parallel.replicate(mesh, before), batch, s)
+    state, metrics = train_step(state, batch, s)
+    after, unit_after = parallel.fetch(state), parallel.fetch(unit_state)
+    metrics = parallel.fetch(metrics)
+    teacher = [
+        (np.asarray(b), np.asarray(a), np.asarray(u))
+        for b, a, u in zip(
+            jax.tree.leaves(before.roles['teacher']),
+            jax.tree.leaves(after.roles['teacher']),
+            jax.tree.leaves(unit_after.roles['teacher']),
+        )
+    ]
+    if s < k:
+      assert train_step.updated_roles(s) == {'student'}
+      assert metrics['lr/teacher'] == 0.0
+      for b, a, _ in teacher:
+        np.testing.assert_array_equal(a, b)
+      continue
+    assert train_step.updated_roles(s) == {'teacher', 'student'}
+    rate = float(schedule(s))
+    np.testing.assert_allclose(metrics['lr/teacher'], rate, rtol=1e-6)
+    unit_rate = float(unit_programs['teacher'].schedule(s))  # the role's lr_scale at rate 1
+    params = jax.tree.leaves(before.roles['teacher'].params)
+    moved = 0
+    for (b, a, u), _ in zip(teacher, params):
+      if not np.issubdtype(b.dtype, np.floating) or np.array_equal(u, b):
+        continue
+      # float32 rounding of b + delta: a few ulps of the parameter
+      ulps = 4 * np.finfo(np.float32).eps * np.abs(b).max()
+      np.testing.assert_allclose(a - b, (u - b) * rate / unit_rate, rtol=2e-3, atol=ulps)
+      moved += 1
+    assert moved > 0
+  # Before k the teacher costs no backward pass: that program does fewer FLOPs.
+  flops = {}
+  for roles, jitted in train_step._compiled.items():  # pylint: disable=protected-access
+    batch = parallel.global_batch(mesh, helpers.random_batch(0))
+    flops[roles] = jitted.lower(state, batch).compile().cost_analysis()['flops']
+  assert flops[frozenset({'student'})] < 0.8 * flops[frozenset({'teacher', 'student'})]

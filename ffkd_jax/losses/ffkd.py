@@ -1,8 +1,8 @@
-"""FFKD's CKA-weighted forward and feedback losses, exactly as ../shared/FFKD-METHOD.md states.
+"""FFKD's CKA-weighted forward and feedback losses, exactly as docs/FFKD.md states.
 
 FFKD is "Reciprocal Teacher-Student Learning via Forward and Feedback Knowledge Distillation"
 (Gou et al., IEEE Transactions on Multimedia 26, 2024). Its code and full text are not public:
-these formulas are this project's reconstruction (FFKD-METHOD.md), not the authors' code.
+these formulas are this project's reconstruction (docs/FFKD.md), not the authors' code.
 
 For one layer pair: teacher map U (n, H, W, C), student map V mapped by a connector to the same
 shape, channel understanding omega[c] = CKA(U[..., c], V[..., c]) from `ffkd_jax.cka.channel_cka`.
@@ -74,7 +74,7 @@ def feedback_alignment_loss(omega: jax.Array, weights: jax.Array) -> jax.Array:
 
   omega must come from `channel_cka(U, sg(V))` so that only the teacher is pushed toward
   forms the student can follow. With stacked layers, (l, c) inputs, the per-layer means are
-  summed over l (the sum over layer pairs in FFKD-METHOD.md).
+  summed over l (the sum over layer pairs in docs/FFKD.md).
 
   Args:
     omega: (c,) or (l, c) channel CKA values.

@@ -18,47 +18,22 @@ import jax
 
 from ffkd_jax.losses.at import at_loss
 from ffkd_jax.losses.classification import cross_entropy
-from ffkd_jax.methods.common import (
-    TeacherStudent,
-    aligned_stage_pairs,
-    check_pairs,
-    common_size,
-    parse_pairs,
-    pool_to_smaller,
-    spatial_size,
-)
+from ffkd_jax.methods.common import TeacherStudent, check_poolable_pairs, pool_to_smaller
+from ffkd_jax.methods.pairs import aligned_stage_pairs, resolve_pairs
 from ffkd_jax.parallel import DATA_AXIS
 
 
 class AT(TeacherStudent):
   name = 'at'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.at
     self.ce_weight, self.at_weight, self.p = c.ce_weight, c.at_weight, c.p
-    self._pairs_spec = c.layer_pairs
-    self.layer_pairs = (
-        () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs, 'at.layer_pairs')
+    self.layer_pairs = resolve_pairs(
+        c.layer_pairs, 'at.layer_pairs', feature_shapes, aligned_stage_pairs
     )
-
-  def setup(self, feature_shapes):
-    teacher, student = feature_shapes['teacher'], feature_shapes['student']
-    if self._pairs_spec == 'auto':
-      self.layer_pairs = aligned_stage_pairs(teacher, student)
-    check_pairs(feature_shapes, self.layer_pairs, 'at.layer_pairs')
-    for t_name, s_name in self.layer_pairs:
-      common_size(
-          spatial_size(teacher[t_name]),
-          spatial_size(student[s_name]),
-          f'config.at.layer_pairs {t_name}:{s_name}',
-      )
-
-  def required_features(self):
-    return {
-        'teacher': tuple(t for t, _ in self.layer_pairs),
-        'student': tuple(s for _, s in self.layer_pairs),
-    }
+    check_poolable_pairs(feature_shapes, self.layer_pairs, 'at.layer_pairs')
 
   def _at(self, outputs):
     total = 0.0

@@ -2,9 +2,18 @@
 
 A method names its roles (the networks it trains or reads: a teacher and a student, or peers),
 the trainable extras ("heads": connectors, auto-encoders) each role carries, and a loss per
-role. The trainer runs one forward pass of every role, sums the role losses, takes one backward
-pass with respect to every trainable parameter, and applies each role's optimizer. Stop-gradients
-inside a method's loss make that sum give each role exactly the gradient of its own loss.
+role. The trainer runs one forward pass of every role, sums the losses of the roles it updates at
+that step, takes one backward pass with respect to their trainable parameters, and applies each
+role's optimizer. Stop-gradients inside a method's loss make that sum give each role exactly the
+gradient of its own loss.
+
+A method is resolved completely before any state exists, in three steps that
+`ffkd_jax.methods.create_method` and `ffkd_jax.states.resolve` run:
+  1. `check_config(config)`: the method validates its own config block (classmethod);
+  2. `make_roles(config)`: its roles (classmethod), from which the trainer builds the models and
+     reads their feature shapes;
+  3. `__init__(config, feature_shapes)`: everything else (layer pairs, head shapes) from those
+     shapes. The object is frozen afterwards: any attribute assignment raises.
 
 `loss` runs inside the data-parallel step (shard_map over the `data` axis) on this device's
 rows: cross-entropy-like terms are local batch means; statistics over the batch are taken on the
@@ -22,6 +31,7 @@ from ffkd_jax.parallel import DATA_AXIS
 
 Array = jax.Array
 Metrics = dict[str, Array]
+FeatureShapes = Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]  # role -> feature -> shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +41,14 @@ class Role:
   name: key of the role ('teacher', 'student', 'peer0', ...).
   model: registry name of its backbone.
   train_backbone: whether the backbone is updated (else: inference-mode batch norm, no optimizer
-    state and no backward pass through it). Heads, if any, are always trained.
+    state and no backward pass through it). Heads, if any, are always trained while the role is
+    active.
   pretrained: whether the backbone is loaded from `config.teacher.checkpoint`.
   lr_scale: its learning rate over the base schedule's.
+  start_step, stop_step: the role is updated at the steps s with start_step <= s < stop_step
+    (stop_step None: to the end). Outside that window it is read like a frozen network (inference
+    mode, stop-gradient, no backward pass) and its state is untouched; inside it, its learning
+    rate at step s is its schedule at the global step s.
   """
 
   name: str
@@ -41,6 +56,17 @@ class Role:
   train_backbone: bool = True
   pretrained: bool = False
   lr_scale: float = 1.0
+  start_step: int = 0
+  stop_step: int | None = None
+
+  def active(self, step: int) -> bool:
+    """Whether the role is updated at (host-side) step `step`."""
+    return step >= self.start_step and (self.stop_step is None or step < self.stop_step)
+
+  @property
+  def windowed(self) -> bool:
+    """Whether the role is updated at some steps only."""
+    return self.start_step > 0 or self.stop_step is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +84,47 @@ class Method(abc.ABC):
   name: str = ''
   # The role whose accuracy selects the best checkpoint and is reported as `eval/top1`.
   primary_role: str = 'student'
+  # The (teacher feature, student feature) pairs a method distils, in order; () where it has none.
+  layer_pairs: tuple[tuple[str, str], ...] = ()
 
+  @classmethod
+  def check_config(cls, config) -> None:
+    """Raises ValueError, naming field, value and what is valid, for a bad field of the method's
+    own config block. Runs before anything is built."""
+    del config
+
+  @classmethod
   @abc.abstractmethod
-  def roles(self) -> tuple[Role, ...]:
+  def make_roles(cls, config) -> tuple[Role, ...]:
     """The networks of the method, trained or read."""
 
-  def setup(self, feature_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]) -> None:
-    """Called once with every role's feature shapes before `heads` (e.g. to pick layer pairs)."""
-    del feature_shapes
+  def __init__(self, config, feature_shapes: FeatureShapes):
+    """Resolves the method against its roles' feature shapes (layer pairs, head shapes)."""
+    self._roles = type(self).make_roles(config)
+    self.feature_shapes = feature_shapes
 
-  def heads(
-      self, role: str, feature_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]
-  ) -> nn.Module | None:
-    """The trainable extras of `role`, or None. feature_shapes: role -> feature name -> shape.
+  def __setattr__(self, name, value):
+    if self.__dict__.get('_frozen', False):
+      raise dataclasses.FrozenInstanceError(
+          f'{type(self).__name__} is immutable once created; cannot set {name!r}.'
+      )
+    super().__setattr__(name, value)
+
+  def freeze(self) -> None:
+    """Called by create_method once the method is resolved."""
+    object.__setattr__(self, '_frozen', True)
+
+  def roles(self) -> tuple[Role, ...]:
+    return self._roles
+
+  def heads(self, role: str) -> nn.Module | None:
+    """The trainable extras of `role`, or None.
 
     The module is called as `heads(features, train=bool)` on the role's own features (already
     stop-gradient where its backbone is frozen) and returns a dict.
     """
-    del role, feature_shapes
+    del role
     return None
-
-  def role_active(self, role: str, step: Array) -> Array | bool:
-    """Whether `role` is updated at `step` (a traced scalar); a method may start a role late."""
-    del role, step
-    return True
 
   @abc.abstractmethod
   def loss(
@@ -90,13 +133,18 @@ class Method(abc.ABC):
     """Per-role losses (each a scalar) and metrics. Runs inside the data-parallel step."""
 
   def diagnostics(self, outputs: Mapping[str, RoleOutput]) -> Metrics:
-    """Evaluation-time measurements on one global eval batch (e.g. CKA per layer pair)."""
+    """Evaluation-time measurements on the diagnostics subset (e.g. CKA per layer pair)."""
     del outputs
     return {}
 
   def required_features(self) -> dict[str, tuple[str, ...]]:
-    """Feature names each role must expose (checked at start-up against the models)."""
-    return {}
+    """Feature names each role must expose: by default, the two sides of `layer_pairs`."""
+    if not self.layer_pairs:
+      return {}
+    return {
+        'teacher': tuple(t for t, _ in self.layer_pairs),
+        'student': tuple(s for _, s in self.layer_pairs),
+    }
 
 
 def gather(x: Array) -> Array:

@@ -25,7 +25,7 @@ import jax
 from ffkd_jax.losses.cc import cc_loss
 from ffkd_jax.losses.classification import cross_entropy, softened_kl
 from ffkd_jax.methods.base import gather
-from ffkd_jax.methods.common import TeacherStudent
+from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 
 FEATURE = 'embedding'
 
@@ -33,8 +33,12 @@ FEATURE = 'embedding'
 class CC(TeacherStudent):
   name = 'cc'
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    check_temperatures(config, 'cc.temperature')
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.cc
     self.ce_weight, self.kd_weight, self.cc_weight = c.ce_weight, c.kd_weight, c.cc_weight
     self.temperature, self.gamma, self.order = c.temperature, c.gamma, c.order

@@ -8,11 +8,9 @@ class CrossEntropy(Method):
   name = 'ce'
   primary_role = 'model'
 
-  def __init__(self, config):
-    self.model = config.model
-
-  def roles(self):
-    return (Role('model', self.model),)
+  @classmethod
+  def make_roles(cls, config):
+    return (Role('model', config.model),)
 
   def loss(self, outputs, labels, step):
     del step

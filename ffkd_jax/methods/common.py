@@ -1,6 +1,6 @@
-"""What the teacher-student methods share: their two roles, stage pairing, spatial resizing.
+"""What the teacher-student methods share: their two roles, spatial resizing, config checks.
 
-Stage pairing follows RepDistiller (HobbitLong/RepDistiller, train_student.py), which zips the
+Stage pairing (ffkd_jax/methods/pairs.py) follows RepDistiller (HobbitLong/RepDistiller, train_student.py), which zips the
 teacher's and the student's `feat[1:-1]` (every stage output, stem and pooled vector left out)
 and pools the larger map down where sizes differ (distiller_zoo/AT.py). Our models name their
 stage outputs `stage1..stageK` and some families expose one more stage than others (VGG's first
@@ -9,7 +9,7 @@ min(K_t, K_s) stages of each, in order. On RepDistiller's standard pairs (resnet
 vgg / mobilenetv2, resnet32x4 -> shufflenet) this gives its pairs.
 """
 
-from typing import Mapping
+import math
 
 import flax.linen as nn
 import jax
@@ -17,62 +17,7 @@ import jax.numpy as jnp
 
 from ffkd_jax.losses.classification import top_k_correct
 from ffkd_jax.methods.base import Method, Role, gather
-
-Shapes = Mapping[str, jax.ShapeDtypeStruct]
-
-
-def stage_names(shapes: Shapes) -> list[str]:
-  """The post-activation stage outputs of a model, in order (stage1, stage2, ...)."""
-  names = [k for k in shapes if k.startswith('stage') and not k.endswith('_preact')]
-  return sorted(names, key=lambda k: int(k[len('stage') :]))
-
-
-def last_stage(shapes: Shapes) -> str:
-  names = stage_names(shapes)
-  if not names:
-    raise ValueError(
-        f'the model exposes no stage outputs (stage1, ...); it has: '
-        f'{", ".join(sorted(shapes))}.'
-    )
-  return names[-1]
-
-
-def aligned_stage_pairs(
-    teacher_shapes: Shapes, student_shapes: Shapes
-) -> tuple[tuple[str, str], ...]:
-  """(teacher, student) stage pairs: the last min(K_t, K_s) stages of each, deepest aligned."""
-  teacher, student = stage_names(teacher_shapes), stage_names(student_shapes)
-  count = min(len(teacher), len(student))
-  return tuple(zip(teacher[len(teacher) - count :], student[len(student) - count :]))
-
-
-def parse_pairs(spec: str, field: str) -> tuple[tuple[str, str], ...]:
-  """'stage2:stage2,stage3:stage3' -> (('stage2', 'stage2'), ('stage3', 'stage3'))."""
-  pairs = []
-  for item in spec.split(','):
-    names = [n.strip() for n in item.split(':')]
-    if len(names) != 2 or not all(names):
-      raise ValueError(
-          f"config.{field}='{spec}' is not valid: give 'auto' or comma-separated "
-          "teacher:student feature names, e.g. 'stage2:stage2,stage3:stage3'."
-      )
-    pairs.append(tuple(names))
-  return tuple(pairs)
-
-
-def check_names(shapes: Shapes, role: str, names, field: str) -> None:
-  """Raises, naming the config field, when a feature name is not one the role's model has."""
-  for name in names:
-    if name not in shapes:
-      raise ValueError(
-          f"config.{field}: feature '{name}' of the {role} is not produced by its "
-          f"model; it has: {', '.join(sorted(shapes))}."
-      )
-
-
-def check_pairs(feature_shapes, pairs, field: str) -> None:
-  check_names(feature_shapes['teacher'], 'teacher', [t for t, _ in pairs], field)
-  check_names(feature_shapes['student'], 'student', [s for _, s in pairs], field)
+from ffkd_jax.methods.pairs import Pairs
 
 
 def spatial_size(shape: jax.ShapeDtypeStruct) -> tuple[int, int]:
@@ -123,11 +68,9 @@ def teacher_student_roles(config) -> tuple[Role, Role]:
 class TeacherStudent(Method):
   """Base of the methods that distil a frozen, pre-trained teacher into a student."""
 
-  def __init__(self, config):
-    self._roles = teacher_student_roles(config)
-
-  def roles(self):
-    return self._roles
+  @classmethod
+  def make_roles(cls, config):
+    return teacher_student_roles(config)
 
   def diagnostics(self, outputs):
     return prediction_agreement(outputs['teacher'].logits, outputs['student'].logits)
@@ -139,3 +82,40 @@ def prediction_agreement(
   """Share of the global batch where the two roles' top-1 classes agree."""
   teacher_top1 = jnp.argmax(gather(teacher_logits), axis=-1)  # (n,)
   return {key: jnp.mean(top_k_correct(gather(student_logits), teacher_top1, 1))}
+
+
+def check_positive(config, *fields: str, what: str = 'must be a finite number > 0') -> None:
+  """Raises for the first of the dotted `fields` of config that is not a finite number > 0."""
+  for field in fields:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    try:
+      ok = value > 0 and math.isfinite(value)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f'config.{field}={value!r} is not valid: {what}.')
+
+
+def check_at_least(config, field: str, minimum: int, why: str = '') -> None:
+  """Raises unless the dotted integer `field` of config is >= minimum."""
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  if int(value) < minimum:
+    raise ValueError(f'config.{field}={value!r} is not valid: {why}it must be >= {minimum}.')
+
+
+def check_temperatures(config, *fields: str) -> None:
+  check_positive(config, *fields, what='a temperature must be a finite number > 0')
+
+
+def check_poolable_pairs(feature_shapes, pairs: Pairs, field: str) -> None:
+  """Raises unless each pair's larger map average-pools exactly onto the smaller one."""
+  for t_name, s_name in pairs:
+    common_size(
+        spatial_size(feature_shapes['teacher'][t_name]),
+        spatial_size(feature_shapes['student'][s_name]),
+        f'config.{field} {t_name}:{s_name}',
+    )

@@ -1,7 +1,7 @@
 """Student-side connectors: map a student feature map onto its teacher's shape.
 
 A connector is a 1x1 convolution and batch norm from the student's channels to the teacher's,
-preceded by average pooling when the student's map is spatially larger (FFKD-METHOD.md).
+preceded by average pooling when the student's map is spatially larger (docs/FFKD.md).
 """
 
 from typing import Sequence

@@ -17,14 +17,18 @@ import jax
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.dist import dist_loss
 from ffkd_jax.methods.base import gather
-from ffkd_jax.methods.common import TeacherStudent
+from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 
 
 class DIST(TeacherStudent):
   name = 'dist'
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    check_temperatures(config, 'dist.temperature')
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.dist
     self.temperature, self.beta, self.gamma = c.temperature, c.beta, c.gamma
     self.ce_weight, self.kd_weight = c.ce_weight, c.kd_weight

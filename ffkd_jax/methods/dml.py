@@ -22,7 +22,7 @@ from ffkd_jax import cka, models
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.mutual import mutual_kl
 from ffkd_jax.methods.base import Method, Role, gather
-from ffkd_jax.methods.common import prediction_agreement
+from ffkd_jax.methods.common import check_temperatures, prediction_agreement
 
 
 def peer_models(
@@ -72,20 +72,24 @@ class DML(Method):
   name = 'dml'
   primary_role = 'peer0'
 
-  def __init__(self, config):
-    c = config.dml
-    self.models = peer_models(c.models, config.model, 'dml.models')
-    self.temperature, self.kl_weight = c.temperature, c.kl_weight
+  @classmethod
+  def check_config(cls, config):
+    check_temperatures(config, 'dml.temperature')
+    peer_models(config.dml.models, config.model, 'dml.models')
 
-  def roles(self):
-    return tuple(
-        Role(peer_name(k), model, train_backbone=True, pretrained=False)
-        for k, model in enumerate(self.models)
-    )
+  @classmethod
+  def make_roles(cls, config):
+    models_ = peer_models(config.dml.models, config.model, 'dml.models')
+    return tuple(Role(peer_name(k), model) for k, model in enumerate(models_))
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
+    self.num_peers = len(self.roles())
+    self.temperature, self.kl_weight = config.dml.temperature, config.dml.kl_weight
 
   def loss(self, outputs, labels, step):
     del step
-    logits = [outputs[peer_name(k)].logits for k in range(len(self.models))]
+    logits = [outputs[peer_name(k)].logits for k in range(self.num_peers)]
     kl = mutual_kl(logits, self.temperature)  # (K,): peer k's KL to the others' fixed outputs
     losses, metrics = {}, {}
     for k, peer_logits in enumerate(logits):
@@ -96,4 +100,4 @@ class DML(Method):
     return losses, metrics
 
   def diagnostics(self, outputs):
-    return peer_diagnostics(outputs, len(self.models))
+    return peer_diagnostics(outputs, self.num_peers)

@@ -1,4 +1,4 @@
-"""FFKD: forward and feedback knowledge distillation, as ../shared/FFKD-METHOD.md reconstructs it.
+"""FFKD: forward and feedback knowledge distillation, as docs/FFKD.md reconstructs it.
 
 The paper's full text is not public; this is the project's reconstruction (docs/FFKD.md).
 
@@ -24,7 +24,9 @@ from ffkd_jax import cka
 from ffkd_jax.losses import ffkd as ffkd_losses
 from ffkd_jax.losses.classification import cross_entropy, softened_kl
 from ffkd_jax.methods.base import Method, Role, gather
+from ffkd_jax.methods.common import check_at_least, check_temperatures
 from ffkd_jax.methods.connectors import ConnectorHeads
+from ffkd_jax.methods.pairs import pair_key, resolve_pairs, stage_names
 from ffkd_jax.parallel import DATA_AXIS
 
 PRESETS = ('ffkd', 'fkd', 'fkd_cka', 'fkd_fbkd')
@@ -75,13 +77,7 @@ def auto_layer_pairs(teacher_shapes, student_shapes, max_pairs: int = 3):
   """
 
   def deepest_by_size(shapes):
-    by_size = {}
-    for name in sorted(
-        (k for k in shapes if k.startswith('stage') and not k.endswith('_preact')),
-        key=lambda k: int(k[len('stage') :]),
-    ):
-      by_size[tuple(shapes[name].shape[1:3])] = name
-    return by_size
+    return {tuple(shapes[name].shape[1:3]): name for name in stage_names(shapes)}
 
   teacher, student = deepest_by_size(teacher_shapes), deepest_by_size(student_shapes)
   common = sorted(set(teacher) & set(student), key=lambda hw: -hw[0] * hw[1])
@@ -94,76 +90,48 @@ def auto_layer_pairs(teacher_shapes, student_shapes, max_pairs: int = 3):
   return pairs
 
 
-def parse_layer_pairs(spec: str) -> tuple[tuple[str, str], ...]:
-  """'stage2:stage2,stage3:stage3' -> (('stage2', 'stage2'), ('stage3', 'stage3'))."""
-  pairs = []
-  for item in spec.split(','):
-    names = [n.strip() for n in item.split(':')]
-    if len(names) != 2 or not all(names):
-      raise ValueError(
-          f"config.ffkd.layer_pairs='{spec}' is not valid: give 'auto' or "
-          'comma-separated teacher:student feature names, e.g. '
-          "'stage2:stage2,stage3:stage3'."
-      )
-    pairs.append(tuple(names))
-  return tuple(pairs)
-
-
-def pair_key(teacher_feature: str, student_feature: str) -> str:
-  return f'{teacher_feature}-{student_feature}'
-
-
 class FFKD(Method):
   """FFKD and its ablation presets."""
 
-  def __init__(self, config):
+  @classmethod
+  def check_config(cls, config):
+    terms_for_preset(config.method, config.ffkd)
+    check_temperatures(config, 'ffkd.temperature', 'ffkd.weight_temperature')
+    check_at_least(config, 'ffkd.feedback_start_step', 0)
+
+  @classmethod
+  def make_roles(cls, config):
+    t = terms_for_preset(config.method, config.ffkd)
+    teacher = Role(
+        'teacher',
+        config.teacher.model,
+        train_backbone=t.feedback,
+        pretrained=True,
+        lr_scale=t.teacher_lr_scale,
+        start_step=int(t.feedback_start_step) if t.feedback else 0,
+    )
+    return (teacher, Role('student', config.model))
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     self.name = config.method
     self.terms = terms_for_preset(config.method, config.ffkd)
-    self.teacher_model = config.teacher.model
-    self.student_model = config.model
-    self._pairs_spec = config.ffkd.layer_pairs
-    self.layer_pairs = () if self._pairs_spec == 'auto' else parse_layer_pairs(self._pairs_spec)
-
-  def setup(self, feature_shapes):
-    if self._pairs_spec == 'auto':
-      self.layer_pairs = auto_layer_pairs(feature_shapes['teacher'], feature_shapes['student'])
+    self.layer_pairs = resolve_pairs(
+        config.ffkd.layer_pairs, 'ffkd.layer_pairs', feature_shapes, auto_layer_pairs
+    )
 
   @property
   def uses_features(self) -> bool:
     return self.terms.a_feat > 0 or (self.terms.feedback and self.terms.b_fb > 0)
 
-  def roles(self):
-    t = self.terms
-    return (
-        Role(
-            'teacher',
-            self.teacher_model,
-            train_backbone=t.feedback,
-            pretrained=True,
-            lr_scale=t.teacher_lr_scale,
-        ),
-        Role('student', self.student_model),
-    )
-
-  def required_features(self):
-    return {
-        'teacher': tuple(t for t, _ in self.layer_pairs),
-        'student': tuple(s for _, s in self.layer_pairs),
-    }
-
-  def heads(self, role, feature_shapes):
+  def heads(self, role):
     if role != 'student' or not self.uses_features:
       return None
     pairs = tuple(
-        (pair_key(t, s), s, tuple(feature_shapes['teacher'][t].shape[1:]))
+        (pair_key((t, s)), s, tuple(self.feature_shapes['teacher'][t].shape[1:]))
         for t, s in self.layer_pairs
     )
     return ConnectorHeads(pairs, axis_name=DATA_AXIS)
-
-  def role_active(self, role, step):
-    if role == 'teacher' and self.terms.feedback_start_step > 0:
-      return step >= self.terms.feedback_start_step
-    return True
 
   def _channel_weights(self, omega: jax.Array) -> jax.Array:
     if not self.terms.use_channel_weights:
@@ -183,7 +151,7 @@ class FFKD(Method):
     if self.uses_features:
       feat_total, fb_total = 0.0, 0.0
       for t_name, s_name in self.layer_pairs:
-        key = pair_key(t_name, s_name)
+        key = pair_key((t_name, s_name))
         u = teacher.features[t_name]  # (n_local, h, w, c); stop-gradient if the teacher is frozen
         v = student.heads[key]  # (n_local, h, w, c), the connector's output
         # One CKA per channel on the global batch; V is stopped so that its gradient reaches
@@ -219,7 +187,7 @@ class FFKD(Method):
     """
     metrics = {}
     for t_name, s_name in self.layer_pairs:
-      key = pair_key(t_name, s_name)
+      key = pair_key((t_name, s_name))
       u = gather(outputs['teacher'].features[t_name])
       heads = outputs['student'].heads
       v = gather(heads[key] if key in heads else outputs['student'].features[s_name])

@@ -22,72 +22,45 @@ import jax
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.fitnet import hint_loss
-from ffkd_jax.methods.common import (
-    TeacherStudent,
-    aligned_stage_pairs,
-    check_pairs,
-    common_size,
-    parse_pairs,
-    pool_to,
-    spatial_size,
-)
+from ffkd_jax.methods.common import TeacherStudent, common_size, pool_to, spatial_size
+from ffkd_jax.methods.pairs import middle_stage_pair, pair_key, resolve_pairs
 from ffkd_jax.methods.connectors import ConnectorHeads
 from ffkd_jax.parallel import DATA_AXIS
-
-
-def pair_key(teacher_feature: str, student_feature: str) -> str:
-  return f'{teacher_feature}-{student_feature}'
 
 
 class FitNet(TeacherStudent):
   name = 'fitnet'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.fitnet
     self.ce_weight, self.hint_weight = c.ce_weight, c.hint_weight
-    self._pair_spec = c.layer_pair
-    self.layer_pair = None
-    if c.layer_pair != 'auto':
-      pairs = parse_pairs(c.layer_pair, 'fitnet.layer_pair')
-      if len(pairs) != 1:
-        raise ValueError(
-            f"config.fitnet.layer_pair='{c.layer_pair}' is not valid: give 'auto' "
-            "or one teacher:student pair, e.g. 'stage2:stage2'."
-        )
-      self.layer_pair = pairs[0]
-    self.hint_size = None  # (h, w) where the hint is compared, set in setup
-
-  def setup(self, feature_shapes):
-    teacher, student = feature_shapes['teacher'], feature_shapes['student']
-    if self._pair_spec == 'auto':
-      pairs = aligned_stage_pairs(teacher, student)
-      self.layer_pair = pairs[(len(pairs) - 1) // 2]
-    check_pairs(feature_shapes, (self.layer_pair,), 'fitnet.layer_pair')
+    self.layer_pairs = resolve_pairs(
+        c.layer_pair, 'fitnet.layer_pair', feature_shapes, middle_stage_pair, count=1
+    )
     t_name, s_name = self.layer_pair
-    self.hint_size = common_size(
-        spatial_size(teacher[t_name]),
-        spatial_size(student[s_name]),
+    self.hint_size = common_size(  # (h, w) where the hint is compared
+        spatial_size(feature_shapes['teacher'][t_name]),
+        spatial_size(feature_shapes['student'][s_name]),
         f'config.fitnet.layer_pair {t_name}:{s_name}',
     )
 
-  def required_features(self):
-    if self.layer_pair is None:
-      return {}
-    return {'teacher': (self.layer_pair[0],), 'student': (self.layer_pair[1],)}
+  @property
+  def layer_pair(self) -> tuple[str, str]:
+    return self.layer_pairs[0]
 
-  def heads(self, role, feature_shapes):
+  def heads(self, role):
     if role != 'student':
       return None
     t_name, s_name = self.layer_pair
-    channels = feature_shapes['teacher'][t_name].shape[-1]
+    channels = self.feature_shapes['teacher'][t_name].shape[-1]
     return ConnectorHeads(
-        ((pair_key(t_name, s_name), s_name, (*self.hint_size, channels)),), axis_name=DATA_AXIS
+        ((pair_key(self.layer_pair), s_name, (*self.hint_size, channels)),), axis_name=DATA_AXIS
     )
 
   def _hint(self, outputs):
     t_name, s_name = self.layer_pair
-    student = outputs['student'].heads[pair_key(t_name, s_name)]  # (n, h, w, c_t)
+    student = outputs['student'].heads[pair_key(self.layer_pair)]  # (n, h, w, c_t)
     teacher = pool_to(jax.lax.stop_gradient(outputs['teacher'].features[t_name]), self.hint_size)
     return hint_loss(student, teacher)
 

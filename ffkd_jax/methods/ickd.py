@@ -20,55 +20,43 @@ import jax
 
 from ffkd_jax.losses.classification import cross_entropy, softened_kl
 from ffkd_jax.losses.ickd import ickd_loss
-from ffkd_jax.methods.common import TeacherStudent, check_pairs, last_stage, parse_pairs
+from ffkd_jax.methods.common import TeacherStudent, check_temperatures
+from ffkd_jax.methods.pairs import last_stage_pair, pair_key, resolve_pairs
 from ffkd_jax.methods.connectors import ConnectorHeads
 from ffkd_jax.parallel import DATA_AXIS
-
-
-def pair_key(teacher_feature: str, student_feature: str) -> str:
-  return f'{teacher_feature}-{student_feature}'
 
 
 class ICKD(TeacherStudent):
   name = 'ickd'
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    check_temperatures(config, 'ickd.temperature')
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.ickd
     self.ce_weight, self.kd_weight, self.ickd_weight = c.ce_weight, c.kd_weight, c.ickd_weight
     self.temperature = c.temperature
-    self._pairs_spec = c.layer_pairs
-    self.layer_pairs = (
-        () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs, 'ickd.layer_pairs')
+    self.layer_pairs = resolve_pairs(
+        c.layer_pairs, 'ickd.layer_pairs', feature_shapes, last_stage_pair
     )
 
-  def setup(self, feature_shapes):
-    if self._pairs_spec == 'auto':
-      self.layer_pairs = (
-          (last_stage(feature_shapes['teacher']), last_stage(feature_shapes['student'])),
-      )
-    check_pairs(feature_shapes, self.layer_pairs, 'ickd.layer_pairs')
-
-  def required_features(self):
-    return {
-        'teacher': tuple(t for t, _ in self.layer_pairs),
-        'student': tuple(s for _, s in self.layer_pairs),
-    }
-
-  def heads(self, role, feature_shapes):
+  def heads(self, role):
     if role != 'student':
       return None
     pairs = []
-    for t_name, s_name in self.layer_pairs:
-      h, w = feature_shapes['student'][s_name].shape[1:3]  # no pooling: the student's own size
-      channels = feature_shapes['teacher'][t_name].shape[-1]
-      pairs.append((pair_key(t_name, s_name), s_name, (h, w, channels)))
+    for pair in self.layer_pairs:
+      t_name, s_name = pair
+      h, w = self.feature_shapes['student'][s_name].shape[1:3]  # no pooling: the student's size
+      channels = self.feature_shapes['teacher'][t_name].shape[-1]
+      pairs.append((pair_key(pair), s_name, (h, w, channels)))
     return ConnectorHeads(tuple(pairs), axis_name=DATA_AXIS)
 
   def _ickd(self, outputs):
     total = 0.0
     for t_name, s_name in self.layer_pairs:
-      student = outputs['student'].heads[pair_key(t_name, s_name)]  # (n, h_s, w_s, c_t)
+      student = outputs['student'].heads[pair_key((t_name, s_name))]  # (n, h_s, w_s, c_t)
       teacher = jax.lax.stop_gradient(outputs['teacher'].features[t_name])  # (n, h_t, w_t, c_t)
       total += ickd_loss(student, teacher)
     return total

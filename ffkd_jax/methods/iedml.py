@@ -33,7 +33,8 @@ from ffkd_jax.losses import iekd as ie_losses
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.mutual import mutual_kl
 from ffkd_jax.methods.base import Method, Role
-from ffkd_jax.methods.common import common_size, last_stage, spatial_size
+from ffkd_jax.methods.common import check_at_least, check_temperatures, common_size, spatial_size
+from ffkd_jax.methods.pairs import last_stage
 from ffkd_jax.methods.dml import peer_diagnostics, peer_models, peer_name
 from ffkd_jax.methods.iekd import IEHeads, ie_terms
 from ffkd_jax.parallel import DATA_AXIS
@@ -45,49 +46,43 @@ class IEDML(Method):
   name = 'iedml'
   primary_role = 'peer0'
 
-  def __init__(self, config):
+  @classmethod
+  def check_config(cls, config):
+    check_temperatures(config, 'iedml.temperature')
+    peer_models(config.iedml.models, config.model, 'iedml.models', count=NUM_PEERS)
+    check_at_least(config, 'iedml.ae_steps', 0)
+
+  @classmethod
+  def make_roles(cls, config):
+    models_ = peer_models(config.iedml.models, config.model, 'iedml.models', count=NUM_PEERS)
+    return tuple(Role(peer_name(k), model) for k, model in enumerate(models_))
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.iedml
-    self.models = peer_models(c.models, config.model, 'iedml.models', count=NUM_PEERS)
+    self.models = tuple(role.model for role in self.roles())
     self.temperature, self.kl_weight = c.temperature, c.kl_weight
     self.rec_weight, self.inh_weight, self.exp_weight = c.rec_weight, c.inh_weight, c.exp_weight
-    if int(c.ae_steps) < 0:
-      raise ValueError(f'config.iedml.ae_steps={c.ae_steps} is not valid: it must be >= 0.')
     self.ae_steps = int(c.ae_steps)
-    self._code_channels = c.code_channels
-    self.features = {}  # peer -> the feature its heads read, set in setup
-    self.code_channels = None
-
-  def roles(self):
-    return tuple(
-        Role(peer_name(k), model, train_backbone=True, pretrained=False)
-        for k, model in enumerate(self.models)
-    )
-
-  def setup(self, feature_shapes):
-    channels = []
+    features, channels = {}, []
     for k in range(NUM_PEERS):
       shapes = feature_shapes[peer_name(k)]
-      self.features[peer_name(k)] = last_stage(shapes)
-      channels.append(shapes[self.features[peer_name(k)]].shape[-1])
-    sizes = [
-        spatial_size(feature_shapes[peer_name(k)][self.features[peer_name(k)]])
-        for k in range(NUM_PEERS)
-    ]
+      features[peer_name(k)] = last_stage(shapes)
+      channels.append(shapes[features[peer_name(k)]].shape[-1])
+    self.features = features  # peer -> the feature its heads read
+    sizes = [spatial_size(feature_shapes[peer][name]) for peer, name in features.items()]
     common_size(sizes[0], sizes[1], f'config.iedml.models={",".join(self.models)}')
-    self.code_channels = (
-        self._code_channels if self._code_channels > 0 else max(1, min(channels) // 2)
-    )
     if min(channels) < 2:
       raise ValueError(
           "iedml: a peer's last stage has one channel; it cannot be split into "
           'inheritance and exploration halves.'
       )
+    self.code_channels = c.code_channels if c.code_channels > 0 else max(1, min(channels) // 2)
 
   def required_features(self):
     return {peer: (feature,) for peer, feature in self.features.items()}
 
-  def heads(self, role, feature_shapes):
-    del feature_shapes
+  def heads(self, role):
     return IEHeads(
         self.features[role],
         self.code_channels,

@@ -36,10 +36,12 @@ best setting of its ablation, which differs from the released config's 1 and 1.
 
 Differences from the official code, forced by the one-step trainer: the student trains with CE
 during the auto-encoder's steps (the official code trains the auto-encoder first, then the
-student from step 0); the auto-encoder's batch norm uses batch statistics (of the global batch)
-when it makes the code inside the train step, where the official code used its running averages.
+student from step 0). During its ae_steps the auto-encoder's batch norm uses batch statistics
+(of the global batch); from ae_steps on, the teacher role is no longer updated and the auto-encoder
+runs in inference mode (running averages), as the official code's does.
 """
 
+import dataclasses
 from typing import Mapping
 
 import flax.linen as nn
@@ -50,12 +52,13 @@ from ffkd_jax.losses import iekd as ie_losses
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.common import (
     TeacherStudent,
-    check_names,
+    check_at_least,
     common_size,
-    last_stage,
     pool_to_smaller,
     spatial_size,
+    teacher_student_roles,
 )
+from ffkd_jax.methods.pairs import check_names, last_stage
 from ffkd_jax.parallel import DATA_AXIS
 
 # PyTorch's normal_(0, sqrt(2 / (k * k * out_channels))) of model/auto_encoder.py ('normal' is
@@ -142,31 +145,31 @@ def ie_terms(student_heads, target_code: jax.Array) -> tuple[jax.Array, jax.Arra
 class IEKD(TeacherStudent):
   name = 'iekd'
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    check_at_least(
+        config, 'iekd.ae_steps', 1, 'the auto-encoder trains for the first ae_steps steps, so '
+    )
+
+  @classmethod
+  def make_roles(cls, config):
+    # The teacher role (its frozen backbone and its auto-encoder head) is updated for the first
+    # ae_steps steps only; afterwards the auto-encoder is read in inference mode.
+    teacher, student = teacher_student_roles(config)
+    return (dataclasses.replace(teacher, stop_step=int(config.iekd.ae_steps)), student)
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.iekd
     self.ce_weight, self.inh_weight, self.exp_weight = c.ce_weight, c.inh_weight, c.exp_weight
-    if int(c.ae_steps) < 1:
-      raise ValueError(
-          f'config.iekd.ae_steps={c.ae_steps} is not valid: the auto-encoder '
-          'trains for the first ae_steps steps, so it must be >= 1.'
-      )
     self.ae_steps = int(c.ae_steps)
-    self._code_channels = c.code_channels
-    self._features = (c.teacher_feature, c.student_feature)
-    self.teacher_feature = self.student_feature = None
-    self.code_channels = None
-
-  def setup(self, feature_shapes):
     teacher, student = feature_shapes['teacher'], feature_shapes['student']
-    self.teacher_feature = self._features[0] or last_stage(teacher)
-    self.student_feature = self._features[1] or last_stage(student)
+    self.teacher_feature = c.teacher_feature or last_stage(teacher)
+    self.student_feature = c.student_feature or last_stage(student)
     check_names(teacher, 'teacher', (self.teacher_feature,), 'iekd.teacher_feature')
     check_names(student, 'student', (self.student_feature,), 'iekd.student_feature')
     teacher_channels = teacher[self.teacher_feature].shape[-1]
-    self.code_channels = (
-        self._code_channels if self._code_channels > 0 else max(1, teacher_channels // 2)
-    )
+    self.code_channels = c.code_channels if c.code_channels > 0 else max(1, teacher_channels // 2)
     common_size(
         spatial_size(teacher[self.teacher_feature]),
         spatial_size(student[self.student_feature]),
@@ -179,12 +182,9 @@ class IEKD(TeacherStudent):
       )
 
   def required_features(self):
-    if self.teacher_feature is None:
-      return {}
     return {'teacher': (self.teacher_feature,), 'student': (self.student_feature,)}
 
-  def heads(self, role, feature_shapes):
-    del feature_shapes
+  def heads(self, role):
     if role == 'teacher':
       return IEHeads(
           self.teacher_feature,
@@ -200,11 +200,6 @@ class IEKD(TeacherStudent):
         encoders=True,
         axis_name=DATA_AXIS,
     )
-
-  def role_active(self, role, step):
-    if role == 'teacher':  # the auto-encoder trains first, then stays fixed
-      return step < self.ae_steps
-    return True
 
   def _reconstruction(self, teacher) -> jax.Array:
     source = jax.lax.stop_gradient(teacher.features[self.teacher_feature])

@@ -11,14 +11,18 @@ frozen and pre-trained.
 import jax
 
 from ffkd_jax.losses.classification import cross_entropy, softened_kl
-from ffkd_jax.methods.common import TeacherStudent
+from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 
 
 class KD(TeacherStudent):
   name = 'kd'
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    check_temperatures(config, 'kd.temperature')
+
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     self.temperature = config.kd.temperature
     self.ce_weight = config.kd.ce_weight
     self.kd_weight = config.kd.kd_weight

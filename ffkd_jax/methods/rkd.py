@@ -24,8 +24,8 @@ FEATURE = 'embedding'
 class RKD(TeacherStudent):
   name = 'rkd'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.rkd
     self.ce_weight, self.distance_weight, self.angle_weight = (
         c.ce_weight,

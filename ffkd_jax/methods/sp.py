@@ -17,33 +17,20 @@ import jax
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.sp import sp_loss
 from ffkd_jax.methods.base import gather
-from ffkd_jax.methods.common import TeacherStudent, check_pairs, last_stage, parse_pairs
+from ffkd_jax.methods.common import TeacherStudent
+from ffkd_jax.methods.pairs import last_stage_pair, resolve_pairs
 
 
 class SP(TeacherStudent):
   name = 'sp'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, feature_shapes):
+    super().__init__(config, feature_shapes)
     c = config.sp
     self.ce_weight, self.sp_weight = c.ce_weight, c.sp_weight
-    self._pairs_spec = c.layer_pairs
-    self.layer_pairs = (
-        () if c.layer_pairs == 'auto' else parse_pairs(c.layer_pairs, 'sp.layer_pairs')
+    self.layer_pairs = resolve_pairs(
+        c.layer_pairs, 'sp.layer_pairs', feature_shapes, last_stage_pair
     )
-
-  def setup(self, feature_shapes):
-    if self._pairs_spec == 'auto':
-      self.layer_pairs = (
-          (last_stage(feature_shapes['teacher']), last_stage(feature_shapes['student'])),
-      )
-    check_pairs(feature_shapes, self.layer_pairs, 'sp.layer_pairs')
-
-  def required_features(self):
-    return {
-        'teacher': tuple(t for t, _ in self.layer_pairs),
-        'student': tuple(s for _, s in self.layer_pairs),
-    }
 
   def _sp(self, outputs):
     total = 0.0
