@@ -145,12 +145,12 @@ def make_config(
 
 
 def _total_steps(config) -> int:
-  from ffkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ffkd_jax import data  # pylint: disable=g-import-not-at-top
 
   if config.num_train_steps > 0:
     return config.num_train_steps
-  info = input_pipeline.get_dataset_info(config.dataset)
-  return int(config.num_epochs * input_pipeline.steps_per_epoch(info, config.batch_size))
+  info = data.open_source(config.dataset).info
+  return int(config.num_epochs * data.steps_per_epoch(info, config.batch_size))
 
 
 # --------------------------------------------------------------------------------- the runs
@@ -520,7 +520,7 @@ def estimate(args, runs) -> dict:
   import tempfile  # pylint: disable=g-import-not-at-top
 
   log_dir = tempfile.mkdtemp(prefix='ffkd-estimate-')
-  from ffkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ffkd_jax import data  # pylint: disable=g-import-not-at-top
 
   per_kind = {}
   for run in runs:
@@ -528,7 +528,7 @@ def estimate(args, runs) -> dict:
     if key in per_kind:
       continue
     config = config_of(args, run)
-    info = input_pipeline.get_dataset_info(config.dataset)
+    info = data.open_source(config.dataset).info
     spec = {
         'kind': 'jax',
         'batch': config.batch_size,

@@ -12,7 +12,7 @@ compile caches and memory never leak between configurations) builds and AOT-comp
   ffkd_no_cka  (full mode) the ffkd step with channel CKA replaced by a constant
   torch_ffkd   the same FFKD step in PyTorch (benchmarks/torch_reference.py; eager, on CUDA when
                torch sees a GPU, else on the CPU with --threads threads)
-  input        ffkd_jax.input_pipeline.train_iterator on the CIFAR-10 image folder (cache on)
+  input        ffkd_jax.data.train_iterator on the CIFAR-10 image folder (cache on)
 
 All workers of a pair stay alive, idle, while the coordinator times them in alternation: each
 round runs every worker for about --round-seconds in a rotating order, so that every ratio below

@@ -17,7 +17,7 @@ Kinds:
          gradient on the step's real feature shapes (`cka`), and a variant of the step with the
          CKA replaced by a constant (`variant: "no_cka"`).
   torch  benchmarks/torch_reference.py's FFKD step.
-  input  ffkd_jax.input_pipeline.train_iterator on an image folder (cache on).
+  input  ffkd_jax.data.train_iterator on an image folder (cache on).
 """
 
 from __future__ import annotations
@@ -324,16 +324,17 @@ class InputWorker:
   """train_iterator on an image folder, cache on: the time to deliver batches on the host."""
 
   def __init__(self, spec):
-    from ffkd_jax import defaults, input_pipeline  # pylint: disable=g-import-not-at-top
+    from ffkd_jax import data, defaults  # pylint: disable=g-import-not-at-top
 
     config = defaults.dataset_config()
-    config.name = input_pipeline.IMAGE_FOLDER
+    config.name = data.IMAGE_FOLDER
     config.path = spec['path']
     config.val_fraction = spec.get('val_fraction', 0.1)
-    config.mean, config.std = input_pipeline.MEAN_STD['cifar10']
+    config.mean, config.std = data.MEAN_STD['cifar10']
     config.cache = True
-    info = input_pipeline.get_dataset_info(config)
-    self.iterator = input_pipeline.train_iterator(config, local_batch_size=spec['batch'], seed=0)
+    source = data.open_source(config)
+    info = source.info
+    self.iterator = data.train_iterator(source, local_batch_size=spec['batch'], seed=0)
     start = time.perf_counter()
     first = next(self.iterator)  # decodes the whole split into the cache
     cache_fill_s = time.perf_counter() - start

@@ -153,6 +153,7 @@ def iedml_config() -> ml_collections.ConfigDict:
 
 
 def dataset_config() -> ml_collections.ConfigDict:
+  """config.dataset; ffkd_jax/data/__init__.py describes every field."""
   return ml_collections.ConfigDict(
       dict(
           name='cifar100',
@@ -167,6 +168,8 @@ def dataset_config() -> ml_collections.ConfigDict:
           std=config_dict.placeholder(tuple),
           on_bad_image='error',
           cache=True,
+          # The most GiB the decoded images may take for `cache` to hold (ffkd_jax/data).
+          cache_budget_gib=4.0,
           shuffle_buffer=50_000,
           prefetch=2,
       )

@@ -6,6 +6,10 @@ import os
 import numpy as np
 from PIL import Image
 
+from ffkd_jax import defaults  # a config is data: no TensorFlow imported here
+
+CLASSES = ('cat', 'dog', 'emu')
+
 
 def write_image_folder(
     root, classes=('cat', 'dog', 'emu'), num_train=6, num_test=3, size=8, fmt='png', seed=0
@@ -42,3 +46,14 @@ def write_corrupt_file(path) -> str:
   with open(path, 'wb') as f:
     f.write(b'this is not an image' * 8)
   return str(path)
+
+
+def folder_config(path, **overrides):
+  """config.dataset for the image folder at path: no augmentation, prefetch 1, then overrides."""
+  config = defaults.dataset_config()
+  config.name = 'image_folder'  # ffkd_jax.data.IMAGE_FOLDER
+  config.path = str(path)
+  config.augment = 'none'
+  config.prefetch = 1
+  config.update(overrides)
+  return config

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import default
 from ffkd_jax import checkpoint as checkpoint_lib
-from ffkd_jax import cka, cka_plots, cka_report, input_pipeline, models, train
+from ffkd_jax import cka, cka_plots, cka_report, data, models, train
 from ffkd_jax.metrics import read_metrics
 from image_folder_fixture import write_image_folder
 
@@ -43,7 +43,7 @@ def tiny_config(data_path):
   config.model = 'resnet8'
   config.teacher.model = 'resnet8'
   config.teacher.pretrain_steps = 2
-  config.dataset.name = input_pipeline.IMAGE_FOLDER
+  config.dataset.name = data.IMAGE_FOLDER
   config.dataset.path = data_path
   config.dataset.mean = (0.5, 0.5, 0.5)
   config.dataset.std = (0.25, 0.25, 0.25)
@@ -63,7 +63,6 @@ def run(tmp_path_factory):
   """A teacher CE run (WORKDIR/teacher) and an FFKD run distilling it, a few steps each."""
   root = tmp_path_factory.mktemp('cka_plots')
   data = write_image_folder(root / 'data', classes=CLASSES, num_train=16, num_test=16, size=16)
-  input_pipeline._make_source.cache_clear()
   config = tiny_config(data)
   workdir = str(root / 'ffkd')
   train.train_and_evaluate(config, workdir)
@@ -173,7 +172,8 @@ def test_report_of_teacher_and_student_matches_an_independent_computation(run, t
   report = cka_report.run(config, teacher, workdir, str(tmp_path), num_examples=NUM_EXAMPLES)
   assert_png(os.path.join(tmp_path, 'cka_matrix.png'))
   assert_png(os.path.join(tmp_path, 'omega_hist.png'))
-  batch = next(input_pipeline.eval_iterator(config.dataset, 'val', local_batch_size=NUM_EXAMPLES))
+  source = data.open_source(config.dataset)
+  batch = next(data.eval_iterator(source, 'val', local_batch_size=NUM_EXAMPLES))
   teacher_features = _role_features(teacher, 'model', batch['image'])
   student_features = _role_features(workdir, 'student', batch['image'])
   want = np.array([[numpy_linear_cka(t, s) for s in student_features] for t in teacher_features])

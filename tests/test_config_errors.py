@@ -14,17 +14,11 @@ import tensorflow_datasets as tfds
 
 from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import config_checks
-from ffkd_jax import input_pipeline
+from ffkd_jax import data
 from ffkd_jax import train
+from ffkd_jax.data import tfds_source
 from image_folder_fixture import write_corrupt_file, write_image_folder
 import run_fixture
-
-
-@pytest.fixture(autouse=True)
-def _fresh_sources():
-  input_pipeline._make_source.cache_clear()  # each test sees its own files and mocks
-  yield
-  input_pipeline._make_source.cache_clear()
 
 
 @pytest.fixture(scope='module')
@@ -296,7 +290,7 @@ def test_tfds_dataset_absent_on_an_offline_machine(tmp_path, data_path, monkeypa
     raise ConnectionError('Failed to establish a new connection: Network is unreachable')
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_network)
-  monkeypatch.setattr(input_pipeline, '_online', lambda: False)
+  monkeypatch.setattr(tfds_source, '_online', lambda: False)
   config = config_with(
       data_path,
       dataset__name='cifar100',
@@ -312,7 +306,7 @@ def test_tfds_dataset_absent_on_an_offline_machine(tmp_path, data_path, monkeypa
       'config.dataset.data_dir=',
       'config.dataset.manual_dir=',
       "config.dataset.name='image_folder' with config.dataset.path=",
-      error=input_pipeline.DatasetUnavailableError,
+      error=data.DatasetUnavailableError,
   )
 
 
@@ -373,7 +367,7 @@ def test_unreadable_images_are_skipped_and_counted_when_asked(tmp_path, caplog):
     write_corrupt_file(os.path.join(root, 'train', 'cat', name))
   config = config_with(str(root), dataset__on_bad_image='skip')
   with caplog.at_level(logging.WARNING):
-    info = input_pipeline.get_dataset_info(config.dataset)
+    info = data.open_source(config.dataset).info
   assert info.num_train == 16
   assert 'skipped 2 unreadable image files of 18 in the train split' in caplog.text
   assert 'broken1.png' in caplog.text

@@ -452,7 +452,7 @@ def test_skip_policy_skips_and_counts_non_finite_updates(tmp_path, data_path, mo
   """A NaN pixel in the batch of step 2, and from the 4th applied update on an infinite learning
   rate (finite loss and gradients, non-finite update): those updates are skipped and counted,
   the run ends, and every checkpoint is finite."""
-  from ffkd_jax import input_pipeline, optim, train  # pylint: disable=g-import-not-at-top
+  from ffkd_jax import data, optim, train  # pylint: disable=g-import-not-at-top
 
   def train_iterator(*args, **kwargs):
     for index, batch in enumerate(clean_iterator(*args, **kwargs)):
@@ -467,8 +467,8 @@ def test_skip_policy_skips_and_counts_non_finite_updates(tmp_path, data_path, mo
     # stays infinite and every later update is skipped too.
     return lambda count: jnp.where(count >= 3, jnp.inf, schedule(count))
 
-  clean_iterator, clean_schedule = input_pipeline.train_iterator, optim.learning_rate_schedule
-  monkeypatch.setattr(input_pipeline, 'train_iterator', train_iterator)
+  clean_iterator, clean_schedule = data.train_iterator, optim.learning_rate_schedule
+  monkeypatch.setattr(data, 'train_iterator', train_iterator)
   monkeypatch.setattr(optim, 'learning_rate_schedule', learning_rate_schedule)
   workdir = str(tmp_path / 'skip')
   config = run_fixture.make_config(run_fixture.tiny_overrides(data_path, **NONFINITE_RUN))
