@@ -110,7 +110,7 @@ class JaxWorker:
       jax.config.update('jax_disable_most_optimizations', True)
     import ml_collections  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from ffkd_jax import methods, optim, parallel  # pylint: disable=g-import-not-at-top
+    from ffkd_jax import optim, parallel  # pylint: disable=g-import-not-at-top
     from ffkd_jax import states as states_lib  # pylint: disable=g-import-not-at-top
     from ffkd_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -119,7 +119,6 @@ class JaxWorker:
       _patch_out_cka()
     config = ml_collections.ConfigDict(spec['config'])
     batch_size, image_size, num_classes = spec['batch'], spec['image_size'], spec['num_classes']
-    method = methods.create_method(config)
     steps_per_epoch = 50_000 // batch_size
 
     def make_optimizer(lr_scale):
@@ -129,11 +128,10 @@ class JaxWorker:
           int(config.num_epochs * steps_per_epoch),
           scale=lr_scale,
       )
-      return optim.make_optimizer(config.optimizer, schedule), schedule
+      return optim.make_optimizer(config.optimizer), schedule
 
-    programs, feature_shapes = states_lib.build_programs(
-        method, num_classes, image_size, make_optimizer
-    )
+    method, programs = states_lib.resolve(config, num_classes, image_size, make_optimizer)
+    feature_shapes = method.feature_shapes
     mesh = parallel.make_mesh()
     state = parallel.replicate(mesh, synthetic_state(programs, image_size, config.seed))
     rng = np.random.default_rng(0)
@@ -145,7 +143,8 @@ class JaxWorker:
     train_step = step_lib.make_train_step(method, programs, mesh)
 
     start = time.perf_counter()
-    lowered = train_step.lower(state, self.batch)
+    # Step 0's program (the benchmarked configs update every trainable role from step 0).
+    lowered = train_step.jitted(0).lower(state, self.batch)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     self.compiled = lowered.compile()

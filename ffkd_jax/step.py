@@ -94,15 +94,19 @@ class TrainStep:
     """Programs compiled so far, over every set of updated roles (each compiles once)."""
     return sum(fn._cache_size() for fn in self._compiled.values())  # pylint: disable=protected-access
 
-  def __call__(self, state: TrainState, batch, step: int | None = None):
-    if step is None:
-      step = int(jax.device_get(state.step))
+  def jitted(self, step: int):
+    """The jitted (state, batch) -> (state, metrics) program that step `step` runs."""
     updated = self.updated_roles(step)
     if updated not in self._compiled:
       self._compiled[updated] = _jitted_train_step(
           self._method, self._programs, self._mesh, updated
       )
-    return self._compiled[updated](state, batch)
+    return self._compiled[updated]
+
+  def __call__(self, state: TrainState, batch, step: int | None = None):
+    if step is None:
+      step = int(jax.device_get(state.step))
+    return self.jitted(step)(state, batch)
 
 
 def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh) -> TrainStep:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import default
 from ffkd_jax import checkpoint as checkpoint_lib
-from ffkd_jax import cka, cka_plots, cka_report, data, models, train
+from ffkd_jax import cka, cka_plots, cka_report, data, evaluation, models, train
 from ffkd_jax.metrics import read_metrics
 from image_folder_fixture import write_image_folder
 
@@ -173,7 +173,9 @@ def test_report_of_teacher_and_student_matches_an_independent_computation(run, t
   assert_png(os.path.join(tmp_path, 'cka_matrix.png'))
   assert_png(os.path.join(tmp_path, 'omega_hist.png'))
   source = data.open_source(config.dataset)
-  batch = next(data.eval_iterator(source, 'val', local_batch_size=NUM_EXAMPLES))
+  # The report's images: the class-mixed diagnostics subset training uses (ffkd_jax/evaluation.py).
+  indices = data.class_mixed_indices(source, 'val', NUM_EXAMPLES, evaluation.DIAGNOSTICS_SEED)
+  batch = next(data.eval_iterator(source, 'val', local_batch_size=NUM_EXAMPLES, indices=indices))
   teacher_features = _role_features(teacher, 'model', batch['image'])
   student_features = _role_features(workdir, 'student', batch['image'])
   want = np.array([[numpy_linear_cka(t, s) for s in student_features] for t in teacher_features])

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import config_checks
+from ffkd_jax import methods
 from ffkd_jax import data
 from ffkd_jax import train
 from ffkd_jax.data import tfds_source
@@ -43,6 +44,7 @@ def fails_with(config, workdir, *texts, error=ValueError):
 # Config fields.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'override, expected',
     [
@@ -77,6 +79,34 @@ def test_bad_field_on_the_command_line(tmp_path, override, expected):
   for text in expected:
     assert text in error_line[0], result.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('verbosity', [0, 1])
+def test_a_config_error_is_one_line_with_exit_status_1(tmp_path, verbosity):
+  """A bad value found by the checks (here a method's own block) is one FATAL line naming the
+  field, the value and what is valid, exit status 1; the traceback only with --verbosity=1."""
+  command = run_fixture.cli_command(str(tmp_path / 'run'), {'method': 'kd'}) + [
+      '--config.kd.temperature=-2.0',
+      f'--verbosity={verbosity}',
+  ]
+  result = subprocess.run(
+      command,
+      cwd=run_fixture.REPO,
+      env=run_fixture.cli_env(1),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  if verbosity:
+    assert 'Traceback' in result.stderr and 'ConfigError' in result.stderr
+    return
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  error_line = [line for line in result.stderr.splitlines() if 'FATAL' in line]
+  assert len(error_line) == 1, result.stderr[-2000:]
+  assert 'config.kd.temperature=-2.0 is not valid' in error_line[0]
+  assert 'a temperature must be a finite number > 0' in error_line[0]
 
 
 def test_unknown_field_in_a_config_built_in_python(data_path):
@@ -151,6 +181,9 @@ def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, val
 )
 def test_values_that_must_be_positive(tmp_path, data_path, field, value):
   config = config_with(data_path, **{field.replace('.', '__'): value})
+  block = field.split('.')[0]
+  if block in methods.available_methods():  # a method checks its own block when selected
+    config.method = block
   fails_with(
       config, tmp_path, f'config.{field}={value!r} is not valid', 'must be a finite number > 0'
   )
@@ -251,8 +284,8 @@ def test_teacher_needed_but_none_given(tmp_path, data_path):
   fails_with(
       config,
       tmp_path,
-      "config.method='kd' distils from a pre-trained teacher",
-      'config.teacher.checkpoint',
+      "config.teacher.checkpoint='' is not valid for config.method='kd'",
+      'distils from a pre-trained teacher',
       'config.teacher.pretrain_steps',
   )
 

@@ -299,6 +299,7 @@ def new_train_steps(workdir, already_logged):
   ]
 
 
+@pytest.mark.slow
 def test_chain_resumes_bit_identically_after_sigint_and_sigkill(tmp_path, shared, data_path):
   """SIGINT while the teacher pre-trains (CE), SIGKILL while FFKD trains, the same command again:
   teacher and student end bit-identical to an uninterrupted chain."""
@@ -350,6 +351,7 @@ def test_chain_resumes_bit_identically_after_sigint_and_sigkill(tmp_path, shared
   assert not np.array_equal(final['conv1']['kernel'], pretrained['conv1']['kernel'])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path, shared, data_path):
   """CE on 4 devices: SIGTERM finishes the step, saves it, flushes metrics, exits 0 with a
   message; the same command resumes at that step and ends as an uninterrupted run."""
@@ -391,6 +393,7 @@ DEVICES_RTOL, DEVICES_ATOL = 1e-4, 1e-5
 LOSS_RTOL = 1e-6
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_agree_within_tolerance(shared, data_path):
   one = os.path.join(reference(shared, data_path, 'chain', CHAIN, num_devices=1), 'teacher')
   four = reference(shared, data_path, 'ce_4_devices', TEACHER, num_devices=4)
@@ -413,6 +416,7 @@ def test_one_and_four_devices_agree_within_tolerance(shared, data_path):
   np.testing.assert_allclose(losses['four'], losses['one'], rtol=LOSS_RTOL)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_identical_metrics_and_parameters(tmp_path, shared, data_path):
   """The 4-device CE run again, in this process (4 emulated devices): equal to the last bit."""
   from ffkd_jax import train  # pylint: disable=g-import-not-at-top
@@ -449,8 +453,8 @@ def _all_finite(tree):
 
 
 def test_skip_policy_skips_and_counts_non_finite_updates(tmp_path, data_path, monkeypatch):
-  """A NaN pixel in the batch of step 2, and from the 4th applied update on an infinite learning
-  rate (finite loss and gradients, non-finite update): those updates are skipped and counted,
+  """A NaN pixel in the batch of step 2, and from step 5 on an infinite learning rate (finite
+  loss and gradients, non-finite update): those updates are skipped and counted,
   the run ends, and every checkpoint is finite."""
   from ffkd_jax import data, optim, train  # pylint: disable=g-import-not-at-top
 
@@ -463,9 +467,9 @@ def test_skip_policy_skips_and_counts_non_finite_updates(tmp_path, data_path, mo
 
   def learning_rate_schedule(*args, **kwargs):
     schedule = clean_schedule(*args, **kwargs)
-    # optax counts applied updates; a skipped update leaves its count, so once it is 3 the rate
-    # stays infinite and every later update is skipped too.
-    return lambda count: jnp.where(count >= 3, jnp.inf, schedule(count))
+    # The rate is the schedule at the global step: infinite from step 4 (the 5th update) on, so
+    # every later update is skipped too.
+    return lambda step: jnp.where(step >= 4, jnp.inf, schedule(step))
 
   clean_iterator, clean_schedule = data.train_iterator, optim.learning_rate_schedule
   monkeypatch.setattr(data, 'train_iterator', train_iterator)
@@ -493,25 +497,20 @@ def test_skip_policy_skips_and_counts_non_finite_updates(tmp_path, data_path, mo
 def test_stop_policy_names_the_step_and_the_loss(tmp_path, data_path, monkeypatch):
   """The loss goes NaN at step 3; the check runs at the logging step (4): the error still names
   step 3 and the loss, and the checkpoints written are finite."""
-  from ffkd_jax import methods, train  # pylint: disable=g-import-not-at-top
+  from ffkd_jax import train  # pylint: disable=g-import-not-at-top
+  from ffkd_jax.methods.ce import CrossEntropy  # pylint: disable=g-import-not-at-top
 
-  def create_method(config):
-    method = clean_create(config)
-    clean_loss = method.loss
+  clean_loss = CrossEntropy.loss
 
-    def loss(outputs, labels, step):
-      losses, metrics = clean_loss(outputs, labels, step)
-      factor = jnp.where(step == 2, jnp.nan, 1.0)  # state.step 2: the update logged as step 3
-      return (
-          {k: v * factor for k, v in losses.items()},
-          {k: v * factor if k == 'loss/ce' else v for k, v in metrics.items()},
-      )
+  def loss(self, outputs, labels, step):
+    losses, metrics = clean_loss(self, outputs, labels, step)
+    factor = jnp.where(step == 2, jnp.nan, 1.0)  # state.step 2: the update logged as step 3
+    return (
+        {k: v * factor for k, v in losses.items()},
+        {k: v * factor if k == 'loss/ce' else v for k, v in metrics.items()},
+    )
 
-    method.loss = loss
-    return method
-
-  clean_create = methods.create_method
-  monkeypatch.setattr(methods, 'create_method', create_method)
+  monkeypatch.setattr(CrossEntropy, 'loss', loss)
   workdir = str(tmp_path / 'stop')
   config = run_fixture.make_config(
       run_fixture.tiny_overrides(
