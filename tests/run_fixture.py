@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from image_folder_fixture import write_image_folder
+from tests.image_folder_fixture import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = tuple(f'class{i}' for i in range(10))

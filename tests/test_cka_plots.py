@@ -12,7 +12,7 @@ from configs import default
 from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import cka, cka_plots, cka_report, data, evaluation, models, train
 from ffkd_jax.metrics import read_metrics
-from image_folder_fixture import write_image_folder
+from tests.image_folder_fixture import write_image_folder
 
 CLASSES = ('cat', 'dog', 'emu')
 NUM_EXAMPLES = 40  # of the 48 test images; a multiple of the 4 emulated devices

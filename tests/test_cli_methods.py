@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from image_folder_fixture import write_image_folder
+from tests.image_folder_fixture import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

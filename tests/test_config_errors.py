@@ -18,8 +18,8 @@ from ffkd_jax import methods
 from ffkd_jax import data
 from ffkd_jax import train
 from ffkd_jax.data import tfds_source
-from image_folder_fixture import write_corrupt_file, write_image_folder
-import run_fixture
+from tests.image_folder_fixture import write_corrupt_file, write_image_folder
+from tests import run_fixture
 
 
 @pytest.fixture(scope='module')

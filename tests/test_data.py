@@ -15,7 +15,7 @@ from PIL import Image
 
 from ffkd_jax import data, defaults
 from ffkd_jax.data import iterators
-from image_folder_fixture import CLASSES, folder_config, read_images, write_image_folder
+from tests.image_folder_fixture import CLASSES, folder_config, read_images, write_image_folder
 
 
 @pytest.fixture

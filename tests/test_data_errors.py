@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ffkd_jax import data, defaults
-from image_folder_fixture import CLASSES, folder_config, write_corrupt_file, write_image_folder
+from tests.image_folder_fixture import CLASSES, folder_config, write_corrupt_file, write_image_folder
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ffkd_jax import data, defaults
-from image_folder_fixture import folder_config, read_images, write_image_folder
+from tests.image_folder_fixture import folder_config, read_images, write_image_folder
 
 CIFAR10_ARCHIVE = pathlib.Path(__file__).resolve().parents[1] / '../shared/data/cifar10-jpeg.tar.gz'
 CIFAR10_UNPACKED = pathlib.Path('/tmp/ffkd-data/cifar10-jpeg')

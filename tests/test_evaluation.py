@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ffkd_jax import data, defaults, evaluation, parallel
-from image_folder_fixture import write_image_folder
+from tests.image_folder_fixture import write_image_folder
 from tests import helpers
 
 NUM_CLASSES = helpers.NUM_CLASSES

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ffkd_jax import checkpoint as checkpoint_lib
-import run_fixture
+from tests import run_fixture
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint integrity (no training).
@@ -79,7 +79,7 @@ CRASH_DURING_SAVE = """
 import os, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from ffkd_jax import checkpoint as checkpoint_lib
-from run_fixture import small_state
+from tests.run_fixture import small_state
 checkpoints = checkpoint_lib.Checkpoints({workdir!r}, keep=2)
 for step in (1, 2):
   checkpoints.save(small_state(step, offset=step), {{}})
