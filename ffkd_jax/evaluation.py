@@ -9,7 +9,9 @@
   (`ffkd_jax.data.class_mixed_indices`): `config.diagnostics_examples` images (default 1024),
   fewer where the split is smaller, rounded down to a multiple of the device count so that the
   subset is one global batch with no padded row (the mask is checked to be all ones). The same
-  images at every evaluation, so the numbers are comparable across steps.
+  images at every evaluation, so the numbers are comparable across steps. The diagnostics step
+  gathers every stage of both roles for the subset onto each device: for large images or models
+  lower `config.diagnostics_examples` if that does not fit.
 - Figures: the CKA heat map and the omega histograms into WORKDIR/cka/ and TensorBoard
   (`ffkd_jax.cka_plots`), process 0 only.
 
@@ -67,16 +69,24 @@ def diagnostics_size(num_available: int, requested: int) -> int:
   return n
 
 
-def diagnostics_batch(source: data.Source, split: str, num_examples: int) -> dict[str, np.ndarray]:
-  """This process's rows of the fixed class-mixed subset of `split`, as one unpadded batch."""
+def diagnostics_indices(source: data.Source, split: str, num_examples: int) -> np.ndarray:
+  """The fixed class-mixed subset of `split` (global indices); raises ValueError (naming
+  config.diagnostics_examples) where the split is too small."""
   available = source.info.num_val if split == 'val' and source.info.num_val > 0 else None
   if available is None:
     available = source.info.num_test
   n = diagnostics_size(available, num_examples)
-  indices = data.class_mixed_indices(source, split, n, DIAGNOSTICS_SEED)
-  batches = list(
-      data.eval_iterator(source, split, local_batch_size=n // jax.process_count(), indices=indices)
-  )
+  return data.class_mixed_indices(source, split, n, DIAGNOSTICS_SEED)
+
+
+def diagnostics_batch(
+    source: data.Source, split: str, num_examples: int, indices: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+  """This process's rows of the fixed class-mixed subset of `split`, as one unpadded batch."""
+  if indices is None:
+    indices = diagnostics_indices(source, split, num_examples)
+  local = parallel.local_batch_size(len(indices), 'config.diagnostics_examples')
+  batches = list(data.eval_iterator(source, split, local_batch_size=local, indices=indices))
   if len(batches) != 1 or not np.all(batches[0]['mask'] > 0):
     raise AssertionError('the diagnostics subset must be one batch with no padded row')
   return batches[0]
@@ -115,6 +125,8 @@ class Evaluator:
         lambda split: data.eval_iterator(source, split, local_batch_size=self.local_batch)
     )
     self.diagnostics_examples = diagnostics_examples
+    # Chosen once (a too small split fails here, before training, as a config error).
+    self.diagnostics_indices = diagnostics_indices(source, 'val', diagnostics_examples)
     self.eval_step = step_lib.make_eval_step(programs, mesh)
     self.diagnostics_step = step_lib.make_diagnostics_step(method, programs, mesh)
     shapes = method.feature_shapes
@@ -134,7 +146,9 @@ class Evaluator:
     return record
 
   def diagnostics(self, state) -> dict[str, Any]:
-    batch = diagnostics_batch(self.source, 'val', self.diagnostics_examples)
+    batch = diagnostics_batch(
+        self.source, 'val', self.diagnostics_examples, self.diagnostics_indices
+    )
     return parallel.fetch(self.diagnostics_step(state, parallel.global_batch(self.mesh, batch)))
 
   def evaluate(self, state, step: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """The jitted, data-parallel train, eval and diagnostics steps.
 
+The train step compiles one program per set of roles updated at a step (one in all for a method
+without role windows); the eval and diagnostics steps one each.
+
 Each is per-device SPMD code under `jax.shard_map` over the `data` mesh axis (what `jax.pmap`
 meant), jitted once. Batch norm statistics, CKA and every other batch statistic are taken over the
 global batch; gradients of the replicated parameters are summed over devices by shard_map (see
@@ -146,7 +149,9 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
 
     # A non-finite loss, gradient or updated state anywhere (e.g. finite gradients times an
     # infinite learning rate) skips the whole update; every device agrees.
-    finite = jnp.logical_and(_all_finite(losses), _all_finite(grads))
+    # (The losses of the roles updated at this step: another role's loss is only logged.)
+    trained_losses = {name: loss for name, loss in losses.items() if name in updated}
+    finite = jnp.logical_and(_all_finite(trained_losses), _all_finite(grads))
     finite = jnp.logical_and(finite, _all_finite(updated_roles))
     finite = jax.lax.pmin(finite.astype(jnp.int32), DATA_AXIS) > 0
 

@@ -192,16 +192,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- The jitted steps and the evaluator -------------------------------------------------
   train_step = step_lib.make_train_step(method, programs, mesh)
   writer = metrics_lib.MetricWriter(workdir)
-  evaluator = evaluation.Evaluator(
-      source=source,
-      method=method,
-      programs=programs,
-      mesh=mesh,
-      eval_batch_size=config.eval_batch_size,
-      diagnostics_examples=config.diagnostics_examples,
-      workdir=workdir,
-      writer=writer,
-  )
+  with config_checks.config_errors():  # e.g. a val split too small for the diagnostics
+    evaluator = evaluation.Evaluator(
+        source=source,
+        method=method,
+        programs=programs,
+        mesh=mesh,
+        eval_batch_size=config.eval_batch_size,
+        diagnostics_examples=config.diagnostics_examples,
+        workdir=workdir,
+        writer=writer,
+    )
 
   def save(state, best=False, extra=None):
     meta = dict(meta_base, best_top1=best_top1, **(extra or {}))

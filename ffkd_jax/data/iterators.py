@@ -234,14 +234,16 @@ def _checked_indices(indices, num_examples: int, split: str) -> np.ndarray:
 def _streamed_at(catalog: Catalog, split: Split, wanted: np.ndarray) -> tf.data.Dataset:
   """(encoded image, label) of a streamed TFDS split at positions `wanted`, in that order.
 
-  Reads the whole split in stored order and keeps the wanted positions; one that is wanted after
+  Reads the split in stored order up to the last wanted position and keeps the wanted ones; one that is wanted after
   a later position is held (still encoded) until its turn, so sorted positions hold nothing.
   """
   is_wanted = np.zeros(split.num_examples, bool)
   is_wanted[wanted] = True
   is_wanted = tf.constant(is_wanted)
   ds = tfds_source.stream(catalog, split.tfds_split, shuffle_seed=None, this_process=False)
-  ds = ds.enumerate().filter(lambda pos, example: tf.gather(is_wanted, pos))
+  # Nothing is read past the last wanted position.
+  ds = ds.take(int(wanted.max()) + 1).enumerate()
+  ds = ds.filter(lambda pos, example: tf.gather(is_wanted, pos))
 
   def in_order():
     uses = collections.Counter(wanted.tolist())
