@@ -169,6 +169,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--out', required=True)
+  parser.add_argument('--conv-impl', default='auto', choices=('auto', 'xla', 'matmul'))
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   results = []
@@ -179,7 +181,9 @@ def main(argv=None) -> list[dict]:
         'image_size': 32,
         'num_classes': 100,
         'warmup': 1,
-        'config': throughput.method_config(name, args.teacher, args.student, args.batch),
+        'config': throughput.method_config(
+            name, args.teacher, args.student, args.batch, args.conv_impl, args.dtype
+        ),
     }
     print(f'profiling {name} ...', file=sys.stderr, flush=True)
     results.append(profile(name, spec, args.steps, args.out))

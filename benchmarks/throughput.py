@@ -162,10 +162,14 @@ def start_all(workers: list[Worker], jobs: int) -> None:
 # ------------------------------------------------------------------------------------ configs
 
 
-def method_config(method: str, teacher: str, student: str, batch: int) -> dict:
+def method_config(
+    method: str, teacher: str, student: str, batch: int, conv_impl='auto', dtype='float32'
+) -> dict:
   from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
+  config.conv_impl = conv_impl
+  config.dtype = dtype
   config.method = method
   config.model = teacher if method == 'teacher_ce' else student
   if method in ('teacher_ce', 'student_ce'):
@@ -221,7 +225,10 @@ def run_pair(teacher, student, args, mode, log_dir, input_worker) -> dict:
   jax_workers = {}
   for name in names:
     method = {'ffkd_no_cka': 'ffkd'}.get(name, name)
-    spec = dict(base, config=method_config(method, teacher, student, args.batch))
+    spec = dict(
+        base,
+        config=method_config(method, teacher, student, args.batch, args.conv_impl, args.dtype),
+    )
     if name == 'ffkd':
       spec['cka'] = True
     if name == 'ffkd_no_cka':
@@ -409,7 +416,9 @@ def markdown(result: dict) -> str:
       f'end {result["load_average"]["end"]}; wall {result["wall_s"]:.0f} s, '
       f'CPU {result["cpu_s"]:.0f} s (all processes)',
       f'- batch {result["batch"]}, {result["image_size"]}x{result["image_size"]}, '
-      f'{result["num_classes"]} classes; {result["rounds"]} rounds. "median": median over '
+      f'{result["num_classes"]} classes, {result.get("dtype", "float32")}, convolutions '
+      f'{result.get("conv_description") or result.get("conv_impl", "xla")}; '
+      f'{result["rounds"]} rounds. "median": median over '
       'rounds of the within-round ratio; "fastest": ratio of the fastest steps seen.',
       '',
       '| figure (worst pair) | median | fastest | target | met (median) |',
@@ -432,21 +441,24 @@ def markdown(result: dict) -> str:
         f'## {pair["teacher"]} -> {pair["student"]}',
         '',
         '| config | images/s | step ms (median) | step ms (fastest) | compile s | '
-        'GFLOP/step | GFLOP/s | peak RSS MB |',
-        '| --- | --- | --- | --- | --- | --- | --- | --- |',
+        'GFLOP/step | GFLOP/s | peak RSS MB | peak device MB |',
+        '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
     ]
     for name, c in pair['configs'].items():
+      stats = c.get('device_memory_stats') or {}
+      device_peak = stats.get('peak_bytes_in_use')
       lines.append(
           f'| {name} | {_fmt(c["images_per_s"])} | {_fmt(c["seconds_per_step"] * 1e3)}'
           f' | {_fmt(c["fastest_step_s"] * 1e3)}'
           f' | {_fmt(c.get("compile_s"))} | {_fmt(c.get("gflop_per_step"), 2)} | '
-          f'{_fmt(c.get("achieved_gflop_per_s"), 2)} | {_fmt(c.get("rss_peak_mb"), 0)} |'
+          f'{_fmt(c.get("achieved_gflop_per_s"), 2)} | {_fmt(c.get("rss_peak_mb"), 0)} | '
+          f'{_fmt(device_peak / 2**20 if device_peak else None, 0)} |'
       )
     cka = pair['configs']['ffkd']['cka']
     lines.append(
         f'| ffkd: CKA part alone | | {_fmt(cka["seconds"] * 1e3, 2)} | '
         f'{_fmt(cka["fastest_s"] * 1e3, 2)} | {_fmt(cka["compile_s"])} | '
-        f'{_fmt((cka.get("flops") or 0) / 1e9, 3)} | | |'
+        f'{_fmt((cka.get("flops") or 0) / 1e9, 3)} | | | |'
     )
     lines += [
         '',
@@ -495,6 +507,18 @@ def parse_args(argv):
       f'--quick: {",".join(HEADLINE_CONFIGS)}).',
   )
   parser.add_argument('--log-dir', default=None, help='worker logs (default: a temp folder).')
+  parser.add_argument(
+      '--conv-impl',
+      default='auto',
+      choices=('auto', 'xla', 'matmul'),
+      help='config.conv_impl of the JAX steps (ffkd_jax/models/conv.py).',
+  )
+  parser.add_argument(
+      '--dtype',
+      default='float32',
+      choices=('float32', 'bfloat16'),
+      help='config.dtype of the JAX steps (activations; parameters stay float32).',
+  )
   args = parser.parse_args(argv)
   mode_name = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
   mode = dict(MODES[mode_name])
@@ -550,6 +574,9 @@ def main(argv=None) -> dict:
       'batch': args.batch,
       'image_size': args.image_size,
       'num_classes': args.num_classes,
+      'conv_impl': args.conv_impl,
+      'conv_description': results[0]['device'].get('conv_description'),
+      'dtype': args.dtype,
       'rounds': mode['rounds'],
       'device': device,
       'load_average': {'start': load_start, 'end': common.load_average()},

@@ -118,6 +118,9 @@ class JaxWorker:
     if spec.get('variant') == 'no_cka':
       _patch_out_cka()
     config = ml_collections.ConfigDict(spec['config'])
+    from ffkd_jax.models import conv  # pylint: disable=g-import-not-at-top
+
+    conv.configure(config.get('conv_impl', 'auto'))  # before JAX starts its backend
     batch_size, image_size, num_classes = spec['batch'], spec['image_size'], spec['num_classes']
     steps_per_epoch = 50_000 // batch_size
 
@@ -177,6 +180,8 @@ class JaxWorker:
             'device_count': jax.device_count(),
             'jax': jax.__version__,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
+            'conv_impl': conv.implementation(),
+            'conv_description': conv.describe(),
         },
     }
     if spec.get('cka'):

@@ -12,6 +12,7 @@ import ml_collections
 from ffkd_jax import defaults
 from ffkd_jax import methods
 from ffkd_jax import models
+from ffkd_jax.models import conv
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,8 @@ def validate(config, workdir: str | None = None) -> None:
       )
   if config.nonfinite_policy not in ('skip', 'stop'):
     _fail('nonfinite_policy', config.nonfinite_policy, "'skip' or 'stop'")
+  if config.conv_impl not in conv.IMPLEMENTATIONS:
+    _fail('conv_impl', config.conv_impl, f'one of {", ".join(conv.IMPLEMENTATIONS)}')
   if config.dtype not in ('float32', 'bfloat16'):
     _fail('dtype', config.dtype, "'float32' or 'bfloat16'")
   if not 0.0 <= config.dataset.val_fraction < 1.0:

@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
   config.dtype = 'float32'
+  # How the models' convolutions compute their weight gradient (ffkd_jax/models/conv.py):
+  # 'auto' (one matrix product per kernel tap on the CPU, XLA's own on GPU and TPU), 'xla' or
+  # 'matmul' (everywhere).
+  config.conv_impl = 'auto'
   # What to do when a loss or gradient is not finite: 'skip' the update (and count it), or 'stop'.
   config.nonfinite_policy = 'skip'
 

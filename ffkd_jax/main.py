@@ -54,6 +54,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from ffkd_jax.models import conv  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.config.get('conv_impl') in conv.IMPLEMENTATIONS:  # before JAX starts its backends
+    conv.prepare_backend(FLAGS.config.conv_impl)
   from ffkd_jax import distributed  # pylint: disable=g-import-not-at-top
 
   distributed.maybe_initialize(FLAGS.multihost)

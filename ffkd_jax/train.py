@@ -34,6 +34,7 @@ from ffkd_jax import optim
 from ffkd_jax import parallel
 from ffkd_jax import states as states_lib
 from ffkd_jax import step as step_lib
+from ffkd_jax.models import conv
 
 
 class Preempted(Exception):
@@ -108,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config.method` and evaluates it; returns the final evaluation's metrics."""
   # --- Set-up -----------------------------------------------------------------------------
   with config_checks.config_errors():
+    conv.configure(config.conv_impl)  # before JAX starts its backends, where it still can
     config_checks.validate(config, workdir)
     chain.check_teacher_source(config)
   try:  # a method that needs a teacher and has none trains one first (ffkd_jax/chain.py)
@@ -120,10 +122,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh()
   logging.info(
-      'Devices: %d (%s), processes: %d',
+      'Devices: %d (%s), processes: %d; convolutions: %s.',
       jax.device_count(),
       jax.devices()[0].device_kind,
       jax.process_count(),
+      conv.describe(),
   )
 
   # Set-up errors (a bad field, dataset, layer pair or teacher checkpoint) are ConfigErrors.

@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+# config.conv_impl='auto' on the CPU (ffkd_jax/models/conv.py), as training sets it.
+os.environ['XLA_FLAGS'] += ' --xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 

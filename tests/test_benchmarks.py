@@ -237,3 +237,40 @@ def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
   assert bad.returncode != 0 and "'b_kdd=0'" in bad.stderr and "'b_kd'" in bad.stderr
   bad = _run('ablate.py', *common_args, 'bad', 'feedback_start_step=1.5')
   assert bad.returncode != 0 and 'not an integer' in bad.stderr
+
+
+# ---------------------------------------------------------------------------- device check
+
+
+def test_device_check_tiny_runs_every_part_on_the_cpu(tmp_path):
+  """benchmarks/device_check.sh --tiny: devices, both dtypes' throughput tables (CE, KD, FFKD,
+  input), and the chain's short run with its accuracy, into OUT/summary.md."""
+  data = write_image_folder(
+      tmp_path / 'data', classes=tuple(f'c{i}' for i in range(4)), num_train=8, num_test=4, size=16
+  )
+  out = tmp_path / 'out'
+  env = dict(
+      os.environ,
+      OUT=str(out),
+      TINY_DATA=str(data),
+      PYTHON=sys.executable,
+      XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  )
+  completed = subprocess.run(
+      ['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh'), '--tiny'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
+  assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+  summary = (out / 'summary.md').read_text()
+  assert 'FAILED' not in summary, summary
+  assert 'x cpu (cpu)' in summary
+  for dtype in ('float32', 'bfloat16'):
+    result = json.loads((out / f'throughput_{dtype}.json').read_text())
+    assert result['dtype'] == dtype and 'Eigen' in result['conv_description']
+    assert set(result['pairs'][0]['configs']) >= {'teacher_ce', 'student_ce', 'kd', 'ffkd', 'input'}
+  assert 'FFKD: steps 2' in summary and "'eval/student_top1'" in summary

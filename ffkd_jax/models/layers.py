@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ffkd_jax.models import conv
+
 Dtype = Any
 
 # PyTorch's nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'), equal to the
@@ -52,6 +54,7 @@ def conv2d(
       use_bias=use_bias,
       kernel_init=kaiming_normal_fan_out,
       dtype=dtype,
+      conv_general_dilated=conv.conv_general_dilated,  # XLA's, or a faster CPU weight gradient
       name=name,
   )
 

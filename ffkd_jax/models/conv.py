@@ -1,0 +1,228 @@
+"""The zoo's convolution, and how it runs on the CPU (`config.conv_impl`).
+
+Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `config.conv_impl`:
+
+  'auto'    (default) XLA's convolutions everywhere; on the CPU, XLA runs them with its own
+            (Eigen) convolution kernels instead of YNNPACK's convolution fusion, which the CPU
+            backend of JAX 0.10 uses by default and which is 1.3-1.7x slower on a ResNet train
+            step here (benchmarks/README.md). This is the XLA flag `CPU_XLA_FLAG`, set in
+            XLA_FLAGS before the CPU backend starts (`prepare_backend`); GPU and TPU backends
+            ignore it and keep XLA's native convolutions.
+  'xla'     XLA's defaults, no flag.
+  'matmul'  XLA's forward and input gradient, and the weight gradient as one matrix product per
+            kernel tap: dW[i, j] = sum_{n, h, w} x_pad[n, s h + i, s w + j, :]^T dy[n, h, w, :]
+            (per group), accumulated in float32 (a custom VJP). Measured here it beats XLA's
+            YNNPACK weight gradient (1.39x on resnet32x4) but not its Eigen one: kept as an
+            option and for other CPUs, not the default.
+
+The choice is process-wide, like the XLA flag it may set: `train_and_evaluate` and the CLI set
+it from `config.conv_impl` (`configure`) before anything is traced, and it applies to functions
+traced after it is set. Dilated convolutions (none in the zoo) always take XLA's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax import lax
+
+IMPLEMENTATIONS = ('auto', 'xla', 'matmul')
+CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+_FLAG_NAME = CPU_XLA_FLAG.split('=')[0]
+NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+_state = {'implementation': 'auto'}
+
+
+def implementation() -> str:
+  return _state['implementation']
+
+
+def set_implementation(name: str, field: str = 'config.conv_impl') -> None:
+  """Sets the process-wide implementation; raises naming `field` for an unknown name."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f'{field}={name!r} is not valid: use one of {", ".join(IMPLEMENTATIONS)}.')
+  _state['implementation'] = name
+
+
+@contextlib.contextmanager
+def using(name: str):
+  """Temporarily sets the implementation (for tracing functions under it)."""
+  previous = implementation()
+  set_implementation(name)
+  try:
+    yield
+  finally:
+    set_implementation(previous)
+
+
+def _backends_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # another JAX: assume started, never touch XLA_FLAGS
+    return True
+
+
+def cpu_flag_active() -> bool:
+  """Whether XLA_FLAGS holds CPU_XLA_FLAG (or any choice of that XLA option by the user)."""
+  return _FLAG_NAME in os.environ.get('XLA_FLAGS', '')
+
+
+def prepare_backend(name: str) -> bool:
+  """For 'auto', adds CPU_XLA_FLAG to XLA_FLAGS unless the user chose that option already.
+
+  Only takes effect before JAX starts its backends; returns whether the flag is in force (a
+  warning says so when it came too late, e.g. in a notebook that ran JAX first).
+  """
+  if name != 'auto':
+    return cpu_flag_active()
+  if cpu_flag_active():
+    return True
+  if _backends_started():
+    logging.warning(
+        "config.conv_impl='auto': JAX's backends are already started, so the CPU keeps "
+        "YNNPACK's (slower) convolutions; set XLA_FLAGS=%s before JAX starts, or call "
+        "ffkd_jax.models.conv.prepare_backend('auto') first.",
+        CPU_XLA_FLAG,
+    )
+    return False
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {CPU_XLA_FLAG}'.strip()
+  return True
+
+
+def configure(name: str, field: str = 'config.conv_impl') -> None:
+  """`set_implementation` and `prepare_backend` together (what a run does from its config)."""
+  set_implementation(name, field)
+  prepare_backend(name)
+
+
+def describe() -> str:
+  """What the convolutions do on this process's default backend, for logs and benchmarks."""
+  name = implementation()
+  if name == 'matmul':
+    return "matmul (XLA's forward and input gradient, a tap-matmul weight gradient)"
+  if jax.default_backend() != 'cpu':
+    return f"{name} (XLA's {jax.default_backend()} convolutions)"
+  eigen = cpu_flag_active()
+  return f"{name} (XLA's CPU convolutions, {'Eigen' if eigen else 'YNNPACK'} kernels)"
+
+
+def _xla_conv(x, w, strides, padding, groups):
+  return lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=NHWC, feature_group_count=groups
+  )
+
+
+def weight_gradient(x, dy, kernel_shape, strides, padding, groups) -> jax.Array:
+  """d(conv(x, w))/dw applied to dy, as one matrix product per kernel tap (float32 sums).
+
+  x (n, h, w, c_in) NHWC, dy (n, h_out, w_out, c_out), kernel_shape (kh, kw, c_in / groups,
+  c_out) HWIO; padding ((top, bottom), (left, right)). Returns dW with the kernel's shape.
+  """
+  kh, kw, c_group, c_out = kernel_shape
+  sh, sw = strides
+  h_out, w_out = dy.shape[1:3]
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  n = x.shape[0]
+  o_group = c_out // groups
+  dy = dy.reshape(n, h_out, w_out, groups, o_group)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      patch = lax.slice(
+          x,
+          (0, i, j, 0),
+          (n, i + sh * (h_out - 1) + 1, j + sw * (w_out - 1) + 1, x.shape[3]),
+          (1, sh, sw, 1),
+      )  # (n, h_out, w_out, c_in)
+      patch = patch.reshape(n, h_out, w_out, groups, c_group)
+      tap = jnp.einsum('nhwgc,nhwgo->cgo', patch, dy, preferred_element_type=jnp.float32)
+      taps.append(tap.reshape(c_group, c_out))
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul_grad_conv(x, w, strides, padding, groups):
+  return _xla_conv(x, w, strides, padding, groups)
+
+
+def _forward(x, w, strides, padding, groups):
+  return _xla_conv(x, w, strides, padding, groups), (x, w)
+
+
+def _like(cotangent, primal):
+  """The cotangent summed over the mapped axes it varies over and its primal does not (inside
+  shard_map: a replicated kernel's gradient is the sum over devices, as XLA's transpose gives)."""
+  extra = _varying(cotangent) - _varying(primal)
+  return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
+def _varying(x) -> frozenset:
+  """The mapped axes `x` varies over inside shard_map (empty outside it)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, 'manual_axis_type', None)  # JAX 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, 'vma', ()))  # earlier JAX
+
+
+def _backward(strides, padding, groups, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, groups), x)
+  (dx,) = input_vjp(dy)
+  dw = weight_gradient(x, dy, w.shape, strides, padding, groups).astype(w.dtype)
+  return _like(dx, x), _like(dw, w)
+
+
+_matmul_grad_conv.defvjp(_forward, _backward)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+):
+  """`lax.conv_general_dilated`'s signature (what flax's nn.Conv calls), NHWC / HWIO."""
+  dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+  standard = (
+      lhs.ndim == 4
+      and not dilated
+      and batch_group_count == 1
+      and precision is None
+      and preferred_element_type is None
+      and not isinstance(padding, str)
+      and dimension_numbers is not None
+      and tuple(dimension_numbers) == tuple(NHWC)
+  )
+  if not standard or implementation() != 'matmul':
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+  strides = tuple(int(s) for s in window_strides)
+  pads = tuple((int(a), int(b)) for a, b in padding)
+  return _matmul_grad_conv(lhs, rhs, strides, pads, feature_group_count)

@@ -1,0 +1,169 @@
+"""The CPU convolution path ('matmul' weight gradient) against XLA's, on every conv the zoo has."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ffkd_jax import models
+from ffkd_jax.models import conv
+
+
+@functools.lru_cache(maxsize=None)
+def zoo_convolutions() -> tuple:
+  """Every distinct convolution of every registered model: (in shape, kernel shape, strides,
+  padding, groups), recorded while tracing the models (no computation)."""
+  seen = set()
+  real = conv.conv_general_dilated
+
+  def recording(lhs, rhs, window_strides, padding, **kwargs):
+    seen.add(
+        (
+            tuple(lhs.shape[1:]),
+            tuple(rhs.shape),
+            tuple(window_strides),
+            tuple(tuple(p) for p in padding),
+            kwargs.get('feature_group_count', 1),
+        )
+    )
+    return real(lhs, rhs, window_strides, padding, **kwargs)
+
+  conv.conv_general_dilated = recording
+  try:
+    for name in models.available_models():
+      size = models.model_input_size(name)
+      model = models.create_model(name, 10)
+      x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+      jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  finally:
+    conv.conv_general_dilated = real
+  return tuple(sorted(seen))
+
+
+def _kinds(convolutions):
+  """One representative (the smallest) per (kernel, stride, padding, grouping) kind."""
+  kinds = {}
+  for in_shape, kernel, strides, padding, groups in convolutions:
+    grouping = 'depthwise' if groups > 1 and kernel[2] == 1 else ('grouped' if groups > 1 else '')
+    key = (kernel[:2], strides, padding, grouping)
+    size = in_shape[0] * in_shape[1] * kernel[2] * kernel[3]
+    if key not in kinds or size < kinds[key][0]:
+      kinds[key] = (size, (in_shape, kernel, strides, padding, groups))
+  return [v[1] for _, v in sorted(kinds.items())]
+
+
+def test_the_zoo_has_the_kinds_of_convolution_we_test():
+  kinds = {(k[:2], s, g > 1) for _, k, s, _, g in zoo_convolutions()}
+  for expected in [((3, 3), (1, 1), False), ((3, 3), (2, 2), False), ((1, 1), (1, 1), False)]:
+    assert expected in kinds
+  assert ((1, 1), (2, 2), False) in kinds  # projection shortcuts
+  assert ((7, 7), (2, 2), False) in kinds  # the ImageNet stem
+  assert any(grouped for _, _, grouped in kinds)  # ShuffleNet / MobileNet
+
+
+def _shrunk(in_shape, kernel, groups):
+  """A small input of the same kind: side at most 9 (keeping its parity), batch 3."""
+  h = in_shape[0] if in_shape[0] <= 9 else 8 + in_shape[0] % 2
+  w = in_shape[1] if in_shape[1] <= 9 else 8 + in_shape[1] % 2
+  c_in = kernel[2] * groups
+  return (3, h, w, c_in)
+
+
+def _grads(impl, x, w, strides, padding, groups, cotangent):
+  with conv.using(impl):
+    fn = jax.jit(
+        lambda x, w: conv.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=conv.NHWC, feature_group_count=groups
+        )
+    )
+    y, vjp = jax.vjp(fn, x, w)
+    return (y, *vjp(cotangent))
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_matmul_path_gives_xla_outputs_and_gradients(dtype):
+  dtype = jnp.dtype(dtype)
+  tolerance = {'float32': 2e-5, 'bfloat16': 2e-2}[dtype.name]
+  rng = np.random.default_rng(0)
+  for in_shape, kernel, strides, padding, groups in _kinds(zoo_convolutions()):
+    shape = _shrunk(in_shape, kernel, groups)
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    w = jnp.asarray(rng.normal(size=kernel) / np.sqrt(np.prod(kernel[:3])), dtype)
+    with conv.using('xla'):
+      out_shape = jax.eval_shape(
+          lambda x, w: conv.conv_general_dilated(
+              x, w, strides, padding, dimension_numbers=conv.NHWC, feature_group_count=groups
+          ),
+          x,
+          w,
+      ).shape
+    cotangent = jnp.asarray(rng.normal(size=out_shape), dtype)
+    want = _grads('xla', x, w, strides, padding, groups, cotangent)
+    got = _grads('matmul', x, w, strides, padding, groups, cotangent)
+    for name, a, b in zip(('output', 'input gradient', 'weight gradient'), got, want):
+      assert a.dtype == b.dtype and a.shape == b.shape, name
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      scale = max(float(np.abs(b).max()), 1e-6)
+      err = float(np.abs(a - b).max()) / scale
+      assert err < tolerance, (name, kernel, strides, groups, dtype.name, err)
+
+
+def test_weight_gradient_against_a_numpy_loop():
+  """The tap formula itself, independently: dW[i, j, c, o] = sum x_pad[n, s h + i, s w + j, c]
+  dy[n, h, w, o], here for a stride-2, 3x3, 2-group convolution."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 5, 5, 4)).astype(np.float32)
+  dy = rng.normal(size=(2, 3, 3, 6)).astype(np.float32)
+  groups, kernel = 2, (3, 3, 2, 6)
+  got = np.asarray(conv.weight_gradient(x, dy, kernel, (2, 2), ((1, 1), (1, 1)), groups))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros(kernel, np.float64)
+  for i in range(3):
+    for j in range(3):
+      for o in range(6):
+        g = o // 3
+        for c in range(2):
+          want[i, j, c, o] = np.sum(xp[:, i : i + 5 : 2, j : j + 5 : 2, g * 2 + c] * dy[..., o])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_choice_is_checked_and_auto_sets_the_cpu_flag_before_the_backend(monkeypatch):
+  with pytest.raises(ValueError, match=r"config.conv_impl='fast' is not valid"):
+    conv.set_implementation('fast')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  monkeypatch.setattr(conv, '_backends_started', lambda: False)
+  assert not conv.prepare_backend('xla') and conv.CPU_XLA_FLAG not in os.environ['XLA_FLAGS']
+  assert conv.prepare_backend('auto')
+  assert os.environ['XLA_FLAGS'] == (
+      '--xla_force_host_platform_device_count=2 ' + conv.CPU_XLA_FLAG
+  )
+  # A user's own choice of that XLA option is kept.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
+  assert conv.prepare_backend('auto')
+  assert os.environ['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=dot'
+  # Too late (the backend started without it): a warning, and False.
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setattr(conv, '_backends_started', lambda: True)
+  assert not conv.prepare_backend('auto') and os.environ['XLA_FLAGS'] == ''
+
+
+def test_auto_and_xla_trace_xla_convolutions_and_matmul_its_own():
+  x = jnp.ones((2, 6, 6, 4))
+  w = jnp.ones((3, 3, 4, 5))
+
+  def hlo(impl):
+    with conv.using(impl):
+      grad = jax.grad(
+          lambda w: jnp.sum(
+              conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+              ** 2
+          )
+      )
+      return jax.jit(grad).lower(w).as_text()
+
+  # XLA's weight gradient is a convolution; the matmul path's is dot products (9 taps).
+  assert hlo('auto') == hlo('xla')
+  assert 'dot_general' not in hlo('auto') and hlo('matmul').count('dot_general') == 9
