@@ -274,3 +274,13 @@ def test_device_check_tiny_runs_every_part_on_the_cpu(tmp_path):
     assert result['dtype'] == dtype and 'Eigen' in result['conv_description']
     assert set(result['pairs'][0]['configs']) >= {'teacher_ce', 'student_ce', 'kd', 'ffkd', 'input'}
   assert 'FFKD: steps 2' in summary and "'eval/student_top1'" in summary
+
+
+def test_step_time_prints_one_line_for_a_tiny_step(capsys):
+  from benchmarks import step_time  # pylint: disable=g-import-not-at-top
+
+  result = step_time.main(
+      ['--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8', '--steps', '1']
+  )
+  assert result['min_ms'] > 0 and result['gflop'] > 0
+  assert 'step min' in capsys.readouterr().out
