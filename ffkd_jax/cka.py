@@ -67,6 +67,16 @@ def _centre_gram(k: jax.Array) -> jax.Array:
   return k - jnp.mean(k, axis=1, keepdims=True)
 
 
+_TINY = 1e-30  # below any real unbiased HSIC product of unit-norm Grams, above float32's 0
+
+
+def _unit_frobenius(k: jax.Array) -> jax.Array:
+  """k / ||k||_F, and k itself where it is 0 (finite gradients there too)."""
+  squared = jnp.sum(k * k)
+  nonzero = squared > _TINY
+  return k / jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 1.0)
+
+
 def _hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
   """Song et al. (2007) unbiased HSIC of Gram matrices k, l (n, n), n >= 4.
 
@@ -135,12 +145,17 @@ def _cka_2d(x: jax.Array, y: jax.Array, unbiased: bool, eps: float) -> jax.Array
   if unbiased:
     k = jnp.einsum('ip,jp->ij', xn, xn, precision=_HIGHEST)  # (n, n)
     l = jnp.einsum('iq,jq->ij', yn, yn, precision=_HIGHEST)  # (n, n)
+    # Grams of unit-norm features make every unbiased term O(1/n^2) (scaled by 1/(n(n-3))), so an
+    # absolute eps here would swamp them (at n=256 it gave 0.03 where the estimator is 0.49):
+    # rescale the Grams to unit Frobenius norm, which CKA is invariant to, and guard only a
+    # zero denominator (constant features).
+    k, l = _unit_frobenius(k), _unit_frobenius(l)
     cross = _hsic_unbiased(k, l)
-    self_k = _hsic_unbiased(k, k)
-    self_l = _hsic_unbiased(l, l)
     # The unbiased self-terms can dip below zero for tiny n; clamp the product.
-    denominator = jnp.sqrt(jnp.maximum(self_k * self_l, 0.0) + eps**2)
-    return jnp.clip(cross / denominator, 0.0, 1.0)
+    product = jnp.maximum(_hsic_unbiased(k, k) * _hsic_unbiased(l, l), 0.0)
+    defined = product > _TINY
+    denominator = jnp.sqrt(jnp.where(defined, product, 1.0))
+    return jnp.where(defined, jnp.clip(cross / denominator, 0.0, 1.0), 0.0)
   if _use_gram_form(n, p, q):
     k = jnp.einsum('ip,jp->ij', xn, xn, precision=_HIGHEST)  # (n, n), centred already
     l = jnp.einsum('iq,jq->ij', yn, yn, precision=_HIGHEST)  # (n, n)

@@ -265,3 +265,17 @@ def test_all_pairs_of_small_inputs_stay_in_unit_interval():
     for unbiased in (False, True):
       value = float(linear_cka(a, b, unbiased=unbiased))
       assert 0.0 <= value <= 1.0 + 1e-6
+
+
+def test_unbiased_cka_at_a_realistic_batch_matches_the_estimator():
+  """n = 256 examples of p = 512 features (a CIFAR stage at batch 256): the unbiased estimator's
+  value, not the epsilon's (an absolute epsilon once gave 0.03 for 0.49)."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(256, 512))
+  y = x[:, :256] @ rng.normal(size=(256, 128)) + 2.0 * rng.normal(size=(256, 128))
+  expected = np_unbiased_cka(x - x.mean(0), y - y.mean(0))
+  assert 0.2 < expected < 0.9
+  np.testing.assert_allclose(float(linear_cka(x, y, unbiased=True)), expected, atol=2e-3)
+  # Scale does not matter, and constant features give 0, finitely.
+  np.testing.assert_allclose(float(linear_cka(1e-4 * x, y, unbiased=True)), expected, atol=2e-3)
+  assert float(linear_cka(np.ones((256, 8)), y, unbiased=True)) == 0.0
