@@ -419,3 +419,59 @@ def test_every_loss_jits():
   ]
   for fn, args in cases:
     assert np.all(np.isfinite(jax.jit(fn)(*args)))
+
+
+# ---- FFKD's channel KL (wp502/SKD-RSL zoo/Our_1.py) ---------------------------------------
+
+
+def np_our_loss_channel_kl(t_nchw, s_nchw, T, is_feedback):
+  """A NumPy transcription of Our_1.py's per-pair channel loss on NCHW maps (after ConvReg)."""
+  n, c = t_nchw.shape[:2]
+  s_temp = (s_nchw / T).reshape(n, c, -1)
+  t_temp = (t_nchw / T).reshape(n, c, -1)
+
+  def log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+  def kl_div_sum(input_log_prob, target_prob):  # nn.KLDivLoss(reduction='sum')
+    return np.sum(target_prob * (np.log(target_prob) - input_log_prob))
+
+  if is_feedback:
+    loss = kl_div_sum(log_softmax(t_temp), np.exp(log_softmax(s_temp)))
+  else:
+    loss = kl_div_sum(log_softmax(s_temp), np.exp(log_softmax(t_temp)))
+  return loss * (T * T) / (n * c)
+
+
+@pytest.mark.parametrize('is_feedback', [False, True])
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_channel_kl_matches_our_1(is_feedback, temperature):
+  rng = np.random.default_rng(11)
+  teacher = rng.normal(size=(5, 6, 4, 3)) * 3.0  # NCHW, as the reference
+  student = rng.normal(size=(5, 6, 4, 3)) * 3.0
+  expected = np_our_loss_channel_kl(teacher, student, temperature, is_feedback)
+  u, v = (jnp.asarray(np.transpose(x, (0, 2, 3, 1)), jnp.float32) for x in (teacher, student))
+  # Forward: channel_kl(U, R(V)); feedback: channel_kl(R(sg(V)), U).
+  got = ffkd.channel_kl(v, u, temperature) if is_feedback else ffkd.channel_kl(u, v, temperature)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_channel_kl_properties_and_gradients():
+  rng = np.random.default_rng(12)
+  u = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+  assert float(ffkd.channel_kl(u, u, 4.0)) == pytest.approx(0.0, abs=1e-6)
+  assert float(ffkd.channel_kl(u, v, 4.0)) > 0
+  # A per-channel constant shift changes no spatial distribution.
+  shifted = u + jnp.arange(5, dtype=jnp.float32)
+  assert float(ffkd.channel_kl(shifted, v, 4.0)) == pytest.approx(
+      float(ffkd.channel_kl(u, v, 4.0)), rel=1e-5
+  )
+  # Gradients reach both arguments unless the caller stops one.
+  g_target, g_source = jax.grad(lambda a, b: ffkd.channel_kl(a, b, 4.0), argnums=(0, 1))(u, v)
+  assert np.any(np.asarray(g_target) != 0) and np.any(np.asarray(g_source) != 0)
+  g_stopped = jax.grad(lambda a: ffkd.channel_kl(jax.lax.stop_gradient(a), v, 4.0))(u)
+  assert not np.any(np.asarray(g_stopped))
+  with pytest.raises(ValueError, match='same shape'):
+    ffkd.channel_kl(u, v[:, :2], 4.0)

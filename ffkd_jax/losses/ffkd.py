@@ -1,8 +1,13 @@
-"""FFKD's CKA-weighted forward and feedback losses, exactly as docs/FFKD.md states.
+"""FFKD's forward and feedback losses.
 
 FFKD is "Reciprocal Teacher-Student Learning via Forward and Feedback Knowledge Distillation"
-(Gou et al., IEEE Transactions on Multimedia 26, 2024). Its code and full text are not public:
-these formulas are this project's reconstruction (docs/FFKD.md), not the authors' code.
+(Gou et al., IEEE Transactions on Multimedia 26, 2024). Its full text is not public. Two sets of
+formulas live here:
+- `channel_kl`: the channel-wise spatial-softmax KL of the code that is very likely its authors'
+  (wp502/SKD-RSL, zoo/Our_1.py), tested against a NumPy transcription of that file; the method
+  that uses it is still to be built (issue "FFKD as its authors' code does it").
+- The rest: this project's earlier reconstruction (docs/FFKD.md), not the authors' code, which
+  `ffkd_jax/methods/ffkd.py` runs today:
 
 For one layer pair: teacher map U (n, H, W, C), student map V mapped by a connector to the same
 shape, channel understanding omega[c] = CKA(U[..., c], V[..., c]) from `ffkd_jax.cka.channel_cka`.
@@ -88,3 +93,40 @@ def feedback_alignment_loss(omega: jax.Array, weights: jax.Array) -> jax.Array:
         f'{omega.shape} and {weights.shape}'
     )
   return jnp.sum(jnp.mean(weights * (1.0 - omega), axis=-1))
+
+
+def channel_kl(target: jax.Array, source: jax.Array, temperature: float) -> jax.Array:
+  """Channel-wise spatial-softmax KL of FFKD's authors' code: each channel's map as a
+  distribution over its H*W positions.
+
+    q(X)[i, c, :] = softmax over positions of X[i, :, :, c] / T
+    channel_kl    = T^2 / (n C) * sum_{i, c} KL(q(target)[i, c] || q(source)[i, c])
+
+  wp502/SKD-RSL, zoo/Our_1.py, `OurLoss.forward`: `nn.KLDivLoss(reduction='sum')(
+  F.log_softmax(input / T), F.softmax(target / T)) * T^2 / (N C)` on maps reshaped to
+  (N, C, H*W), which is KL(target || input). Its forward call has input = the regressed student,
+  target = the teacher (`channel_kl(U, R_fwd(V), T)` here); its feedback call input = the
+  teacher, target = the feedback-regressed student (`channel_kl(R_fb(sg(V)), U, T)`). Both
+  arguments are used as given, gradients flowing into both: the caller places the stop-gradients.
+
+  Args:
+    target: (n, h, w, c) NHWC map whose distribution is the KL's reference.
+    source: (n, h, w, c) map of the same shape.
+    temperature: T > 0.
+  Returns:
+    A scalar.
+  """
+  if target.shape != source.shape or target.ndim != 4:
+    raise ValueError(
+        'channel_kl needs two NHWC maps of the same shape; got '
+        f'{target.shape} and {source.shape}'
+    )
+  n, h, w, c = target.shape
+
+  def log_q(x):  # (n, h, w, c) -> (n, c, h*w) log-probabilities over positions
+    x = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)).reshape(n, c, h * w)
+    return jax.nn.log_softmax(x / temperature, axis=-1)
+
+  log_target, log_source = log_q(target), log_q(source)
+  kl = jnp.sum(jnp.exp(log_target) * (log_target - log_source))
+  return kl * (temperature * temperature) / (n * c)
