@@ -14,7 +14,9 @@
 #   bash benchmarks/device_check.sh --tiny   # a smoke test of this script on the CPU (tests)
 #
 # Data for step 4: $DATA, else .device/cifar10-jpeg.tar.gz (copy ../shared/data's archive
-# there before the call: it is ignored by git and carried), else ../shared/data.
+# there before the call: it is ignored by git and carried), else
+# ../shared/data/cifar10-jpeg.tar.gz. Time limits: THROUGHPUT_TIMEOUT (140 s each dtype) and
+# RUN_TIMEOUT (150 s), 430 s in all, within an 8-minute call with start-up.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -22,6 +24,8 @@ mkdir -p "$OUT"
 TINY=0
 [[ "${1:-}" == "--tiny" ]] && TINY=1
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+# Several worker processes share the GPU (throughput.py): none may take 75% of it up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 started=$(date +%s)
 say() { echo "[device_check $(($(date +%s) - started)) s] $*" | tee -a "$OUT/summary.md"; }
@@ -30,7 +34,7 @@ say() { echo "[device_check $(($(date +%s) - started)) s] $*" | tee -a "$OUT/sum
 # --- 1. Packages ------------------------------------------------------------------------------
 if ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/ffkd-site .whl/*.whl && export PYTHONPATH=/tmp/ffkd-site
+      --target /tmp/ffkd-site .whl/*.whl && export PYTHONPATH=/tmp/ffkd-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! $PY -c "import jax, flax, optax, orbax.checkpoint, ml_collections" 2> "$OUT/import_error.txt"; then
@@ -45,6 +49,10 @@ import jax
 d = jax.devices()[0]
 print(f'jax {jax.__version__}: {jax.device_count()} x {d.device_kind} ({d.platform})')
 EOF
+if [[ $TINY == 0 ]] && grep -q "(cpu)" "$OUT/devices.txt"; then
+  say "FAILED: JAX sees no accelerator (its CUDA plugin did not load?): not measuring the CPU."
+  exit 1
+fi
 
 # The CIFAR-10 archive for the input pipeline and the FFKD run.
 data=${DATA:-}
@@ -60,16 +68,17 @@ if has tensorflow && [[ -n $data ]]; then
   folder=$data
   if [[ -f $data ]]; then  # an archive: unpacked once for the input pipeline's worker
     mkdir -p /tmp/ffkd-device-data && tar -xzf "$data" -C /tmp/ffkd-device-data
-    folder=$(dirname "$(find /tmp/ffkd-device-data -maxdepth 3 -type d -name train | head -1)")
+    train=$(find /tmp/ffkd-device-data -maxdepth 3 -type d -name train | head -1)
+    folder=${train:+$(dirname "$train")}
   fi
-  configs=$configs,input
+  [[ -n $folder ]] && configs=$configs,input
 fi
 has torch && configs=$configs,torch_ffkd
 mode=--quick
 [[ $TINY == 1 ]] && mode=--tiny
 for dtype in float32 bfloat16; do
   say "throughput $dtype ($configs)"
-  timeout "${THROUGHPUT_TIMEOUT:-170}" $PY benchmarks/throughput.py $mode --configs "$configs" \
+  timeout "${THROUGHPUT_TIMEOUT:-140}" $PY benchmarks/throughput.py $mode --configs "$configs" \
       ${folder:+--data "$folder"} --dtype "$dtype" --out "$OUT/throughput_$dtype.json" \
       > "$OUT/throughput_$dtype.log" 2>&1 \
     && cat "$OUT/throughput_$dtype.md" >> "$OUT/summary.md" \
@@ -90,7 +99,7 @@ else
       --config.log_every_steps=1 --config.eval_every_steps=2 --config.diagnostics_examples=8)
   fi
   say "FFKD run: configs/quickstart.py on $data"
-  timeout "${RUN_TIMEOUT:-240}" $PY -m ffkd_jax.main --config configs/quickstart.py \
+  timeout "${RUN_TIMEOUT:-150}" $PY -m ffkd_jax.main --config configs/quickstart.py \
       --workdir "$OUT/ffkd_run" "${overrides[@]}" > "$OUT/ffkd_run.log" 2>&1 \
     || say "FFKD run FAILED or stopped (rc $?): see ffkd_run.log"
   $PY - "$OUT/ffkd_run" << 'EOF' | tee -a "$OUT/summary.md"

@@ -21,8 +21,9 @@ Numerics (all documented behaviour, tested in tests/test_cka.py):
 - Each centred input is rescaled by sqrt(||Xc||^2 + eps * ||X||^2 + 1e-20). CKA is invariant to
   isotropic scaling, so this changes nothing for a varying representation, keeps every product
   O(1) (no overflow for large activations), and makes `eps` scale free.
-- The denominator is sqrt(HSIC(K, K) HSIC(L, L) + eps^2), so nothing divides by zero and
-  gradients stay finite.
+- The biased denominator is sqrt(HSIC(K, K) HSIC(L, L) + eps^2), so nothing divides by zero and
+  gradients stay finite. The unbiased one rescales K and L to unit Frobenius norm first (its
+  terms are O(1/n^2), which an absolute eps would swamp) and guards only a zero denominator.
 - Defined value: CKA is 0 (up to ~1e-10) when either representation is constant over the batch
   (e.g. a dead ReLU channel), with finite (zero) gradients. A representation whose centred
   energy is below about eps times its raw energy counts as constant.
@@ -153,7 +154,10 @@ def _cka_2d(x: jax.Array, y: jax.Array, unbiased: bool, eps: float) -> jax.Array
     cross = _hsic_unbiased(k, l)
     # The unbiased self-terms can dip below zero for tiny n; clamp the product.
     product = jnp.maximum(_hsic_unbiased(k, k) * _hsic_unbiased(l, l), 0.0)
-    defined = product > _TINY
+    # As in the biased form, a representation whose centred energy is below eps times its raw
+    # energy (||xn||^2 < 1/2 after the rescaling above) counts as constant: CKA 0.
+    varying = jnp.logical_and(jnp.sum(xn * xn) > 0.5, jnp.sum(yn * yn) > 0.5)
+    defined = jnp.logical_and(product > _TINY, varying)
     denominator = jnp.sqrt(jnp.where(defined, product, 1.0))
     return jnp.where(defined, jnp.clip(cross / denominator, 0.0, 1.0), 0.0)
   if _use_gram_form(n, p, q):

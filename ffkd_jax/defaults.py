@@ -87,9 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
   config.dtype = 'float32'
-  # How the models' convolutions compute their weight gradient (ffkd_jax/models/conv.py):
-  # 'auto' (one matrix product per kernel tap on the CPU, XLA's own on GPU and TPU), 'xla' or
-  # 'matmul' (everywhere).
+  # How the models' convolutions run (ffkd_jax/models/conv.py): 'auto' (XLA's; on the CPU on its
+  # Eigen kernels instead of YNNPACK's, an XLA flag), 'xla' (XLA's defaults) or 'matmul' (a
+  # tap-matmul weight gradient).
   config.conv_impl = 'auto'
   # What to do when a loss or gradient is not finite: 'skip' the update (and count it), or 'stop'.
   config.nonfinite_policy = 'skip'

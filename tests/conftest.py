@@ -3,8 +3,11 @@
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
-# config.conv_impl='auto' on the CPU (ffkd_jax/models/conv.py), as training sets it.
-os.environ['XLA_FLAGS'] += ' --xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+# config.conv_impl='auto' on the CPU (ffkd_jax/models/conv.py), as training sets it (a user's
+# own choice of that XLA option is kept).
+from ffkd_jax.models import conv  # noqa: E402
+
+conv.prepare_backend('auto')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 

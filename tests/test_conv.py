@@ -167,3 +167,32 @@ def test_auto_and_xla_trace_xla_convolutions_and_matmul_its_own():
   # XLA's weight gradient is a convolution; the matmul path's is dot products (9 taps).
   assert hlo('auto') == hlo('xla')
   assert 'dot_general' not in hlo('auto') and hlo('matmul').count('dot_general') == 9
+
+
+def test_matmul_path_under_shard_map_sums_the_kernel_gradient_over_devices():
+  """Inside the data-parallel step a replicated kernel's gradient is summed over devices; the
+  custom VJP's must equal XLA's (the psum over the axes the cotangent varies over)."""
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
+  rng = np.random.default_rng(3)
+  x = jax.device_put(
+      jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32), NamedSharding(mesh, P('data'))
+  )
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+
+  def grad_of(impl):
+    def per_device(w, x):
+      with conv.using(impl):
+        loss = lambda w: jnp.sum(
+            conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+            ** 2
+        )
+        return jax.grad(loss)(w)
+
+    with conv.using(impl):
+      fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))
+      return np.asarray(fn(w, x))
+
+  np.testing.assert_allclose(grad_of('matmul'), grad_of('xla'), rtol=1e-5, atol=1e-5)

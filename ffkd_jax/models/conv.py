@@ -70,6 +70,12 @@ def _backends_started() -> bool:
     return True
 
 
+def _jaxlib_version() -> tuple[int, ...]:
+  import jaxlib  # pylint: disable=g-import-not-at-top
+
+  return tuple(int(p) for p in jaxlib.__version__.split('.')[:2] if p.isdigit())
+
+
 def cpu_flag_active() -> bool:
   """Whether XLA_FLAGS holds CPU_XLA_FLAG (or any choice of that XLA option by the user)."""
   return _FLAG_NAME in os.environ.get('XLA_FLAGS', '')
@@ -85,6 +91,12 @@ def prepare_backend(name: str) -> bool:
     return cpu_flag_active()
   if cpu_flag_active():
     return True
+  if _jaxlib_version() < (0, 10):  # the flag was verified on jaxlib 0.10; XLA aborts on unknown
+    logging.warning(
+        "config.conv_impl='auto': jaxlib %s predates the XLA flag; not set.",
+        '.'.join(map(str, _jaxlib_version())),
+    )
+    return False
   if _backends_started():
     logging.warning(
         "config.conv_impl='auto': JAX's backends are already started, so the CPU keeps "
@@ -198,7 +210,7 @@ def conv_general_dilated(
     preferred_element_type=None,
 ):
   """`lax.conv_general_dilated`'s signature (what flax's nn.Conv calls), NHWC / HWIO."""
-  dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   standard = (
       lhs.ndim == 4
       and not dilated
