@@ -79,12 +79,13 @@ def diagnostics_indices(source: data.Source, split: str, num_examples: int) -> n
   return data.class_mixed_indices(source, split, n, DIAGNOSTICS_SEED)
 
 
-def diagnostics_batch(
-    source: data.Source, split: str, num_examples: int, indices: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
+def diagnostics_batch(source: data.Source, split: str, num_examples: int) -> dict[str, np.ndarray]:
   """This process's rows of the fixed class-mixed subset of `split`, as one unpadded batch."""
-  if indices is None:
-    indices = diagnostics_indices(source, split, num_examples)
+  return batch_at(source, split, diagnostics_indices(source, split, num_examples))
+
+
+def batch_at(source: data.Source, split: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """This process's rows of `split` at `indices` (a multiple of the devices), as one batch."""
   local = parallel.local_batch_size(len(indices), 'config.diagnostics_examples')
   batches = list(data.eval_iterator(source, split, local_batch_size=local, indices=indices))
   if len(batches) != 1 or not np.all(batches[0]['mask'] > 0):
@@ -124,7 +125,6 @@ class Evaluator:
     self._batches_of = batches_of or (
         lambda split: data.eval_iterator(source, split, local_batch_size=self.local_batch)
     )
-    self.diagnostics_examples = diagnostics_examples
     # Chosen once (a too small split fails here, before training, as a config error).
     self.diagnostics_indices = diagnostics_indices(source, 'val', diagnostics_examples)
     self.eval_step = step_lib.make_eval_step(programs, mesh)
@@ -146,9 +146,7 @@ class Evaluator:
     return record
 
   def diagnostics(self, state) -> dict[str, Any]:
-    batch = diagnostics_batch(
-        self.source, 'val', self.diagnostics_examples, self.diagnostics_indices
-    )
+    batch = batch_at(self.source, 'val', self.diagnostics_indices)
     return parallel.fetch(self.diagnostics_step(state, parallel.global_batch(self.mesh, batch)))
 
   def evaluate(self, state, step: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -89,6 +89,19 @@ def cli_command(workdir: str, overrides: Mapping[str, Any]) -> list[str]:
   ] + [f'--config.{k}={_flag_value(v)}' for k, v in overrides.items()]
 
 
+def run_cli(command: list[str], num_devices: int = 1, timeout: int = 300):
+  """Runs a CLI command from the repository root; the CompletedProcess, output captured."""
+  return subprocess.run(
+      command,
+      cwd=REPO,
+      env=cli_env(num_devices),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
+
+
 def cli_env(num_devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env.update(

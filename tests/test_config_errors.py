@@ -7,7 +7,6 @@ before any compilation. Unknown config fields also go through the real command l
 import logging
 import math
 import os
-import subprocess
 
 import pytest
 import tensorflow_datasets as tfds
@@ -64,14 +63,7 @@ def test_bad_field_on_the_command_line(tmp_path, override, expected):
   """The flag is refused before anything runs, in one line naming the flag and, for a misspelt
   field, ml_collections' suggestion; no traceback."""
   command = run_fixture.cli_command(str(tmp_path / 'run'), {}) + [override]
-  result = subprocess.run(
-      command,
-      cwd=run_fixture.REPO,
-      env=run_fixture.cli_env(1),
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  result = run_fixture.run_cli(command)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   error_line = [line for line in result.stderr.splitlines() if 'FATAL' in line]
@@ -90,14 +82,7 @@ def test_a_config_error_is_one_line_with_exit_status_1(tmp_path, verbosity):
       '--config.kd.temperature=-2.0',
       f'--verbosity={verbosity}',
   ]
-  result = subprocess.run(
-      command,
-      cwd=run_fixture.REPO,
-      env=run_fixture.cli_env(1),
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  result = run_fixture.run_cli(command)
   assert result.returncode == 1, result.stderr[-2000:]
   if verbosity:
     assert 'Traceback' in result.stderr and 'ConfigError' in result.stderr

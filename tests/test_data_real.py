@@ -1,6 +1,7 @@
 """ffkd_jax.data on data as shipped: the real CIFAR-10 JPEGs (../shared/data), archives."""
 
 import collections
+import os
 import pathlib
 import tarfile
 
@@ -19,6 +20,8 @@ def cifar10_jpeg(tmp_path_factory):
   if (CIFAR10_UNPACKED / 'train').is_dir() and (CIFAR10_UNPACKED / 'test').is_dir():
     return CIFAR10_UNPACKED
   if not CIFAR10_ARCHIVE.is_file():
+    if os.environ.get('CI'):  # CI lays ../shared beside the clone: its absence is a failure
+      pytest.fail(f'CI=true but the real CIFAR-10 archive {CIFAR10_ARCHIVE.resolve()} is absent')
     pytest.skip(
         f'real CIFAR-10 JPEGs absent: no {CIFAR10_ARCHIVE.resolve()} (see '
         '../shared/data/README.md)'

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -31,6 +30,7 @@ from etils import epath
 
 from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import metrics as metrics_lib
+from tests import run_fixture
 from tests.image_folder_fixture import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,14 +42,7 @@ VARYING_METRICS = ('time', 'perf/')  # wall-clock measurements
 
 
 def _cli(workdir: str, data: str) -> list[str]:
-  return [
-      sys.executable,
-      '-m',
-      'ffkd_jax.main',
-      '--config',
-      'configs/quickstart.py',
-      '--workdir',
-      workdir,
+  return run_fixture.cli_command(workdir, {}) + [
       '--config.dataset.name=image_folder',
       f'--config.dataset.path={data}',
       '--config.dataset.augment=none',

@@ -27,3 +27,12 @@ def smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
 def flatten_examples(x: jax.Array) -> jax.Array:
   """(n, ...) -> (n, prod(...))."""
   return x.reshape(x.shape[0], -1)
+
+
+def check_same_examples(loss: str, student: jax.Array, teacher: jax.Array) -> None:
+  """Raises unless the two arrays hold the same number of examples (their first axis)."""
+  if student.shape[0] != teacher.shape[0]:
+    raise ValueError(
+        f'{loss} needs the same number of student and teacher examples; got shapes '
+        f'{student.shape} and {teacher.shape}'
+    )

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ffkd_jax.losses._numerics import flatten_examples, l2_normalize
+from ffkd_jax.losses._numerics import check_same_examples, flatten_examples, l2_normalize
 
 
 def correlation_matrix(embedding: jax.Array, gamma: float = 0.4, order: int = 2) -> jax.Array:
@@ -64,10 +64,6 @@ def cc_loss(
   Returns:
     A scalar.
   """
-  if student.shape[0] != teacher.shape[0]:
-    raise ValueError(
-        f'cc_loss needs the same number of student and teacher examples; got shapes '
-        f'{student.shape} and {teacher.shape}'
-    )
+  check_same_examples('cc_loss', student, teacher)
   diff = correlation_matrix(student, gamma, order) - correlation_matrix(teacher, gamma, order)
   return jnp.mean(diff * diff)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ffkd_jax.losses._numerics import flatten_examples, l2_normalize
+from ffkd_jax.losses._numerics import check_same_examples, flatten_examples, l2_normalize
 
 
 def similarity_matrix(feature_map: jax.Array) -> jax.Array:
@@ -36,11 +36,7 @@ def sp_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
   Returns:
     A scalar.
   """
-  if student.shape[0] != teacher.shape[0]:
-    raise ValueError(
-        f'sp_loss needs the same number of student and teacher examples; got shapes '
-        f'{student.shape} and {teacher.shape}'
-    )
+  check_same_examples('sp_loss', student, teacher)
   n = student.shape[0]
   diff = similarity_matrix(teacher) - similarity_matrix(student)
   return jnp.sum(diff * diff) / (n * n)

@@ -1,12 +1,8 @@
 """What the teacher-student methods share: their two roles, spatial resizing, config checks.
 
-Stage pairing (ffkd_jax/methods/pairs.py) follows RepDistiller (HobbitLong/RepDistiller, train_student.py), which zips the
-teacher's and the student's `feat[1:-1]` (every stage output, stem and pooled vector left out)
-and pools the larger map down where sizes differ (distiller_zoo/AT.py). Our models name their
-stage outputs `stage1..stageK` and some families expose one more stage than others (VGG's first
-block, which RepDistiller counts as its stem), so stages are paired from the deepest end: the last
-min(K_t, K_s) stages of each, in order. On RepDistiller's standard pairs (resnet, wrn, vgg ->
-vgg / mobilenetv2, resnet32x4 -> shufflenet) this gives its pairs.
+Where two paired maps differ in size, the larger is average-pooled down to the smaller
+(RepDistiller, HobbitLong/RepDistiller distiller_zoo/AT.py); layer pairing is
+ffkd_jax/methods/pairs.py.
 """
 
 import math

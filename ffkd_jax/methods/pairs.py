@@ -1,5 +1,14 @@
 """Stage names, layer-pair keys, pair parsing and 'auto' pairing: one helper for every method.
 
+Stage pairing follows RepDistiller (HobbitLong/RepDistiller, train_student.py), which zips the
+teacher's and the student's `feat[1:-1]` (every stage output, stem and pooled vector left out)
+and is the layer list of its feature methods (distiller_zoo/AT.py, FitNet.py with
+`--hint_layer 2`, SP.py and ICKD's last stage `feat[-2]`); `aligned_stage_pairs` gives those
+pairs on its standard teacher-student pairs (resnet, wrn, vgg -> vgg / mobilenetv2, resnet32x4 ->
+shufflenet). Some families expose one more stage than others (VGG's first block, which
+RepDistiller counts as its stem), so stages are paired from the deepest end: the last
+min(K_t, K_s) stages of each, in order.
+
 A model names its stage outputs `stage1..stageK` (DEVELOPERS.md). A method distils pairs
 (teacher feature, student feature), given in its config block as 'auto' or as
 'stage2:stage2,stage3:stage3'; `resolve_pairs` turns either into checked pairs.
