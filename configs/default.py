@@ -1,7 +1,7 @@
 """The default configuration: every field with its default (defined in ffkd_jax/defaults.py).
 
 Other configs import this module and override a few fields; any field can be changed from the
-command line: `--config.batch_size=32 --config.ffkd.b_fb=0.5`.
+command line: `--config.batch_size=32 --config.ffkd.gamma_fdbk=0.5`.
 """
 
 from ffkd_jax.defaults import get_config

@@ -14,8 +14,8 @@ numbers (for the same size):
 
   OUT/cka_matrix.png   linear CKA, every teacher stage x every student stage
   OUT/omega_hist.png   channel understanding omega per FFKD layer pair (config.ffkd.layer_pairs):
-                       through the student's connectors where its checkpoint has them (an FFKD
-                       run), else on the raw student maps where the channel counts agree
+                       per teacher channel, CKA with the student's forward regressor output,
+                       where the student's checkpoint has those regressors (an FFKD run)
   OUT/cka.json         the numbers drawn;  OUT/cka_report.json  what was compared, on what
 
 Which role of each run: --teacher_role / --student_role; by default 'model' (a CE run) or else
@@ -140,7 +140,7 @@ def run(
       )
 
   # The FFKD method with the checkpoints' architectures gives the roles, the layer pairs and
-  # the connectors; any other config.method is read as 'ffkd' with the same config.ffkd block.
+  # the regressors; any other config.method is read as 'ffkd' with the same config.ffkd block.
   config = ml_collections.ConfigDict(config.to_dict())
   config.model = sides['student'].model
   config.teacher.model = sides['teacher'].model
@@ -161,8 +161,8 @@ def run(
         keys += ('heads',)
       else:
         logging.info(
-            "%s='%s' has no connectors for the layer pairs %s: omega is measured on "
-            'the raw student maps where the channel counts agree.',
+            "%s='%s' has no regressors for the layer pairs %s: no channel understanding "
+            '(omega) is measured.',
             side.flag,
             side.path,
             method.layer_pairs,

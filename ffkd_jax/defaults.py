@@ -3,7 +3,7 @@
 A config is data: this module imports ml_collections only (no TensorFlow, no JAX), so
 `config_checks` can compare any config with it whether or not `configs/` is importable.
 `configs/default.py` is this `get_config`; other configs import it and override a few fields. Any field can be changed from the
-command line: `--config.batch_size=32 --config.ffkd.b_fb=0.5`.
+command line: `--config.batch_size=32 --config.ffkd.gamma_fdbk=0.5`.
 """
 
 import ml_collections
@@ -82,7 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.iekd = iekd_config()
   # Online methods: peers trained together from scratch. `models`: comma-separated model names
   # ('' = two copies of config.model).
-  config.dml = ml_collections.ConfigDict(dict(models='', temperature=1.0, kl_weight=1.0))
+  # DML's update: 'alternating' (the paper's, one peer after the other) or 'synchronous'.
+  config.dml = ml_collections.ConfigDict(
+      dict(models='', temperature=1.0, kl_weight=1.0, peer_updates='alternating')
+  )
   config.iedml = iedml_config()
 
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
@@ -103,27 +106,23 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def ffkd_config() -> ml_collections.ConfigDict:
-  """FFKD as docs/FFKD.md reconstructs it; the preset picks which terms are on."""
+  """FFKD as wp502/SKD-RSL zoo/Our_1.py does it (ffkd_jax/methods/ffkd.py); the preset picks the
+  terms. Which defaults are the code's and which the sweep's: docs/FFKD.md."""
   c = ml_collections.ConfigDict()
-  # Teacher:student feature pairs by the names the models expose, e.g.
-  # 'stage2:stage2,stage3:stage3'; 'auto' pairs the deepest maps of each common resolution.
+  # Teacher:student stage pairs; 'auto' pairs every stage after the stem, deepest aligned.
   c.layer_pairs = 'auto'
-  c.temperature = 4.0  # tau of the softened outputs
-  # Forward loss (student and its connectors).
-  c.a_ce = 1.0
-  c.a_kd = 1.0
-  c.a_feat = 1.0
-  # Feedback loss (teacher).
-  c.b_ce = 1.0
-  c.b_fb = 1.0
-  c.b_kd = 0.5
-  # Weighting constraint w = scale * softmax_c((1 - omega) / weight_temperature).
-  c.use_channel_weights = True
-  c.weight_temperature = 0.1
-  c.weight_scale = -1.0  # <= 0 means the channel count, so the mean weight is 1
-  c.unbiased_hsic = False
-  c.feedback_start_step = 0
-  c.teacher_lr_scale = 0.1
+  c.temperature = 4.0  # T of the logit KL and of the channel distributions (the code's kd_T)
+  c.alpha = 1.0  # CE weight of both networks
+  c.beta_fwd = 1.0  # the student's logit KL
+  c.gamma_fwd = 1.0  # the student's channel loss
+  c.beta_fdbk = 1.0  # the teacher's logit KL (feedback)
+  c.gamma_fdbk = 1.0  # the teacher's channel loss (feedback)
+  c.cka_x100 = False  # the code's is_100cka: CKA_k x 100 in the forward weights
+  c.unbiased_hsic = False  # the code's CKA is the biased (plain) linear CKA
+  c.feedback_start_step = 0  # the teacher trains from this global step (the code's feedback_time)
+  c.teacher_lr_scale = 0.05  # the teacher's learning rate / the student's (5e-3 / 0.1)
+  # The feedback phase's batch: 'independent' (a second train stream, as the code) or 'same'.
+  c.feedback_batch = 'independent'
   return c
 
 

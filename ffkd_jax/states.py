@@ -44,6 +44,11 @@ class RoleProgram:
   heads: nn.Module | None
   optimizer: optax.GradientTransformation | None  # the update direction (ffkd_jax.optim)
   schedule: optax.Schedule | None
+  head_input: str = ''  # the role whose features feed the heads ('' = this role)
+
+  @property
+  def heads_source(self) -> str:
+    return self.head_input or self.role.name
 
   @property
   def trainable_keys(self) -> tuple[str, ...]:
@@ -91,28 +96,36 @@ def resolve(
     heads = method.heads(role.name)
     trainable = role.train_backbone or heads is not None
     optimizer, schedule = make_optimizer(role.lr_scale) if trainable else (None, None)
-    programs[role.name] = RoleProgram(role, backbones[role.name], heads, optimizer, schedule)
+    programs[role.name] = RoleProgram(
+        role, backbones[role.name], heads, optimizer, schedule, method.head_input(role.name)
+    )
   return method, programs
 
 
 def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) -> TrainState:
   """Fresh parameters for every role (pre-trained ones are loaded over them afterwards)."""
   x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-  roles = {}
+  params, stats, features, head_keys = {}, {}, {}, {}
   for index, (name, program) in enumerate(programs.items()):
-    key_backbone, key_heads = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
-    params, stats = {}, {}
-    params['backbone'], stats['backbone'] = _split_variables(
+    key_backbone, head_keys[name] = jax.random.split(
+        jax.random.fold_in(jax.random.key(seed), index)
+    )
+    params[name], stats[name] = {}, {}
+    params[name]['backbone'], stats[name]['backbone'] = _split_variables(
         program.backbone.init(key_backbone, x, train=False)
     )
-    if program.heads is not None:
-      _, features = program.backbone.apply(
-          {'params': params['backbone'], 'batch_stats': stats['backbone']}, x, train=False
+    _, features[name] = program.backbone.apply(
+        {'params': params[name]['backbone'], 'batch_stats': stats[name]['backbone']},
+        x,
+        train=False,
+    )
+  roles = {}
+  for name, program in programs.items():
+    if program.heads is not None:  # on the features of the role that feeds them
+      params[name]['heads'], stats[name]['heads'] = _split_variables(
+          program.heads.init(head_keys[name], features[program.heads_source], train=False)
       )
-      params['heads'], stats['heads'] = _split_variables(
-          program.heads.init(key_heads, features, train=False)
-      )
-    roles[name] = RoleState(params, stats, init_opt_state(program, params))
+    roles[name] = RoleState(params[name], stats[name], init_opt_state(program, params[name]))
   return TrainState(
       step=jnp.zeros((), jnp.int32), roles=roles, skipped_steps=jnp.zeros((), jnp.int32)
   )

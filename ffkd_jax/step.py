@@ -32,13 +32,12 @@ def _variables(params, stats, key):
   return variables
 
 
-def forward(program: RoleProgram, params, stats, images, train: bool):
-  """One role's forward pass -> (RoleOutput, new batch stats).
+def _backbone_forward(program: RoleProgram, params, stats, images, train: bool):
+  """(logits, features, new batch stats) of one role's backbone.
 
   train=True trains what the role trains: a frozen backbone still runs in inference mode and its
-  outputs are stop-gradient, so no backward pass goes through it. train=False reads the whole
-  role in inference mode (evaluation, and a role not updated at this step; the train step then
-  takes no gradient with respect to it).
+  outputs are stop-gradient, so no backward pass goes through it. train=False reads it in
+  inference mode (evaluation, and a role not updated at this step: no gradient reaches it).
   """
   new_stats = dict(stats)
   backbone_vars = _variables(params, stats, 'backbone')
@@ -51,18 +50,74 @@ def forward(program: RoleProgram, params, stats, images, train: bool):
     logits, features = program.backbone.apply(backbone_vars, images, train=False)
     if train:
       logits, features = jax.lax.stop_gradient((logits, features))
-  heads_out = {}
-  if program.heads is not None:
-    heads_vars = _variables(params, stats, 'heads')
-    if train:
-      heads_out, updated = program.heads.apply(
-          heads_vars, features, train=True, mutable=['batch_stats']
+  return logits, features, new_stats
+
+
+def _heads_forward(program: RoleProgram, params, stats, new_stats, features, train: bool):
+  """The role's heads on `features` -> (head outputs, new batch stats)."""
+  heads_vars = _variables(params, stats, 'heads')
+  if not train:
+    return program.heads.apply(heads_vars, features, train=False), new_stats
+  heads_out, updated = program.heads.apply(
+      heads_vars, features, train=True, mutable=['batch_stats']
+  )
+  if 'batch_stats' in updated:
+    new_stats = dict(new_stats, heads=updated['batch_stats'])
+  return heads_out, new_stats
+
+
+def forward_roles(
+    programs: Mapping[str, RoleProgram],
+    params: Mapping[str, dict],
+    stats: Mapping[str, dict],
+    images,
+    members,
+    trained=frozenset(),
+    with_heads=None,
+):
+  """The forward pass of the roles `members` -> ({role: RoleOutput}, {role: new batch stats}).
+
+  `trained`: the roles run in training mode (the rest in inference mode); `with_heads`: the
+  roles whose heads are computed (None: every member). A role's heads read the features of
+  `RoleProgram.heads_source` (stop-gradient when that is another role), which must be a member.
+  """
+  with_heads = set(members) if with_heads is None else set(with_heads)
+  backbones, new_stats = {}, {}
+  for name in members:
+    logits, features, new_stats[name] = _backbone_forward(
+        programs[name], params[name], stats[name], images, train=name in trained
+    )
+    backbones[name] = (logits, features)
+  outputs = {}
+  for name in members:
+    logits, features = backbones[name]
+    heads_out = {}
+    if programs[name].heads is not None and name in with_heads:
+      source = programs[name].heads_source
+      if source not in backbones:
+        raise ValueError(
+            f"the heads of role '{name}' read the features of '{source}', which this "
+            f'phase does not run (its roles: {", ".join(members)}).'
+        )
+      inputs = backbones[source][1]
+      if source != name:
+        inputs = jax.lax.stop_gradient(inputs)
+      heads_out, new_stats[name] = _heads_forward(
+          programs[name], params[name], stats[name], new_stats[name], inputs, name in trained
       )
-      if 'batch_stats' in updated:
-        new_stats['heads'] = updated['batch_stats']
-    else:
-      heads_out = program.heads.apply(heads_vars, features, train=False)
-  return RoleOutput(logits, features, heads_out), new_stats
+    outputs[name] = RoleOutput(logits, features, heads_out)
+  return outputs, new_stats
+
+
+def stream_batch(batch, stream: int):
+  """The (images, labels) of train stream `stream` in a step's batch (see `batch_key`)."""
+  return batch[batch_key('image', stream)], batch[batch_key('label', stream)]
+
+
+def batch_key(name: str, stream: int) -> str:
+  """The key of stream `stream`'s `name` ('image', 'label') in a step's batch dict: 'image'
+  for stream 0, 'image:1' for stream 1, ..."""
+  return name if stream == 0 else f'{name}:{stream}'
 
 
 def _all_finite(tree) -> jax.Array:
@@ -117,42 +172,61 @@ def make_train_step(method: Method, programs: Mapping[str, RoleProgram], mesh) -
 
 
 def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
-  """The jitted step that updates the roles in `updated` and reads every other one frozen."""
+  """The jitted step that updates the roles in `updated` and reads every other one frozen.
+
+  The method's phases run in order; each updates the roles of its `trains` in `updated` (one
+  backward pass with respect to their trainable parameters) and hands the new state to the next.
+  """
+  phases = method.phases()
 
   def per_device_step(state: TrainState, batch):
     num_devices = jax.lax.axis_size(DATA_AXIS)
     step = state.step
-    trainable = {name: trainable_part(programs[name], state.roles[name].params) for name in updated}
+    roles = dict(state.roles)  # the state as the phases so far left it
+    losses, metrics, logits, learning_rates = {}, {}, {}, {}
+    finite = jnp.array(True)
+    for phase in phases:
+      trained = frozenset(name for name in phase.trains if name in updated)
+      if not trained:
+        continue
+      images, labels = stream_batch(batch, phase.stream)
+      trainable = {name: trainable_part(programs[name], roles[name].params) for name in trained}
+      with_heads = [n for n in phase.members if n in trained or phase.read_heads]
 
-    def objective(trainable):
-      outputs, new_stats = {}, {}
-      for name, program in programs.items():
-        role_state = state.roles[name]
-        params = {**role_state.params, **trainable.get(name, {})}
-        outputs[name], new_stats[name] = forward(
-            program, params, role_state.batch_stats, batch['image'], train=name in updated
+      def objective(trainable, phase=phase, trained=trained, images=images, labels=labels):
+        params = {name: {**roles[name].params, **trainable.get(name, {})} for name in phase.members}
+        stats = {name: roles[name].batch_stats for name in phase.members}
+        outputs, new_stats = forward_roles(
+            programs, params, stats, images, phase.members, trained, with_heads
         )
-      losses, metrics = method.loss(outputs, batch['label'], step)
-      total = sum(loss for name, loss in losses.items() if name in updated) / num_devices
-      logits = {name: out.logits for name, out in outputs.items()}
-      return total, (losses, metrics, new_stats, logits)
+        phase_losses, phase_metrics = phase.loss(outputs, labels, step)
+        total = sum(phase_losses[name] for name in trained) / num_devices
+        phase_logits = {name: out.logits for name, out in outputs.items()}
+        return total, (phase_losses, phase_metrics, new_stats, phase_logits)
 
-    grads, (losses, metrics, new_stats, logits) = jax.grad(objective, has_aux=True)(trainable)
-
-    updated_roles, learning_rates = {}, {}
-    for name in sorted(updated):
-      program, role_state, part = programs[name], state.roles[name], trainable[name]
-      direction, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
-      learning_rates[name] = jnp.asarray(program.schedule(step), jnp.float32)
-      new_part = optax.apply_updates(part, optim.scaled_updates(direction, learning_rates[name]))
-      updated_roles[name] = RoleState({**role_state.params, **new_part}, new_stats[name], opt_state)
-
-    # A non-finite loss, gradient or updated state anywhere (e.g. finite gradients times an
-    # infinite learning rate) skips the whole update; every device agrees.
-    # (The losses of the roles updated at this step: another role's loss is only logged.)
-    trained_losses = {name: loss for name, loss in losses.items() if name in updated}
-    finite = jnp.logical_and(_all_finite(trained_losses), _all_finite(grads))
-    finite = jnp.logical_and(finite, _all_finite(updated_roles))
+      grads, (phase_losses, phase_metrics, new_stats, phase_logits) = jax.grad(
+          objective, has_aux=True
+      )(trainable)
+      for name in sorted(trained):
+        program, role_state, part = programs[name], roles[name], trainable[name]
+        direction, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
+        learning_rates[name] = jnp.asarray(program.schedule(step), jnp.float32)
+        new_part = optax.apply_updates(part, optim.scaled_updates(direction, learning_rates[name]))
+        roles[name] = RoleState({**role_state.params, **new_part}, new_stats[name], opt_state)
+      # A non-finite loss, gradient or updated state anywhere (e.g. finite gradients times an
+      # infinite learning rate) skips the whole step's update; every device agrees. (The losses
+      # of the roles a phase updates: another role's loss is only logged.)
+      trained_losses = {name: phase_losses[name] for name in trained}
+      finite = jnp.logical_and(finite, _all_finite(trained_losses))
+      finite = jnp.logical_and(finite, _all_finite(grads))
+      finite = jnp.logical_and(finite, _all_finite({n: roles[n] for n in trained}))
+      for name, loss in phase_losses.items():
+        if name in trained or name not in losses:
+          losses[name] = loss
+      metrics.update(phase_metrics)
+      for name, role_logits in phase_logits.items():
+        if name in trained or name not in logits:
+          logits[name] = (role_logits, labels)
     finite = jax.lax.pmin(finite.astype(jnp.int32), DATA_AXIS) > 0
 
     new_roles = {}
@@ -161,7 +235,7 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
         new_roles[name] = state.roles[name]
         continue
       new_roles[name] = jax.tree.map(
-          lambda new, old: jnp.where(finite, new, old), updated_roles[name], state.roles[name]
+          lambda new, old: jnp.where(finite, new, old), roles[name], state.roles[name]
       )
     new_state = TrainState(
         step=step + 1,
@@ -173,8 +247,8 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
     for name, loss in losses.items():
       metrics[f'loss/{name}'] = loss
       metrics[f'loss_finite/{name}'] = jnp.isfinite(loss).astype(jnp.float32)
-    for name, role_logits in logits.items():
-      metrics[f'train/{name}_top1'] = jnp.mean(top_k_correct(role_logits, batch['label'], 1))
+    for name, (role_logits, role_labels) in logits.items():
+      metrics[f'train/{name}_top1'] = jnp.mean(top_k_correct(role_logits, role_labels, 1))
     for name, program in programs.items():
       if program.schedule is not None:  # the rate applied; 0 where the role was not updated
         metrics[f'lr/{name}'] = learning_rates.get(name, jnp.float32(0.0))
@@ -196,13 +270,13 @@ def make_eval_step(programs: Mapping[str, RoleProgram], mesh):
     mask = batch['mask']
     for name, program in programs.items():
       role_state = state.roles[name]
-      output, _ = forward(
+      logits, _, _ = _backbone_forward(
           program, role_state.params, role_state.batch_stats, batch['image'], train=False
       )
-      num_classes = output.logits.shape[-1]
-      counts[f'{name}_top1'] = jnp.sum(top_k_correct(output.logits, batch['label'], 1) * mask)
+      num_classes = logits.shape[-1]
+      counts[f'{name}_top1'] = jnp.sum(top_k_correct(logits, batch['label'], 1) * mask)
       counts[f'{name}_top5'] = jnp.sum(
-          top_k_correct(output.logits, batch['label'], min(5, num_classes)) * mask
+          top_k_correct(logits, batch['label'], min(5, num_classes)) * mask
       )
     counts['count'] = jnp.sum(mask)
     return jax.lax.psum(counts, DATA_AXIS)
@@ -216,12 +290,9 @@ def make_diagnostics_step(method: Method, programs: Mapping[str, RoleProgram], m
   matrix `cka_matrix` (rows: teacher stages, columns: student stages) where both roles exist."""
 
   def per_device(state: TrainState, batch):
-    outputs = {}
-    for name, program in programs.items():
-      role_state = state.roles[name]
-      outputs[name], _ = forward(
-          program, role_state.params, role_state.batch_stats, batch['image'], train=False
-      )
+    params = {name: role_state.params for name, role_state in state.roles.items()}
+    stats = {name: role_state.batch_stats for name, role_state in state.roles.items()}
+    outputs, _ = forward_roles(programs, params, stats, batch['image'], tuple(programs))
     result = dict(method.diagnostics(outputs))
     if 'teacher' in outputs and 'student' in outputs:
       stages = {

@@ -212,9 +212,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.save(state, meta, best=best)
 
   # --- The loop ---------------------------------------------------------------------------
-  train_iter = data.train_iterator(
-      source, local_batch_size=local_batch, seed=config.seed, start_step=start_step
-  )
+  streams = [  # one train stream per stream the method's phases read
+      data.train_iterator(
+          source, local_batch_size=local_batch, seed=config.seed, start_step=start_step, stream=k
+      )
+      for k in range(method.num_streams())
+  ]
   progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
   last_record: dict[str, Any] = {}
   step = start_step
@@ -222,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with _StopSignal() as stop:
     try:
       while step < total_steps:
-        batch = parallel.global_batch(mesh, next(train_iter))
+        batch = parallel.global_batch(mesh, _next_batch(streams))
         state, step_metrics = train_step(state, batch, step)
         step += 1
         pending_metrics.append(step_metrics)
@@ -231,7 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           host = parallel.fetch(pending_metrics)
           pending_metrics = []
           _check_finite(config, host, step)
-          averaged = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+          # (Keys can change within a window, e.g. when a phase starts: each over its steps.)
+          keys = dict.fromkeys(k for m in host for k in m)
+          averaged = {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
           averaged['skipped_steps'] = int(jax.device_get(state.skipped_steps))
           averaged.update(progress.report(step, averaged))
           writer.write(step, averaged)
@@ -267,6 +272,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   checkpoints.close()
   return summary
+
+
+def _next_batch(streams) -> dict[str, np.ndarray]:
+  """One step's host batch: stream 0's 'image' and 'label', stream k's as 'image:k', 'label:k'."""
+  batch = {}
+  for k, stream in enumerate(streams):
+    for name, value in next(stream).items():
+      batch[step_lib.batch_key(name, k)] = value
+  return batch
 
 
 def _scalars(record):

@@ -35,12 +35,18 @@ def build(config, steps_per_epoch=10, total_steps=100):
   return method, programs, state
 
 
-def random_batch(seed, batch_size=16):
+def random_batch(seed, batch_size=16, streams=2):
+  """A step's batch with `streams` train streams ('image', 'label', 'image:1', 'label:1', ...);
+  a method reads the streams its phases name (FFKD's feedback phase: stream 1)."""
   rng = np.random.default_rng(seed)
-  return {
-      'image': rng.normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
-      'label': rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32),
-  }
+  batch = {}
+  for k in range(streams):
+    suffix = f':{k}' if k else ''
+    batch['image' + suffix] = rng.normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
+        np.float32
+    )
+    batch['label' + suffix] = rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32)
+  return batch
 
 
 def mesh_of(num_devices):

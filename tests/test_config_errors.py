@@ -161,7 +161,7 @@ def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, val
         ('kd.temperature', 0.0),
         ('ffkd.temperature', -4.0),
         ('dist.temperature', math.inf),
-        ('ffkd.weight_temperature', 0.0),
+        ('ffkd.teacher_lr_scale', 0.0),
     ],
 )
 def test_values_that_must_be_positive(tmp_path, data_path, field, value):

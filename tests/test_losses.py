@@ -77,61 +77,6 @@ def test_top_k_correct_against_numpy_and_ties():
   )
 
 
-# ---- FFKD ---------------------------------------------------------------------------------
-
-
-def test_channel_weights_sum_rank_and_stop_gradient():
-  omega = jnp.array([0.9, 0.2, 0.6, 0.95, 0.5])
-  w = ffkd.channel_weights(omega, temperature=0.5)
-  np.testing.assert_allclose(jnp.sum(w), 5.0, rtol=RTOL)  # default scale = c, mean weight 1
-  assert int(jnp.argmax(w)) == int(jnp.argmin(omega))  # least understood weighs most
-  assert np.all(np.diff(np.asarray(w)[np.argsort(np.asarray(omega))]) < 0)  # monotone
-  logits = [(1 - float(o)) / 0.5 for o in omega]
-  expected = [5.0 * math.exp(z) / sum(math.exp(y) for y in logits) for z in logits]
-  np.testing.assert_allclose(w, expected, rtol=RTOL)
-  np.testing.assert_allclose(jnp.sum(ffkd.channel_weights(omega, 2.0, scale=3.0)), 3.0, rtol=RTOL)
-  np.testing.assert_allclose(ffkd.channel_weights(jnp.full((4,), 0.7), 1.0), np.ones(4), rtol=RTOL)
-  stacked = ffkd.channel_weights(jnp.stack([omega, omega[::-1]]), 0.5)  # (layers, c)
-  np.testing.assert_allclose(jnp.sum(stacked, axis=-1), [5.0, 5.0], rtol=RTOL)
-  grad = jax.grad(lambda o: jnp.sum(ffkd.channel_weights(o, 0.5) * jnp.arange(5.0)))(omega)
-  np.testing.assert_array_equal(grad, np.zeros(5))
-
-
-def test_weighted_feature_loss_against_numpy_and_gradients():
-  rng = rng_for(3)
-  u = rng.normal(size=(3, 4, 4, 5))
-  v = rng.normal(size=(3, 4, 4, 5))
-  w = rng.uniform(0.1, 2.0, size=5)
-  expected = 0.0
-  for c in range(5):
-    expected += w[c] * np.mean((v[..., c] - u[..., c]) ** 2)
-  expected /= 5
-  np.testing.assert_allclose(ffkd.weighted_feature_loss(u, v, w), expected, rtol=RTOL)
-  np.testing.assert_allclose(
-      ffkd.weighted_feature_loss(u, v, np.ones(5)), np.mean((v - u) ** 2), rtol=RTOL
-  )
-  grad_u, grad_v = jax.grad(ffkd.weighted_feature_loss, argnums=(0, 1))(
-      jnp.asarray(u), jnp.asarray(v), jnp.asarray(w)
-  )
-  np.testing.assert_array_equal(grad_u, np.zeros_like(u))  # sg(U): the teacher is not moved
-  assert np.any(np.asarray(grad_v) != 0)
-  with pytest.raises(ValueError, match='same shape'):
-    ffkd.weighted_feature_loss(u, v[:, :2], w)
-
-
-def test_feedback_alignment_loss_against_numpy():
-  rng = rng_for(4)
-  omega = rng.uniform(size=(2, 6))
-  w = rng.uniform(0.5, 1.5, size=(2, 6))
-  expected = sum(np.mean([w[l, c] * (1 - omega[l, c]) for c in range(6)]) for l in range(2))
-  np.testing.assert_allclose(ffkd.feedback_alignment_loss(omega, w), expected, rtol=RTOL)
-  np.testing.assert_allclose(
-      ffkd.feedback_alignment_loss(omega[0], w[0]), np.mean(w[0] * (1 - omega[0])), rtol=RTOL
-  )
-  grad = jax.grad(ffkd.feedback_alignment_loss)(jnp.asarray(omega[0]), jnp.asarray(w[0]))
-  np.testing.assert_allclose(grad, -w[0] / 6, rtol=RTOL)  # drives omega up, weighted
-
-
 # ---- DIST ---------------------------------------------------------------------------------
 
 
@@ -396,15 +341,15 @@ def test_every_loss_jits():
   maps = [jnp.asarray(rng.normal(size=(4, 2, 2, 3)), jnp.float32) for _ in range(2)]
   logits = [jnp.asarray(rng.normal(size=(4, 5)), jnp.float32) for _ in range(2)]
   labels = jnp.asarray([0, 3, 1, 4])
-  omega = jnp.asarray(rng.uniform(size=3), jnp.float32)
-  weights = ffkd.channel_weights(omega, 0.5)
+  scores = jnp.asarray(rng.uniform(size=3), jnp.float32)
+  stage_losses = jnp.asarray(rng.uniform(size=3), jnp.float32)
   cases = [
       (classification.cross_entropy, (logits[0], labels)),
       (lambda t, s: classification.softened_kl(t, s, 4.0), tuple(logits)),
       (lambda z, y: classification.top_k_correct(z, y, 2), (logits[0], labels)),
-      (lambda o: ffkd.channel_weights(o, 0.5), (omega,)),
-      (ffkd.weighted_feature_loss, (maps[0], maps[1], weights)),
-      (ffkd.feedback_alignment_loss, (omega, weights)),
+      (lambda t, s: ffkd.channel_kl(t, s, 4.0), tuple(maps)),
+      (ffkd.forward_channel_loss, (scores, stage_losses)),
+      (ffkd.feedback_channel_loss, (scores, stage_losses)),
       (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
       (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
       (cc.cc_loss, tuple(maps)),

@@ -37,12 +37,15 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
 
 
 def train_iterator(
-    source: Source, *, local_batch_size: int, seed: int, start_step: int = 0
+    source: Source, *, local_batch_size: int, seed: int, start_step: int = 0, stream: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless {'image': float32 (b, s, s, 3), 'label': int32 (b,)} for this process.
 
-  Takes the Source, this process's batch size b, the run's seed and the step to start at. The
-  train split is decoded into the source's cache now, where it caches.
+  Takes the Source, this process's batch size b, the run's seed, the step to start at and the
+  stream: stream 0 is the run's train stream; stream k > 0 is another one, as deterministic and
+  as resumable, with its own epoch orders and augmentations (drawn from (seed, k)) over the same
+  examples (FFKD's feedback batches). The train split is decoded into the source's cache now,
+  where it caches.
   """
   info, config = source.info, source.config
   split = source.split('train')
@@ -55,21 +58,24 @@ def train_iterator(
   start, stop = _shard(split.num_examples, process, num_processes)
   per_epoch = steps * local_batch_size
   seed = int(seed) % 2**63
+  if stream < 0:
+    raise ValueError(f'stream={stream} must be >= 0.')
+  words = lambda epoch, purpose: _seed_words(seed, epoch, process, purpose, stream)
 
   def epoch_examples(epoch: int, skip: int) -> tuple[tf.data.Dataset, np.ndarray | None]:
     """This epoch's (float32 image, label) after `skip` examples, and their local indices."""
-    aug_seed = tf.constant(_seed_words(seed, epoch, process, 1), tf.int64)
+    aug_seed = tf.constant(words(epoch, 1), tf.int64)
     if split.streamed:
       ds = tfds_source.stream(
           source.catalog,
           split.tfds_split,
-          int(_seed_words(seed, epoch, process, 0)[0]),
+          int(words(epoch, 0)[0]),
           config.shuffle_buffer,
       )
       ds = ds.take(per_epoch).enumerate().skip(skip)
       fn = lambda pos, ex: (transform(transforms.decode(ex[0]), _fold(aug_seed, pos)), ex[1])
       return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE), None
-    rng = np.random.default_rng(_seed_words(seed, epoch, process, 0))
+    rng = np.random.default_rng(words(epoch, 0))
     order = rng.permutation(stop - start)[:per_epoch][skip:]
     image_of = _image_lookup(split, start)
     labels = tf.constant(split.labels[start:stop])
@@ -199,8 +205,11 @@ def _shard(n: int, process: int, num_processes: int) -> tuple[int, int]:
   return start, start + sizes[process]
 
 
-def _seed_words(seed: int, epoch: int, process: int, purpose: int) -> np.ndarray:
-  return np.random.SeedSequence([seed, epoch, process, purpose]).generate_state(2, np.uint32)
+def _seed_words(seed: int, epoch: int, process: int, purpose: int, stream: int = 0) -> np.ndarray:
+  """Seed words of one epoch's order (purpose 0) or augmentation (1); stream 0 keeps the words
+  it had before streams existed, so old runs resume on the same batches."""
+  entropy = [seed, epoch, process, purpose] + ([stream] if stream else [])
+  return np.random.SeedSequence(entropy).generate_state(2, np.uint32)
 
 
 def _fold(seed: tf.Tensor, index: tf.Tensor) -> tf.Tensor:

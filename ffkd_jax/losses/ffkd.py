@@ -1,98 +1,23 @@
-"""FFKD's forward and feedback losses.
+"""FFKD's losses, as the code that is very likely its authors' computes them.
 
 FFKD is "Reciprocal Teacher-Student Learning via Forward and Feedback Knowledge Distillation"
-(Gou et al., IEEE Transactions on Multimedia 26, 2024). Its full text is not public. Two sets of
-formulas live here:
-- `channel_kl`: the channel-wise spatial-softmax KL of the code that is very likely its authors'
-  (wp502/SKD-RSL, zoo/Our_1.py), tested against a NumPy transcription of that file; the method
-  that uses it is still to be built (issue "FFKD as its authors' code does it").
-- The rest: this project's earlier reconstruction (docs/FFKD.md), not the authors' code, which
-  `ffkd_jax/methods/ffkd.py` runs today:
+(Gou et al., IEEE Transactions on Multimedia 26, 2024). Its full text is not public; the code of
+wp502/SKD-RSL (`zoo/Our_1.py`, `OurLoss`; driven by `train_one_epoch.py::train_our_distill`) is
+taken as its specification (docs/FFKD.md). For stage pair k: teacher map U_k, student map V_k,
+CKA_k = linear CKA of the two flattened maps (`ffkd_jax.cka.layer_cka`, both stop-gradient).
 
-For one layer pair: teacher map U (n, H, W, C), student map V mapped by a connector to the same
-shape, channel understanding omega[c] = CKA(U[..., c], V[..., c]) from `ffkd_jax.cka.channel_cka`.
+  channel_kl(target, source, T)    the channel-wise spatial-softmax KL L_k of one pair
+  forward_channel_loss(cka, L)     sum_k CKA_k L_k (`is_use_fwd_cka`), or sum_k L_k
+  feedback_channel_loss(cka, L)    sum of L_k over the k with CKA_k <= mean_k CKA_k
+                                   (`is_use_fdbk_cka`), or sum_k L_k
 
-  w[c]   = C * softmax_c((1 - sg(omega[c])) / tau_w)                 channel_weights
-  L_feat = mean_c w[c] * mean_{n,h,w} (V[..., c] - sg(U[..., c]))^2  weighted_feature_loss
-  L_fb   = mean_c w[c] * (1 - omega[c])                               feedback_alignment_loss
-
-For the feedback loss, omega is computed with sg(V), so its gradient reaches only the teacher.
+Each is a pure function of its arrays; the caller places the stop-gradients.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def channel_weights(omega: jax.Array, temperature: float, scale: float | None = None) -> jax.Array:
-  """CKA weighting constraint: w = scale * softmax((1 - sg(omega)) / temperature) over channels.
-
-  Channels the student understands least (smallest omega) weigh most. The softmax is over the
-  last axis; omega is stop-gradiented, so the weights carry no gradient. With the default
-  scale = C (the number of channels, omega.shape[-1]) the weights sum to C, i.e. their mean is
-  1, and uniform omega gives w = 1 (the same scale as the unweighted loss).
-
-  Args:
-    omega: (..., c) channel CKA values in [0, 1].
-    temperature: tau_w > 0; large tau_w -> uniform weights, small -> the worst channel only.
-    scale: total weight per layer; None means c.
-  Returns:
-    (..., c) weights, each row summing to `scale`.
-  """
-  omega = jax.lax.stop_gradient(omega)
-  if scale is None:
-    scale = omega.shape[-1]
-  return scale * jax.nn.softmax((1.0 - omega) / temperature, axis=-1)
-
-
-def weighted_feature_loss(u: jax.Array, v: jax.Array, weights: jax.Array) -> jax.Array:
-  """Channel-weighted feature MSE: mean_c w[c] * mean_{n,h,w} (v[..., c] - sg(u[..., c]))^2.
-
-  The teacher map gets no gradient (forward loss updates the student and its connector only).
-  The weights are used as given (`channel_weights` already stops their gradient).
-
-  Args:
-    u: (n, h, w, c) teacher map U.
-    v: (n, h, w, c) student map V after the connector.
-    weights: (c,) channel weights (all ones for the unweighted loss).
-  Returns:
-    A scalar.
-  """
-  if u.shape != v.shape:
-    raise ValueError(
-        f'weighted_feature_loss needs the teacher map and the connector-mapped student map '
-        f'in the same shape; got teacher {u.shape} and student {v.shape}'
-    )
-  if weights.shape != (u.shape[-1],):
-    raise ValueError(
-        f'weighted_feature_loss needs one weight per channel, shape ({u.shape[-1]},); '
-        f'got {weights.shape}'
-    )
-  diff = v - jax.lax.stop_gradient(u)  # (n, h, w, c)
-  per_channel = jnp.mean(diff * diff, axis=tuple(range(diff.ndim - 1)))  # (c,)
-  return jnp.mean(weights * per_channel)
-
-
-def feedback_alignment_loss(omega: jax.Array, weights: jax.Array) -> jax.Array:
-  """Feedback term of the teacher's loss: mean_c w[c] * (1 - omega[c]).
-
-  omega must come from `channel_cka(U, sg(V))` so that only the teacher is pushed toward
-  forms the student can follow. With stacked layers, (l, c) inputs, the per-layer means are
-  summed over l (the sum over layer pairs in docs/FFKD.md).
-
-  Args:
-    omega: (c,) or (l, c) channel CKA values.
-    weights: the same shape, channel weights.
-  Returns:
-    A scalar.
-  """
-  if omega.shape != weights.shape:
-    raise ValueError(
-        f'feedback_alignment_loss needs omega and weights in the same shape; got '
-        f'{omega.shape} and {weights.shape}'
-    )
-  return jnp.sum(jnp.mean(weights * (1.0 - omega), axis=-1))
 
 
 def channel_kl(target: jax.Array, source: jax.Array, temperature: float) -> jax.Array:
@@ -130,3 +55,58 @@ def channel_kl(target: jax.Array, source: jax.Array, temperature: float) -> jax.
   log_target, log_source = log_q(target), log_q(source)
   kl = jnp.sum(jnp.exp(log_target) * (log_target - log_source))
   return kl * (temperature * temperature) / (n * c)
+
+
+def _check_stage_values(name: str, cka: jax.Array, losses: jax.Array) -> None:
+  if cka.ndim != 1 or cka.shape != losses.shape or not cka.shape[0]:
+    raise ValueError(
+        f'{name} needs one CKA and one channel loss per stage pair, two (K,) arrays with '
+        f'K >= 1; got shapes {cka.shape} and {losses.shape}'
+    )
+
+
+def forward_channel_loss(cka: jax.Array, losses: jax.Array, weighted: bool = True) -> jax.Array:
+  """The student's channel term: sum_k CKA_k L_k, or sum_k L_k with `weighted=False`.
+
+  wp502/SKD-RSL zoo/Our_1.py, `OurLoss.forward`, the `is_use_fwd_cka` branch: each pair's loss
+  times its CKA score (times 100 there with `is_100cka`; the caller scales `cka`). The CKA is
+  used as given: pass it stop-gradient (the code computes it on detached maps).
+
+  Args:
+    cka: (K,) the pairs' CKA scores.
+    losses: (K,) the pairs' channel losses L_k.
+    weighted: the forward CKA switch.
+  Returns:
+    A scalar.
+  """
+  _check_stage_values('forward_channel_loss', cka, losses)
+  return jnp.sum(cka * losses) if weighted else jnp.sum(losses)
+
+
+def feedback_selection(cka: jax.Array) -> jax.Array:
+  """(K,) 1.0 for the pairs the feedback trains on, CKA_k <= mean CKA (the least understood
+  ones; `each_cka <= cka_mean` in zoo/Our_1.py), else 0.0; no gradient."""
+  cka = jax.lax.stop_gradient(cka)
+  return (cka <= jnp.mean(cka)).astype(jnp.float32)
+
+
+def feedback_channel_loss(cka: jax.Array, losses: jax.Array, selected: bool = True) -> jax.Array:
+  """The teacher's channel term: the sum of L_k over the pairs with CKA_k <= mean_k CKA_k, or
+  over all pairs with `selected=False`.
+
+  wp502/SKD-RSL zoo/Our_1.py, `OurLoss.forward(..., is_feedback=True)`, the `is_use_fdbk_cka`
+  branch: the CKA only selects (an unweighted sum of the selected pairs' losses), so its scale
+  (x100 or not) does not matter. At least one pair is always selected (the minimum is at most
+  the mean).
+
+  Args:
+    cka: (K,) the pairs' CKA scores.
+    losses: (K,) the pairs' feedback channel losses.
+    selected: the feedback CKA switch.
+  Returns:
+    A scalar.
+  """
+  _check_stage_values('feedback_channel_loss', cka, losses)
+  if not selected:
+    return jnp.sum(losses)
+  return jnp.sum(feedback_selection(cka) * losses)

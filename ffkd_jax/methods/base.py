@@ -1,11 +1,14 @@
 """The distiller interface: what a method needs from the trainer, and nothing more.
 
 A method names its roles (the networks it trains or reads: a teacher and a student, or peers),
-the trainable extras ("heads": connectors, auto-encoders) each role carries, and a loss per
-role. The trainer runs one forward pass of every role, sums the losses of the roles it updates at
-that step, takes one backward pass with respect to their trainable parameters, and applies each
-role's optimizer. Stop-gradients inside a method's loss make that sum give each role exactly the
-gradient of its own loss.
+the trainable extras ("heads": connectors, regressors, auto-encoders) each role carries, and its
+phases: the ordered updates of one train step. Most methods have one phase (the default): the
+trainer runs one forward pass of every role, sums the losses of the roles it updates at that
+step, takes one backward pass with respect to their trainable parameters, and applies each
+role's optimizer; stop-gradients inside the loss make that sum give each role exactly the
+gradient of its own loss. A method with several phases (FFKD: the student's update, then the
+teacher's on another batch, reading the just-updated student) gets them run in order inside the
+same jitted step, each phase seeing the state the phases before it left.
 
 A method is resolved completely before any state exists, in three steps that
 `ffkd_jax.methods.create_method` and `ffkd_jax.states.resolve` run:
@@ -22,7 +25,7 @@ global batch with `gather` (see DEVELOPERS.md).
 
 import abc
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -78,6 +81,37 @@ class RoleOutput:
   heads: Mapping[str, Any]  # outputs of the role's heads, {} without heads
 
 
+LossFn = Callable[[Mapping[str, 'RoleOutput'], Array, Array], tuple[dict[str, Array], Metrics]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One ordered update inside the train step.
+
+  name: for metrics and errors.
+  trains: the roles this phase updates (those active at the step, see `Role.start_step`); a
+    role listed here but not updated at a step (a frozen teacher, a role outside its window) is
+    read in inference mode, as in `reads`.
+  loss: (outputs, labels, step) -> (per-role losses, metrics), over the roles of this phase.
+  reads: further roles the loss reads, in inference mode and stop-gradient.
+  stream: which train stream's batch the phase sees (0: the main one; 1: a second,
+    independent and equally deterministic stream, see ffkd_jax.data.train_iterator).
+  read_heads: whether the heads of the roles read (not updated) are computed too.
+  A phase none of whose `trains` roles is updated at a step is skipped at that step.
+  """
+
+  name: str
+  trains: tuple[str, ...]
+  loss: LossFn
+  reads: tuple[str, ...] = ()
+  stream: int = 0
+  read_heads: bool = True
+
+  @property
+  def members(self) -> tuple[str, ...]:
+    return self.trains + tuple(r for r in self.reads if r not in self.trains)
+
+
 class Method(abc.ABC):
   """Base class of a distillation method. Subclasses set `name` and override what they need."""
 
@@ -120,17 +154,32 @@ class Method(abc.ABC):
   def heads(self, role: str) -> nn.Module | None:
     """The trainable extras of `role`, or None.
 
-    The module is called as `heads(features, train=bool)` on the role's own features (already
-    stop-gradient where its backbone is frozen) and returns a dict.
+    The module is called as `heads(features, train=bool)` on the features of
+    `head_input(role)` (already stop-gradient where that backbone is not updated, and always
+    when it is another role's) and returns a dict. Heads train with their role's optimizer.
     """
     del role
     return None
 
-  @abc.abstractmethod
+  def head_input(self, role: str) -> str:
+    """The role whose backbone features feed `role`'s heads: by default the role itself (FFKD's
+    feedback regressors are the teacher's heads, fed by the student's maps)."""
+    return role
+
+  def phases(self) -> tuple[Phase, ...]:
+    """The ordered updates of a train step; by default one phase of every role with `loss`."""
+    return (Phase('main', tuple(r.name for r in self.roles()), self.loss),)
+
+  def num_streams(self) -> int:
+    """How many train streams the phases read (1 + the largest `Phase.stream`)."""
+    return 1 + max(p.stream for p in self.phases())
+
   def loss(
       self, outputs: Mapping[str, RoleOutput], labels: Array, step: Array
   ) -> tuple[dict[str, Array], Metrics]:
-    """Per-role losses (each a scalar) and metrics. Runs inside the data-parallel step."""
+    """Per-role losses (each a scalar) and metrics of the default single phase. Runs inside the
+    data-parallel step. Methods that define their own `phases` need not define it."""
+    raise NotImplementedError(f'{type(self).__name__} defines neither loss() nor phases().')
 
   def diagnostics(self, outputs: Mapping[str, RoleOutput]) -> Metrics:
     """Evaluation-time measurements on the diagnostics subset (e.g. CKA per layer pair)."""

@@ -1,7 +1,10 @@
-"""Student-side connectors: map a student feature map onto its teacher's shape.
+"""Modules that map a student feature map onto its teacher's shape.
 
-A connector is a 1x1 convolution and batch norm from the student's channels to the teacher's,
-preceded by average pooling when the student's map is spatially larger (docs/FFKD.md).
+- `Connector`: average pooling (where the student's map is larger), a 1x1 convolution and batch
+  norm (the ICKD and FitNet heads here).
+- `Regressor`: the convolutional regressor of RepDistiller's and wp502/SKD-RSL's `ConvReg`
+  (HobbitLong/RepDistiller models/util.py; wp502/SKD-RSL zoo/Our_1.py): a strided, transposed
+  or valid convolution chosen by the two spatial sizes, batch norm, ReLU (FFKD's regressors).
 """
 
 from typing import Sequence
@@ -48,6 +51,84 @@ class ConnectorHeads(nn.Module):
   def __call__(self, features, train: bool) -> dict[str, jax.Array]:
     return {
         key: Connector(tuple(shape), self.axis_name, name=f'connector_{key}')(
+            features[source], train
+        )
+        for key, source, shape in self.pairs
+    }
+
+
+def regressor_kind(student_hw: tuple[int, int], teacher_hw: tuple[int, int]) -> str:
+  """Which convolution `Regressor` uses for a student map of size student_hw onto teacher_hw:
+  'stride2' (student twice the teacher's side), 'transposed' (half), 'valid' (larger or equal
+  otherwise); a ValueError for a student map smaller than the teacher's but not half."""
+  (h_s, w_s), (h_t, w_t) = student_hw, teacher_hw
+  if h_s == 2 * h_t:
+    return 'stride2'
+  if 2 * h_s == h_t:
+    return 'transposed'
+  if h_s >= h_t and w_s >= w_t:
+    return 'valid'
+  raise ValueError(
+      f'a regressor maps a student map onto the teacher map: {h_s}x{w_s} onto {h_t}x{w_t} is '
+      'neither twice, half, nor at least as large; pick other layer pairs.'
+  )
+
+
+class Regressor(nn.Module):
+  """(n, h_s, w_s, c_s) -> (n, h_t, w_t, c_t): `ConvReg` of zoo/Our_1.py (and RepDistiller).
+
+  By the heights (as that code decides; widths follow): a 3x3 stride-2 convolution with padding
+  1 when h_s = 2 h_t; a 4x4 stride-2 transposed convolution with padding 1 (PyTorch's
+  convention: output 2 h_s) when h_s = h_t / 2; otherwise a (1 + h_s - h_t) x (1 + w_s - w_t)
+  valid convolution (1x1 for equal sizes). Each with a bias, as PyTorch's default; then batch
+  norm (PyTorch's momentum 0.1, epsilon 1e-5) and, with use_relu, ReLU.
+  """
+
+  target_shape: tuple[int, int, int]  # (h_t, w_t, c_t)
+  use_relu: bool = True
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    h_t, w_t, c_t = self.target_shape
+    h_s, w_s = x.shape[1:3]
+    kind = regressor_kind((h_s, w_s), (h_t, w_t))
+    if kind == 'stride2':
+      x = nn.Conv(c_t, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name='conv')(x)
+    elif kind == 'transposed':
+      # PyTorch's ConvTranspose2d(k=4, s=2, p=1) is XLA's transposed convolution padded by
+      # k - 1 - p = 2 on each side, with the kernel flipped (transpose_kernel).
+      x = nn.ConvTranspose(
+          c_t,
+          (4, 4),
+          strides=(2, 2),
+          padding=((2, 2), (2, 2)),
+          transpose_kernel=True,
+          name='conv',
+      )(x)
+    else:
+      x = nn.Conv(c_t, (1 + h_s - h_t, 1 + w_s - w_t), padding='VALID', name='conv')(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=self.axis_name,
+        name='bn',
+    )(x)
+    return nn.relu(x) if self.use_relu else x
+
+
+class RegressorHeads(nn.Module):
+  """One `Regressor` per (student feature -> teacher shape) pair; returns {'<pair key>': map}."""
+
+  pairs: Sequence[tuple[str, str, tuple[int, int, int]]]  # (key, student feature, target shape)
+  use_relu: bool = True
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features, train: bool) -> dict[str, jax.Array]:
+    return {
+        key: Regressor(tuple(shape), self.use_relu, self.axis_name, name=f'regressor_{key}')(
             features[source], train
         )
         for key, source, shape in self.pairs

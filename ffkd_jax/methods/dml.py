@@ -10,18 +10,24 @@ built from `config.dml.models`, a comma-separated list of model names ('' = two 
 checkpoint).
 
 Defaults (`config.dml`): tau = 1 and KL weight 1, the paper's objective (and IE-KD's
-config/DML/cifar100/*.yaml `kl_loss_weight: 1` with its DMLLoss at tau 1). The peers are updated
-synchronously from one forward pass (as AberHu/Knowledge-Distillation-Zoo's DML does); the
-paper and IE-KD's processors/DML.py update them one after the other with a fresh forward pass
-in between.
+config/DML/cifar100/*.yaml `kl_loss_weight: 1` with its DMLLoss at tau 1).
+
+`config.dml.peer_updates`: 'alternating' (the default) updates the peers one after the other within a
+step, peer k's phase reading the others as the phases before it left them (their updated
+parameters, in inference mode), as the paper's Algorithm 1 and IE-KD's processors/DML.py do;
+'synchronous' updates all of them from one forward pass (as AberHu/Knowledge-Distillation-Zoo's
+DML does; cheaper: one forward pass of each peer instead of K).
 """
+
+import functools
+
 
 import jax
 
 from ffkd_jax import cka, models
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.mutual import mutual_kl
-from ffkd_jax.methods.base import Method, Role, gather
+from ffkd_jax.methods.base import Method, Phase, Role, gather
 from ffkd_jax.methods.common import check_temperatures, prediction_agreement
 
 
@@ -68,6 +74,9 @@ def peer_diagnostics(outputs, num_peers: int) -> dict[str, jax.Array]:
   return metrics
 
 
+UPDATES = ('alternating', 'synchronous')
+
+
 class DML(Method):
   name = 'dml'
   primary_role = 'peer0'
@@ -76,6 +85,10 @@ class DML(Method):
   def check_config(cls, config):
     check_temperatures(config, 'dml.temperature')
     peer_models(config.dml.models, config.model, 'dml.models')
+    if config.dml.peer_updates not in UPDATES:
+      raise ValueError(
+          f'config.dml.peer_updates={config.dml.peer_updates!r} is not valid; valid: {UPDATES}.'
+      )
 
   @classmethod
   def make_roles(cls, config):
@@ -86,6 +99,22 @@ class DML(Method):
     super().__init__(config, feature_shapes)
     self.num_peers = len(self.roles())
     self.temperature, self.kl_weight = config.dml.temperature, config.dml.kl_weight
+    self.peer_updates = config.dml.peer_updates
+
+  def phases(self):
+    if self.peer_updates == 'synchronous':
+      return super().phases()
+    names = tuple(peer_name(k) for k in range(self.num_peers))
+    return tuple(
+        Phase(name, (name,), functools.partial(self.peer_loss, k), reads=names)
+        for k, name in enumerate(names)
+    )
+
+  def peer_loss(self, k, outputs, labels, step):
+    """Peer k's phase of the alternating update: its loss alone."""
+    losses, metrics = self.loss(outputs, labels, step)
+    name = peer_name(k)
+    return {name: losses[name]}, {m: v for m, v in metrics.items() if m.startswith(f'loss/{name}_')}
 
   def loss(self, outputs, labels, step):
     del step
