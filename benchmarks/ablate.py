@@ -8,11 +8,12 @@ distilled, with the run's config exactly as accuracy.py builds it for --method a
 the given fields of config.ffkd changed (values parsed as the field's type). The run goes into
 DIR/ablate/NAME, resumes when run again, and is scored like a table's run (test top-1 at the best
 validation evaluation); the result is printed as one JSON line and written to
-DIR/ablate/NAME/result.json. The README's ablations (2026-11-23) were:
+DIR/ablate/NAME/result.json. `--epochs E` shortens the student's run to E epochs (the
+learning-rate schedule fitted to them): the short sweep of docs/FFKD.md, judged on the validation
+top-1 (`val_top1`, `teacher_val_top1`), never on test. For example:
 
-  python benchmarks/ablate.py --preset cpu --out DIR feat_w1 b_fb=0 b_kd=0 use_channel_weights=False
-  python benchmarks/ablate.py --preset cpu --out DIR no_teacher_kd b_kd=0
-  python benchmarks/ablate.py --preset cpu --out DIR feedback_late feedback_start_step=176
+  python benchmarks/ablate.py --preset cpu --out DIR --method fkd_cka --epochs 0.5 x100 cka_x100=True
+  python benchmarks/ablate.py --preset cpu --out DIR --epochs 0.5 fb_late feedback_start_step=88
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def parse_args(argv):
   parser.add_argument('--out', required=True, help='the accuracy.py folder (its teacher).')
   parser.add_argument('--method', default='ffkd', choices=FFKD_METHODS)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument(
+      '--epochs', type=float, default=0.0, help="the student's epochs (0: the preset's)."
+  )
   parser.add_argument('--data', default=None, help='as accuracy.py --data.')
   parser.add_argument('name', help="the ablation's folder name under DIR/ablate/.")
   parser.add_argument('changes', nargs='+', metavar='FIELD=VALUE', help='config.ffkd fields.')
@@ -81,6 +85,10 @@ def main(argv=None) -> int:
   config = accuracy.make_config(
       args.preset, args.method, teacher[0], teacher[1], args.seed, args.data, teacher_dir
   )
+  if args.epochs > 0:
+    config.num_epochs = args.epochs
+    config.optimizer.warmup_epochs = 0.1 * args.epochs  # as accuracy.py sizes the cpu preset
+    config.eval_every_steps = -1  # once an epoch, and at the end
   changes = {}
   for change in args.changes:
     field, sep, text = change.partition('=')
@@ -98,6 +106,7 @@ def main(argv=None) -> int:
       'method': args.method,
       'seed': args.seed,
       'changes': changes,
+      'epochs': config.num_epochs,
       'complete': accuracy.finished(records),
       **(accuracy.best_evaluation(records, 'student') or {}),
   }

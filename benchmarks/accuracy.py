@@ -195,6 +195,7 @@ def best_evaluation(records: list[dict], primary_role: str) -> dict | None:
       'selected_by': 'val' if has_val else 'test (no validation split)',
       'test_top1': best.get(f'{prefix}/{primary_role}_top1'),  # the run's own model
       'teacher_test_top1': best.get(f'{prefix}/teacher_top1'),
+      'teacher_val_top1': best.get('eval/teacher_top1') if has_val else None,
   }
   return result
 

@@ -6,10 +6,12 @@ For each teacher -> student pair (resnet32x4 -> resnet8x4 and resnet56 -> resnet
 32x32 images, 100 classes) one worker process per configuration (benchmarks/workers.py, so
 compile caches and memory never leak between configurations) builds and AOT-compiles its step:
 
-  teacher_ce   CE on the teacher alone       student_ce  CE on the student alone
+  teacher_ce   CE train step of the teacher   student_ce   CE train step of the student
+  teacher_fwd  one inference pass (eval step)  student_fwd  the same for the student
   kd           KD from a frozen teacher      fkd_cka     FFKD, teacher frozen (preset fkd_cka)
-  ffkd         FFKD with feedback (preset ffkd), and FFKD's CKA part alone (see below)
-  ffkd_no_cka  (full mode) the ffkd step with channel CKA replaced by a constant
+  ffkd         FFKD with feedback (preset ffkd: the student's phase, then the teacher's on a
+               second batch), and FFKD's CKA part alone (see below)
+  ffkd_no_cka  (full mode) the ffkd step with the stage CKA replaced by a constant
   torch_ffkd   the same FFKD step in PyTorch (benchmarks/torch_reference.py; eager, on CUDA when
                torch sees a GPU, else on the CPU with --threads threads)
   input        ffkd_jax.data.train_iterator on the CIFAR-10 image folder (cache on)
@@ -22,12 +24,14 @@ the fastest step each configuration ran: interference only adds time, so on a lo
 second is the less biased. The FLOP ratios from XLA's cost analysis, which no load changes, are
 given beside them.
 
-  sum_of_parts_ratio  ffkd step time / (teacher_ce step time + student_ce step time)
+  sum_of_parts_ratio  ffkd step time / its floor, teacher_ce + student_ce + teacher_fwd +
+                      student_fwd: each phase trains one network and reads the other in
+                      inference mode, so no FFKD step can cost less than that sum
   cka_fraction        time of FFKD's CKA part alone / ffkd step time. The CKA part is a jitted
                       function of just what CKA adds, on the step's real feature shapes and
-                      global batch: per layer pair channel_cka(U, sg(V)), the channel weights,
-                      and the feedback term's gradient with respect to U (workers.py). In full
-                      mode `cka_fraction_ab` cross-checks it: 1 - ffkd_no_cka time / ffkd time.
+                      global batch: per stage pair the linear CKA of the raw maps, once per
+                      phase (workers.py). In full mode `cka_fraction_ab` cross-checks it:
+                      1 - ffkd_no_cka time / ffkd time.
   torch_ratio         JAX ffkd images/s / PyTorch ffkd images/s
   input_ratio         images/s the input pipeline delivers alone / ffkd images/s
 
@@ -38,7 +42,7 @@ step; peak memory is the worker's max RSS (getrusage) and the device's memory_st
 backend has them (not on CPU).
 
 Modes: default (every configuration, 5 rounds of ~8 s per worker, 2 warm-up steps, workers set
-up one at a time); --quick (only what the headline figures need: teacher_ce, student_ce, ffkd,
+up one at a time); --quick (only what the headline figures need: the floor's four, ffkd,
 torch_ffkd, input; 2 rounds of one step, 1 warm-up step, two workers set up at once, so their
 compile times overlap; --configs adds others); --tiny (resnet8 -> resnet8 at 16x16, batch 8,
 XLA optimisations off: a smoke test of the script, not a measurement).
@@ -69,9 +73,19 @@ TARGETS = {
     'input_ratio': ('>=', 5.0),
     'torch_ratio': ('>=', 1.0),
 }
-JAX_CONFIGS = ('teacher_ce', 'student_ce', 'kd', 'fkd_cka', 'ffkd', 'ffkd_no_cka')
+JAX_CONFIGS = (
+    'teacher_ce',
+    'student_ce',
+    'teacher_fwd',
+    'student_fwd',
+    'kd',
+    'fkd_cka',
+    'ffkd',
+    'ffkd_no_cka',
+)
+FLOOR = ('teacher_ce', 'student_ce', 'teacher_fwd', 'student_fwd')
 ALL_CONFIGS = JAX_CONFIGS + ('torch_ffkd', 'input')
-HEADLINE_CONFIGS = ('teacher_ce', 'student_ce', 'ffkd', 'torch_ffkd', 'input')
+HEADLINE_CONFIGS = FLOOR + ('ffkd', 'torch_ffkd', 'input')
 MODES = {  # rounds, seconds each worker runs per round, warm-up steps, workers set up at once
     'full': dict(rounds=5, round_seconds=8.0, warmup=2, jobs=1, configs=ALL_CONFIGS),
     'quick': dict(rounds=2, round_seconds=0.0, warmup=1, jobs=2, configs=HEADLINE_CONFIGS),
@@ -171,8 +185,8 @@ def method_config(
   config.conv_impl = conv_impl
   config.dtype = dtype
   config.method = method
-  config.model = teacher if method == 'teacher_ce' else student
-  if method in ('teacher_ce', 'student_ce'):
+  config.model = teacher if method in ('teacher_ce', 'teacher_fwd') else student
+  if method in FLOOR:
     config.method = 'ce'
   config.teacher.model = teacher
   config.batch_size = batch
@@ -185,7 +199,13 @@ def torch_spec(
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   import dataclasses  # pylint: disable=g-import-not-at-top
 
-  terms = {f.name: ffkd_config['ffkd'][f.name] for f in dataclasses.fields(torch_reference.Terms)}
+  from ffkd_jax.methods import ffkd as ffkd_method  # pylint: disable=g-import-not-at-top
+
+  switches = dataclasses.asdict(ffkd_method.switches_for(ffkd_config['method']))
+  terms = {
+      f.name: switches[f.name] if f.name in switches else ffkd_config['ffkd'][f.name]
+      for f in dataclasses.fields(torch_reference.Terms)
+  }
   opt = ffkd_config['optimizer']
   return {
       'kind': 'torch',
@@ -233,6 +253,8 @@ def run_pair(teacher, student, args, mode, log_dir, input_worker) -> dict:
       spec['cka'] = True
     if name == 'ffkd_no_cka':
       spec['variant'] = 'no_cka'
+    if name in ('teacher_fwd', 'student_fwd'):
+      spec['variant'] = 'forward'
     jax_workers[name] = Worker(f'{teacher}-{student}.{name}', spec, log_dir)
   workers = dict(jax_workers)
   try:
@@ -338,9 +360,9 @@ def summarize_pair(teacher, student, args, workers, finals, rounds, best, counts
     }
 
   ratios = {'cka_fraction': ratio(lambda r: r['cka'], lambda r: r['ffkd'])}
-  if 'teacher_ce' in configs and 'student_ce' in configs:
+  if all(name in configs for name in FLOOR):
     ratios['sum_of_parts_ratio'] = ratio(
-        lambda r: r['ffkd'], lambda r: r['teacher_ce'] + r['student_ce']
+        lambda r: r['ffkd'], lambda r: sum(r[name] for name in FLOOR)
     )
   if 'ffkd_no_cka' in configs:
     ratios['cka_fraction_ab'] = ratio(lambda r: r['ffkd'] - r['ffkd_no_cka'], lambda r: r['ffkd'])
@@ -351,8 +373,8 @@ def summarize_pair(teacher, student, args, workers, finals, rounds, best, counts
     ratios['input_ratio'] = ratio(lambda r: r['ffkd'] * batch_ratio, lambda r: r['input'])
   flops = {name: c.get('flops') for name, c in configs.items()}
   flop_ratio = None
-  if all(flops.get(n) for n in ('ffkd', 'teacher_ce', 'student_ce')):
-    flop_ratio = flops['ffkd'] / (flops['teacher_ce'] + flops['student_ce'])
+  if all(flops.get(n) for n in ('ffkd',) + FLOOR):
+    flop_ratio = flops['ffkd'] / sum(flops[name] for name in FLOOR)
   return {
       'teacher': teacher,
       'student': student,

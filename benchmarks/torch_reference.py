@@ -3,19 +3,20 @@
 The networks are tests/torch_zoo.py's PyTorch definitions of the model zoo (RepDistiller's
 modules, the ones `import_torch` is tested against), so any registered teacher and student work.
 
-The step is FFKD as ffkd_jax/methods/ffkd.py computes it (see docs/FFKD.md):
-  L_S = a_ce CE(y, z_S) + a_kd tau^2 KL(sg(p_T) || p_S)
-      + a_feat sum_l mean_c w[l, c] mean((V[:, c] - sg(U[:, c]))^2)
-  L_T = b_ce CE(y, z_T) + b_fb sum_l mean_c w[l, c] (1 - omega[l, c] with sg(V))
-      + b_kd tau^2 KL(sg(p_S) || p_T)
-omega[l, c] = linear CKA of channel c's maps over the batch (ffkd_jax.cka.channel_cka: columns
-centred twice, rescaled, n x n Gram form when n < h*w else the feature form, eps 1e-6),
-w = C softmax((1 - sg(omega)) / tau_w); connectors are 1x1 conv + batch norm (average pooling
-first where the student's map is larger). One backward pass of L_S + L_T, then SGD with momentum
-and L2 weight decay for the student (with its connectors) and for the teacher (at
-teacher_lr_scale times the rate) -- optax's add_decayed_weights + sgd(momentum) is the same
-update as torch.optim.SGD(weight_decay=...). Without feedback (b_fb = b_kd = 0) the teacher runs
-in eval mode under no_grad, as the JAX step freezes it.
+The step is FFKD as ffkd_jax/methods/ffkd.py computes it, in the shape of its authors' code
+(wp502/SKD-RSL train_one_epoch.py::train_our_distill, zoo/Our_1.py; docs/FFKD.md), written here
+for timing (not copied):
+  forward phase (student + forward regressors; teacher eval, no_grad), batch 1:
+    L_S = alpha CE + beta_fwd T^2 KL(p_T || p_S) + gamma_fwd sum_k CKA_k channel_kl(U_k, R_fwd(V_k))
+  feedback phase (teacher + feedback regressors, teacher train; the updated student eval,
+  no_grad), batch 2:
+    L_T = alpha CE + beta_fdbk T^2 KL(p_S || p_T) + gamma_fdbk sum_{CKA_k <= mean} channel_kl(
+          R_fb(V_k), U_k)
+CKA_k: biased linear CKA of the flattened maps (centred Gram matrices, zoo/CKA.py), detached.
+Regressors: ConvReg (3x3 stride-2 conv / 4x4 stride-2 transposed conv / valid conv, batch norm,
+ReLU). Each phase: its own backward pass and SGD step (momentum, L2 weight decay; the teacher at
+teacher_lr_scale times the rate). Presets without feedback skip the second phase; `fkd` has no
+channel term.
 """
 
 from __future__ import annotations
@@ -39,50 +40,45 @@ def count_parameters(module: nn.Module) -> int:
   return sum(p.numel() for p in module.parameters())
 
 
-class Connector(nn.Module):
-  """(n, c_s, h_s, w_s) -> (n, c_t, h_t, w_t): average pool if larger, 1x1 conv, batch norm."""
+class ConvReg(nn.Module):
+  """(n, c_s, h_s, w_s) -> (n, c_t, h_t, w_t): the convolution the two heights call for, batch
+  norm, ReLU (ffkd_jax.methods.connectors.Regressor)."""
 
-  def __init__(
-      self, student_channels: int, student_hw: tuple[int, int], teacher_chw: tuple[int, int, int]
-  ):
+  def __init__(self, student_chw, teacher_chw):
     super().__init__()
+    c_s, h_s, w_s = student_chw
     c_t, h_t, w_t = teacher_chw
-    self.window = (student_hw[0] // h_t, student_hw[1] // w_t)
-    self.conv = nn.Conv2d(student_channels, c_t, 1, bias=False)
+    if h_s == 2 * h_t:
+      self.conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+    elif 2 * h_s == h_t:
+      self.conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+    else:
+      self.conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
     self.bn = nn.BatchNorm2d(c_t)
 
   def forward(self, x):
-    if self.window != (1, 1):
-      x = F.avg_pool2d(x, self.window, self.window)
-    return self.bn(self.conv(x))
+    return F.relu(self.bn(self.conv(x)))
 
 
 # ------------------------------------------------------------------------------------ losses
 
 
-def _centre_and_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
-  """x (c, n, p): per channel, columns centred twice, divided by sqrt(energy) as cka.py does."""
-  xc = x - x.mean(dim=1, keepdim=True)
-  xc = xc - xc.mean(dim=1, keepdim=True)
-  energy = (xc * xc).sum(dim=(1, 2)) + eps * (x * x).sum(dim=(1, 2)) + 1e-20  # (c,)
-  return xc * torch.rsqrt(energy)[:, None, None]
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+  """Biased linear CKA of (n, ...) and (n, ...) flattened per example (centred Gram form)."""
+  n = x.shape[0]
+  x, y = x.reshape(n, -1), y.reshape(n, -1)
+  x = x - x.mean(dim=0, keepdim=True)
+  y = y - y.mean(dim=0, keepdim=True)
+  k, l = x @ x.t(), y @ y.t()
+  return (k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum())
 
 
-def channel_cka(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-  """u, v (n, c, h, w) -> (c,) biased linear CKA per channel (ffkd_jax.cka.channel_cka)."""
-  n, c = u.shape[:2]
-  x = _centre_and_rescale(u.reshape(n, c, -1).transpose(0, 1), eps)  # (c, n, p)
-  y = _centre_and_rescale(v.reshape(n, c, -1).transpose(0, 1), eps)  # (c, n, q)
-  if n < max(x.shape[2], y.shape[2]):  # Gram form, (c, n, n)
-    k = torch.bmm(x, x.transpose(1, 2))
-    l = torch.bmm(y, y.transpose(1, 2))
-    cross, self_k, self_l = (k * l).sum((1, 2)), (k * k).sum((1, 2)), (l * l).sum((1, 2))
-  else:  # feature form
-    yx = torch.bmm(y.transpose(1, 2), x)  # (c, q, p)
-    xx = torch.bmm(x.transpose(1, 2), x)  # (c, p, p)
-    yy = torch.bmm(y.transpose(1, 2), y)  # (c, q, q)
-    cross, self_k, self_l = (yx * yx).sum((1, 2)), (xx * xx).sum((1, 2)), (yy * yy).sum((1, 2))
-  return cross / torch.sqrt(self_k * self_l + eps**2)
+def channel_kl(target: torch.Tensor, source: torch.Tensor, tau: float) -> torch.Tensor:
+  """tau^2 / (n c) sum KL(q(target) || q(source)), q: softmax over each channel's positions."""
+  n, c = target.shape[:2]
+  log_t = F.log_softmax(target.reshape(n, c, -1) / tau, dim=-1)
+  log_s = F.log_softmax(source.reshape(n, c, -1) / tau, dim=-1)
+  return F.kl_div(log_s, log_t, reduction='sum', log_target=True) * tau**2 / (n * c)
 
 
 def softened_kl(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -97,25 +93,24 @@ def softened_kl(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) -
 
 @dataclasses.dataclass(frozen=True)
 class Terms:
-  """ffkd_jax.methods.ffkd.FFKDTerms, the fields the step reads."""
+  """The preset's switches and config.ffkd's weights (ffkd_jax.methods.ffkd)."""
 
+  channel_loss: bool = True
+  forward_cka: bool = True
+  feedback: bool = True
+  feedback_cka: bool = True
   temperature: float = 4.0
-  a_ce: float = 1.0
-  a_kd: float = 1.0
-  a_feat: float = 1.0
-  b_ce: float = 1.0
-  b_fb: float = 1.0
-  b_kd: float = 0.5
-  use_channel_weights: bool = True
-  weight_temperature: float = 0.1
-
-  @property
-  def feedback(self) -> bool:
-    return self.b_fb > 0 or self.b_kd > 0
+  alpha: float = 1.0
+  beta_fwd: float = 1.0
+  gamma_fwd: float = 1.0
+  beta_fdbk: float = 1.0
+  gamma_fdbk: float = 1.0
+  cka_x100: bool = False
 
 
 class FFKDStep:
-  """Teacher, student, connectors and both optimizers; `step(images, labels)` trains once.
+  """Teacher, student, both regressor sets and both optimizers; `step(images, labels, images2,
+  labels2)` runs the forward phase on the first batch, then the feedback phase on the second.
 
   layer_pairs: (teacher feature, student feature) names, as the JAX method pairs them.
   """
@@ -131,7 +126,7 @@ class FFKDStep:
       learning_rate: float = 0.05,
       momentum: float = 0.9,
       weight_decay: float = 5e-4,
-      teacher_lr_scale: float = 0.1,
+      teacher_lr_scale: float = 0.05,
       device: str = 'cpu',
   ):
     self.terms = terms
@@ -142,81 +137,100 @@ class FFKDStep:
       probe = torch.zeros(2, 3, image_size, image_size)
       _, t_feat = self.teacher.eval()(probe)
       _, s_feat = self.student.eval()(probe)
-    self.connectors = nn.ModuleDict(
-        {
-            f'{t}-{s}': Connector(
-                s_feat[s].shape[1], tuple(s_feat[s].shape[2:]), tuple(t_feat[t].shape[1:])
-            )
-            for t, s in self.pairs
-        }
+
+    def regressors():
+      return nn.ModuleDict(
+          {
+              f'{t}-{s}': ConvReg(tuple(s_feat[s].shape[1:]), tuple(t_feat[t].shape[1:]))
+              for t, s in self.pairs
+          }
+      )
+
+    self.forward_regressors = regressors() if terms.channel_loss else nn.ModuleDict()
+    self.feedback_regressors = (
+        regressors() if terms.channel_loss and terms.feedback else nn.ModuleDict()
     )
-    for module in (self.teacher, self.student, self.connectors):
-      module.to(device)
-    self.student.train()
-    self.connectors.train()
-    self.teacher.train(terms.feedback)
+    for module in (self.teacher, self.student, self.forward_regressors, self.feedback_regressors):
+      module.to(device).train()
     self.teacher.requires_grad_(terms.feedback)
-    student_params = list(self.student.parameters()) + list(self.connectors.parameters())
+    sgd = dict(momentum=momentum, weight_decay=weight_decay)
     self.student_opt = torch.optim.SGD(
-        student_params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay
+        list(self.student.parameters()) + list(self.forward_regressors.parameters()),
+        lr=learning_rate,
+        **sgd,
     )
     self.teacher_opt = (
         torch.optim.SGD(
-            self.teacher.parameters(),
+            list(self.teacher.parameters()) + list(self.feedback_regressors.parameters()),
             lr=learning_rate * teacher_lr_scale,
-            momentum=momentum,
-            weight_decay=weight_decay,
+            **sgd,
         )
         if terms.feedback
         else None
     )
 
-  def _channel_weights(self, omega: torch.Tensor) -> torch.Tensor:
-    if not self.terms.use_channel_weights:
-      return torch.ones_like(omega)
-    return omega.shape[0] * torch.softmax(
-        (1.0 - omega.detach()) / self.terms.weight_temperature, dim=0
-    )
+  @property
+  def connectors(self) -> nn.ModuleDict:  # the trainable extras, for parameter counts
+    return nn.ModuleDict({'fwd': self.forward_regressors, 'fb': self.feedback_regressors})
 
-  def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+  def _stage_terms(self, t_feat, s_feat, regressors, feedback: bool):
     t = self.terms
-    if t.feedback:
-      t_logits, t_feat = self.teacher(images)
-    else:
-      with torch.no_grad():
-        t_logits, t_feat = self.teacher(images)
-    s_logits, s_feat = self.student(images)
-    loss_student = t.a_ce * F.cross_entropy(s_logits, labels) + t.a_kd * softened_kl(
-        t_logits.detach(), s_logits, t.temperature
-    )
-    feat_total = s_logits.new_zeros(())
-    fb_total = s_logits.new_zeros(())
-    if t.a_feat > 0 or (t.feedback and t.b_fb > 0):
-      for t_name, s_name in self.pairs:
-        u = t_feat[t_name]  # (n, c, h, w)
-        v = self.connectors[f'{t_name}-{s_name}'](s_feat[s_name])  # (n, c, h, w)
-        omega = channel_cka(u, v.detach())  # (c,)
-        weights = self._channel_weights(omega)
-        per_channel = ((v - u.detach()) ** 2).mean(dim=(0, 2, 3))  # (c,)
-        feat_total = feat_total + (weights * per_channel).mean()
-        fb_total = fb_total + (weights * (1.0 - omega)).mean()
-      loss_student = loss_student + t.a_feat * feat_total
-    result = {'student': loss_student}
-    if t.feedback:
-      result['teacher'] = (
-          t.b_ce * F.cross_entropy(t_logits, labels)
-          + t.b_fb * fb_total
-          + t.b_kd * softened_kl(s_logits.detach(), t_logits, t.temperature)
+    scores, losses = [], []
+    for t_name, s_name in self.pairs:
+      u, v = t_feat[t_name], s_feat[s_name]
+      score = linear_cka(u.detach(), v.detach())
+      scores.append(score * 100.0 if t.cka_x100 else score)
+      r = regressors[f'{t_name}-{s_name}'](v.detach() if feedback else v)
+      losses.append(
+          channel_kl(r, u, t.temperature) if feedback else channel_kl(u, r, t.temperature)
       )
-    return result
+    return torch.stack(scores), torch.stack(losses)
 
-  def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+  def student_loss(self, images, labels):
+    t = self.terms
+    self.teacher.eval()
+    with torch.no_grad():
+      t_logits, t_feat = self.teacher(images)
+    s_logits, s_feat = self.student(images)
+    loss = t.alpha * F.cross_entropy(s_logits, labels) + t.beta_fwd * softened_kl(
+        t_logits, s_logits, t.temperature
+    )
+    if t.channel_loss:
+      scores, losses = self._stage_terms(t_feat, s_feat, self.forward_regressors, False)
+      channel = (scores * losses).sum() if t.forward_cka else losses.sum()
+      loss = loss + t.gamma_fwd * channel
+    return loss
+
+  def teacher_loss(self, images, labels):
+    t = self.terms
+    self.teacher.train()
+    self.student.eval()
+    with torch.no_grad():
+      s_logits, s_feat = self.student(images)
+    t_logits, t_feat = self.teacher(images)
+    loss = t.alpha * F.cross_entropy(t_logits, labels) + t.beta_fdbk * softened_kl(
+        s_logits, t_logits, t.temperature
+    )
+    if t.channel_loss:
+      scores, losses = self._stage_terms(t_feat, s_feat, self.feedback_regressors, True)
+      if t.feedback_cka:
+        losses = losses * (scores <= scores.mean()).float()
+      loss = loss + t.gamma_fdbk * losses.sum()
+    self.student.train()
+    return loss
+
+  def step(self, images, labels, images2=None, labels2=None) -> dict[str, float]:
     self.student_opt.zero_grad(set_to_none=True)
-    if self.teacher_opt is not None:
-      self.teacher_opt.zero_grad(set_to_none=True)
-    losses = self.losses(images, labels)
-    sum(losses.values()).backward()  # one backward pass of L_S + L_T
+    loss_student = self.student_loss(images, labels)
+    loss_student.backward()
     self.student_opt.step()
+    result = {'student': float(loss_student.detach())}
     if self.teacher_opt is not None:
+      images2 = images if images2 is None else images2
+      labels2 = labels if labels2 is None else labels2
+      self.teacher_opt.zero_grad(set_to_none=True)
+      loss_teacher = self.teacher_loss(images2, labels2)
+      loss_teacher.backward()
       self.teacher_opt.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+      result['teacher'] = float(loss_teacher.detach())
+    return result

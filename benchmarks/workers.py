@@ -90,14 +90,11 @@ def _cost(compiled) -> dict:
 
 
 def _patch_out_cka():
-  """Replaces channel CKA inside FFKD by a constant: the step minus the CKA computation."""
-  import types  # pylint: disable=g-import-not-at-top
+  """Replaces FFKD's stage CKA by a constant: the step minus the CKA computation."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ffkd_jax import cka  # pylint: disable=g-import-not-at-top
   from ffkd_jax.methods import ffkd as ffkd_module  # pylint: disable=g-import-not-at-top
 
-  constant = lambda u, v, unbiased=False: jnp.full((u.shape[-1],), 0.5, jnp.float32)
-  ffkd_module.cka = types.SimpleNamespace(channel_cka=constant, layer_cka=cka.layer_cka)
+  ffkd_module.stage_cka = lambda u, v, x100, unbiased: jnp.float32(0.5)
 
 
 class JaxWorker:
@@ -138,16 +135,25 @@ class JaxWorker:
     mesh = parallel.make_mesh()
     state = parallel.replicate(mesh, synthetic_state(programs, image_size, config.seed))
     rng = np.random.default_rng(0)
-    host_batch = {
-        'image': rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-        'label': rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
-    }
+    host_batch = {}
+    for k in range(method.num_streams()):  # FFKD's feedback phase reads a second stream
+      host_batch[step_lib.batch_key('image', k)] = rng.normal(
+          size=(batch_size, image_size, image_size, 3)
+      ).astype(np.float32)
+      host_batch[step_lib.batch_key('label', k)] = rng.integers(
+          0, num_classes, size=(batch_size,)
+      ).astype(np.int32)
+    self.forward_only = spec.get('variant') == 'forward'
+    if self.forward_only:  # one inference pass of every role (the eval step), no update
+      host_batch['mask'] = np.ones((batch_size,), np.float32)
+      program = step_lib.make_eval_step(programs, mesh)
+    else:
+      # Step 0's program (the benchmarked configs update every trainable role from step 0).
+      program = step_lib.make_train_step(method, programs, mesh).jitted(0)
     self.batch = parallel.global_batch(mesh, host_batch)
-    train_step = step_lib.make_train_step(method, programs, mesh)
 
     start = time.perf_counter()
-    # Step 0's program (the benchmarked configs update every trainable role from step 0).
-    lowered = train_step.jitted(0).lower(state, self.batch)
+    lowered = program.lower(state, self.batch)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     self.compiled = lowered.compile()
@@ -192,43 +198,44 @@ class JaxWorker:
     times = []
     for _ in range(count):
       start = time.perf_counter()
-      self.state, self.metrics = self.compiled(self.state, self.batch)
-      self.jax.block_until_ready(self.state)
+      if self.forward_only:
+        self.metrics = {'nonfinite': 0.0}
+        self.jax.block_until_ready(self.compiled(self.state, self.batch))
+      else:
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+        self.jax.block_until_ready(self.state)
       times.append(time.perf_counter() - start)
     return times
 
   def _setup_cka(self, method, feature_shapes, batch_size) -> dict:
-    """Jits FFKD's CKA part alone on the step's shapes: per layer pair, omega = channel_cka(U,
-    sg(V)) on the gathered (global) batch, w = channel_weights(omega), and with feedback the
-    gradient of sum_l mean_c w (1 - omega) with respect to U (the backward pass it adds to the
-    teacher). On several devices each computes this on the whole gathered batch, so one device
-    running it on the global batch is the per-device cost (the all_gather not included)."""
+    """Jits FFKD's CKA part alone on the step's shapes: per stage pair, CKA_k of the raw teacher
+    and student maps on the global batch, once per phase (forward, and feedback where the preset
+    has it), no gradient (the maps are stop-gradient). On several devices each computes this on
+    the whole gathered batch, so one device running it on the global batch is the per-device
+    cost (the all_gather not included)."""
     jax, jnp = self.jax, self.jax.numpy
     import numpy as np  # pylint: disable=g-import-not-at-top
     from ffkd_jax import cka  # pylint: disable=g-import-not-at-top
-    from ffkd_jax.losses import ffkd as ffkd_losses  # pylint: disable=g-import-not-at-top
 
-    terms = method.terms
     rng = np.random.default_rng(1)
     shapes = [
-        (batch_size,) + tuple(feature_shapes['teacher'][t].shape[1:]) for t, _ in method.layer_pairs
-    ]  # V has the teacher's shape after its connector
-    us = [jnp.asarray(np.abs(rng.normal(size=s)).astype(np.float32)) for s in shapes]
-    vs = [jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in shapes]
+        (
+            (batch_size,) + tuple(feature_shapes['teacher'][t].shape[1:]),
+            (batch_size,) + tuple(feature_shapes['student'][s].shape[1:]),
+        )
+        for t, s in method.layer_pairs
+    ]
+    us = [jnp.asarray(np.abs(rng.normal(size=t)).astype(np.float32)) for t, _ in shapes]
+    vs = [jnp.asarray(np.abs(rng.normal(size=s)).astype(np.float32)) for _, s in shapes]
+    phases = len(method.phases())
 
-    def feedback(us, vs):
-      total, weights = 0.0, []
-      for u, v in zip(us, vs):
-        omega = cka.channel_cka(u, jax.lax.stop_gradient(v), unbiased=terms.unbiased_hsic)
-        w = method._channel_weights(omega)  # pylint: disable=protected-access
-        total += ffkd_losses.feedback_alignment_loss(omega, w)
-        weights.append(w)
-      return total, weights
+    def stage_ckas(us, vs):
+      return [
+          jnp.stack([cka.layer_cka(u + k, v) for u, v in zip(us, vs)]) for k in range(phases)
+      ]  # (the + k keeps XLA from merging the phases' identical computations)
 
-    with_grad = terms.feedback and terms.b_fb > 0
-    fn = jax.value_and_grad(feedback, has_aux=True) if with_grad else feedback
     start = time.perf_counter()
-    self.cka_fn = jax.jit(fn).lower(us, vs).compile()
+    self.cka_fn = jax.jit(stage_ckas).lower(us, vs).compile()
     compile_s = time.perf_counter() - start
     self.cka_args = (us, vs)
     warm = min(self._time_cka(3))
@@ -237,7 +244,7 @@ class JaxWorker:
             'compile_s': compile_s,
             **_cost(self.cka_fn),
             'warmup_s': warm,
-            'with_gradient': with_grad,
+            'phases': phases,
             'shapes': shapes,
         }
     }
@@ -287,8 +294,14 @@ class TorchWorker:
         **spec['optimizer'],
         device=device,
     )
-    self.images = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    self.labels = torch.randint(0, spec['num_classes'], (batch_size,), device=device)
+    shape = (batch_size, 3, image_size, image_size)
+    self.batches = [  # the forward phase's batch and the feedback phase's
+        (
+            torch.randn(*shape, device=device),
+            torch.randint(0, spec['num_classes'], (batch_size,), device=device),
+        )
+        for _ in range(2)
+    ]
     warmup = self.time('step', spec.get('warmup', 1))
     self.ready = {
         'warmup_s': warmup,
@@ -310,7 +323,7 @@ class TorchWorker:
     times = []
     for _ in range(count):
       start = time.perf_counter()
-      self.step.step(self.images, self.labels)  # waits: returns the losses as floats
+      self.step.step(*self.batches[0], *self.batches[1])  # waits: returns the losses as floats
       times.append(time.perf_counter() - start)
     return times
 

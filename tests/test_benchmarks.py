@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 from benchmarks import accuracy
 from ffkd_jax import cka
+from ffkd_jax.losses import ffkd as ffkd_losses
 from tests.image_folder_fixture import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,18 +51,22 @@ def _torch_reference():
   return torch_reference
 
 
-@pytest.mark.parametrize('n,hw', [(8, 4), (16, 2)])  # Gram form (n < h*w), feature form
-def test_torch_channel_cka_matches_jax(n, hw, torch_reference):
+def test_torch_cka_and_channel_kl_match_jax(torch_reference):
   import torch  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
-  u = rng.normal(size=(n, hw, hw, 5)).astype(np.float32)
+  u = rng.normal(size=(8, 4, 4, 5)).astype(np.float32)
   v = (u + rng.normal(size=u.shape)).astype(np.float32)
-  expected = np.asarray(cka.channel_cka(u, v))
-  got = torch_reference.channel_cka(
-      torch.from_numpy(u).permute(0, 3, 1, 2), torch.from_numpy(v).permute(0, 3, 1, 2)
-  ).numpy()
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+  w = rng.normal(size=(8, 2, 2, 3)).astype(np.float32)  # another shape: CKA of flattened maps
+  nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)
+  np.testing.assert_allclose(
+      float(torch_reference.linear_cka(nchw(u), nchw(w))), float(cka.layer_cka(u, w)), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+      float(torch_reference.channel_kl(nchw(u), nchw(v), 4.0)),
+      float(ffkd_losses.channel_kl(u, v, 4.0)),
+      rtol=1e-4,
+  )
 
 
 def test_torch_ffkd_step_updates_both_networks(torch_reference):
@@ -76,7 +81,12 @@ def test_torch_ffkd_step_updates_both_networks(torch_reference):
       torch_reference.Terms(),
   )
   before = [p.detach().clone() for p in step.teacher.parameters()]
-  losses = step.step(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
+  losses = step.step(
+      torch.randn(8, 3, 16, 16),
+      torch.randint(0, 10, (8,)),
+      torch.randn(8, 3, 16, 16),
+      torch.randint(0, 10, (8,)),
+  )
   assert set(losses) == {'student', 'teacher'} and all(np.isfinite(list(losses.values())))
   assert any((a != b).any() for a, b in zip(before, step.teacher.parameters()))
 
@@ -87,7 +97,7 @@ def test_torch_ffkd_step_updates_both_networks(torch_reference):
 def test_throughput_tiny_writes_json_and_markdown(tmp_path):
   data = write_image_folder(tmp_path / 'data', num_train=12, num_test=2, size=8)
   out = tmp_path / 'throughput.json'
-  configs = ['teacher_ce', 'student_ce', 'ffkd', 'input']
+  configs = ['teacher_ce', 'student_ce', 'teacher_fwd', 'student_fwd', 'ffkd', 'input']
   if importlib.util.find_spec('torch') is not None:
     configs.append('torch_ffkd')
   _check(
@@ -226,15 +236,16 @@ def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
 
   # An ablation beside the table: its teacher, config.ffkd fields changed, scored the same way.
   common_args = ['--preset', 'tiny', '--data', data, '--out', str(out)]
-  ablation = _check(_run('ablate.py', *common_args, 'w1', 'b_kd=0', 'use_channel_weights=False'))
+  ablation = _check(_run('ablate.py', *common_args, 'w1', 'beta_fdbk=0', 'cka_x100=True'))
   result = json.loads(ablation.stdout.strip().splitlines()[-1])
-  assert result['changes'] == {'b_kd': 0.0, 'use_channel_weights': False} and result['complete']
-  assert 0 <= result['test_top1'] <= 100
+  assert result['changes'] == {'beta_fdbk': 0.0, 'cka_x100': True} and result['complete']
+  assert 0 <= result['test_top1'] <= 100 and 0 <= result['val_top1'] <= 100
+  assert 0 <= result['teacher_val_top1'] <= 100  # ffkd's co-trained teacher, on validation
   config = json.loads((out / 'ablate' / 'w1' / 'config.json').read_text())
-  assert config['ffkd']['b_kd'] == 0.0 and config['ffkd']['use_channel_weights'] is False
+  assert config['ffkd']['beta_fdbk'] == 0.0 and config['ffkd']['cka_x100'] is True
   assert config['teacher']['checkpoint'] == str(out / 'teacher')
-  bad = _run('ablate.py', *common_args, 'bad', 'b_kdd=0')
-  assert bad.returncode != 0 and "'b_kdd=0'" in bad.stderr and "'b_kd'" in bad.stderr
+  bad = _run('ablate.py', *common_args, 'bad', 'beta_fdbkk=0')
+  assert bad.returncode != 0 and "'beta_fdbkk=0'" in bad.stderr and "'beta_fdbk'" in bad.stderr
   bad = _run('ablate.py', *common_args, 'bad', 'feedback_start_step=1.5')
   assert bad.returncode != 0 and 'not an integer' in bad.stderr
 
