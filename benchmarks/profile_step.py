@@ -12,8 +12,8 @@ transformation path, and summed into categories:
 
   model fwd / model bwd   jvp(CifarResNet)/... and transpose(jvp(CifarResNet))/... (any Flax
                           backbone class; teacher and student together)
-  connectors              ConnectorHeads, forward and backward
-  cka (vmap)              ops under vmap(): cka.channel_cka's per-channel CKA, forward and backward
+  heads                   ConnectorHeads / RegressorHeads (FFKD's regressors), forward, backward
+  cka (vmap)              ops under vmap() (e.g. cka.channel_cka's per-channel CKA)
   losses                  other ops under jvp()/transpose(jvp()) of the objective
   finite check + keep     is_finite / reduce_and / select_n: the step's non-finite skip
   optimizer + update      the rest at the top level of the step (optax, parameter updates)
@@ -53,8 +53,8 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def category(op_name: str) -> str:
   if 'vmap(' in op_name:
     return 'cka (vmap)'
-  if 'ConnectorHeads' in op_name:
-    return 'connectors'
+  if 'ConnectorHeads' in op_name or 'RegressorHeads' in op_name:
+    return 'heads'
   backbone = re.search(r'(transpose\()?jvp\(([A-Z]\w*)\)', op_name)
   if backbone:
     return 'model bwd' if backbone.group(1) else 'model fwd'

@@ -157,6 +157,24 @@ def test_folder_resume_is_exact(folder, augment):
     np.testing.assert_allclose(a['image'], b['image'], atol=1e-5)
 
 
+def test_a_second_stream_is_another_order_and_resumes_exactly(folder):
+  """Stream 1 (FFKD's feedback batches): other batches than stream 0's from the same seed, the
+  same on every call, and resumed at step s it is the tail of a run from 0."""
+  source = data.open_source(folder_config(folder))
+  run = lambda start, n, stream: take(
+      data.train_iterator(source, local_batch_size=4, seed=0, start_step=start, stream=stream), n
+  )
+  main, second = run(0, 6, 0), run(0, 6, 1)
+  assert not any(np.array_equal(a['image'], b['image']) for a, b in zip(main, second))
+  for a, b in zip(second[3:], run(3, 3, 1)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  for a, b in zip(main, run(0, 6, 0)):  # stream 0 is unchanged by the other's existence
+    np.testing.assert_array_equal(a['image'], b['image'])
+  with pytest.raises(ValueError, match='stream=-1'):
+    next(data.train_iterator(source, local_batch_size=4, seed=0, stream=-1))
+
+
 def test_folder_augmentation_changes_images_but_none_does_not(folder):
   info = data.open_source(folder_config(folder)).info
   originals = {image.tobytes() for image in read_images(folder, 'train', CLASSES)[0]}
