@@ -57,6 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Distillation recipes; only the block of the selected method is read.
   config.kd = ml_collections.ConfigDict(dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9))
+  # DKD (ffkd_jax/methods/dkd.py): mdistiller's CFG.DKD; its 20 warm-up epochs as a per-step
+  # ramp of 20 x 782 steps (CIFAR-100 at batch 64).
+  config.dkd = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_steps=15640)
+  )
   config.dist = ml_collections.ConfigDict(
       dict(temperature=4.0, beta=1.0, gamma=1.0, ce_weight=1.0, kd_weight=2.0)
   )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffkd_jax.losses import at, cc, classification, dist, ffkd, fitnet, ickd, iekd, mutual, rkd, sp
+from ffkd_jax.losses import at, cc, classification, dist, dkd, ffkd, fitnet, ickd, iekd, mutual, rkd, sp
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -75,6 +75,93 @@ def test_top_k_correct_against_numpy_and_ties():
   np.testing.assert_array_equal(
       classification.top_k_correct(constant, np.array([0, 1, 2, 0]), 1), [1, 0, 0, 1]
   )
+
+
+# ---- DKD ----------------------------------------------------------------------------------
+
+
+def np_log_softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_kl_div_sum(input_log_prob, target_prob):
+  """PyTorch's F.kl_div(input, target, reduction='sum'): sum of target (log target - input),
+  with 0 where target == 0."""
+  safe = np.where(target_prob > 0, target_prob, 1.0)
+  return np.sum(np.where(target_prob > 0, target_prob * (np.log(safe) - input_log_prob), 0.0))
+
+
+def np_mdistiller_dkd(logits_student, logits_teacher, target, alpha, beta, temperature):
+  """A NumPy transcription of megvii-research/mdistiller, mdistiller/distillers/DKD.py
+  `dkd_loss` (its masks, cat_mask, log of the two summed probabilities, the -1000 mask)."""
+  n, k = logits_student.shape
+  gt_mask = np.zeros((n, k))
+  gt_mask[np.arange(n), target] = 1.0
+  other_mask = 1.0 - gt_mask
+
+  def cat_mask(t):
+    return np.stack([(t * gt_mask).sum(axis=1), (t * other_mask).sum(axis=1)], axis=1)
+
+  pred_student = cat_mask(np_softmax(logits_student / temperature))
+  pred_teacher = cat_mask(np_softmax(logits_teacher / temperature))
+  tckd = np_kl_div_sum(np.log(pred_student), pred_teacher) * temperature**2 / n
+  pred_teacher_part2 = np_softmax(logits_teacher / temperature - 1000.0 * gt_mask)
+  log_pred_student_part2 = np_log_softmax(logits_student / temperature - 1000.0 * gt_mask)
+  nckd = np_kl_div_sum(log_pred_student_part2, pred_teacher_part2) * temperature**2 / n
+  return alpha * tckd + beta * nckd
+
+
+@pytest.mark.parametrize('alpha, beta, tau', [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0), (1.0, 0.0, 2.0)])
+def test_dkd_against_mdistiller(alpha, beta, tau):
+  rng = rng_for(30)
+  student = rng.normal(size=(6, 7)) * 3
+  teacher = rng.normal(size=(6, 7)) * 3
+  labels = rng.integers(0, 7, size=6)
+  expected = np_mdistiller_dkd(student, teacher, labels, alpha, beta, tau)
+  got = dkd.dkd_loss(student, teacher, labels, alpha, beta, tau)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  tckd, nckd = dkd.decoupled_kl(student, teacher, labels, tau)
+  np.testing.assert_allclose(alpha * tckd + beta * nckd, expected, rtol=1e-5)
+
+
+def test_dkd_decomposes_kd_per_example():
+  """KD = TCKD + (1 - p_T,y) NCKD for each example (the paper's identity)."""
+  rng = rng_for(31)
+  student = rng.normal(size=(5, 6)) * 2
+  teacher = rng.normal(size=(5, 6)) * 2
+  labels = rng.integers(0, 6, size=5)
+  tau = 4.0
+  for i in range(5):
+    s, t, y = student[i : i + 1], teacher[i : i + 1], labels[i : i + 1]
+    tckd, nckd = dkd.decoupled_kl(s, t, y, tau)
+    p_target = np_softmax(t[0] / tau)[y[0]]
+    kd = classification.softened_kl(t, s, tau)
+    np.testing.assert_allclose(tckd + (1 - p_target) * nckd, kd, rtol=1e-5)
+
+
+def test_dkd_is_stable_and_its_gradients_are_sane():
+  rng = rng_for(32)
+  labels = jnp.asarray([0, 1, 2, 3])
+  # Logits so confident that p_y rounds to 1 (mdistiller's log(1 - p_y) would be log 0).
+  student = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32) + 1e4 * jax.nn.one_hot(labels, 5)
+  teacher = jnp.asarray(rng.normal(size=(4, 5)) * 3, jnp.float32)
+  loss_fn = lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0)
+  value, (g_student, g_teacher) = jax.value_and_grad(loss_fn, argnums=(0, 1))(student, teacher)
+  assert np.isfinite(value) and value > 0
+  assert np.all(np.isfinite(g_student)) and np.all(np.isfinite(g_teacher))
+  # The teacher is used as given: it gets a gradient unless the caller stops it.
+  assert np.any(np.asarray(g_teacher) != 0)
+  g_stopped = jax.grad(lambda t: loss_fn(student, jax.lax.stop_gradient(t)))(teacher)
+  assert not np.any(np.asarray(g_stopped))
+  # A student equal to its teacher is a minimum: zero loss, zero gradient.
+  value, grad = jax.value_and_grad(loss_fn)(teacher, teacher)
+  np.testing.assert_allclose(value, 0.0, atol=1e-6)
+  np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match=r'\(4, 5\), \(4, 3\)'):
+    dkd.dkd_loss(student, teacher[:, :3], labels, 1.0, 8.0, 4.0)
+  with pytest.raises(ValueError, match='at least 2 classes'):
+    dkd.dkd_loss(student[:, :1], teacher[:, :1], labels * 0, 1.0, 8.0, 4.0)
 
 
 # ---- DIST ---------------------------------------------------------------------------------
@@ -351,6 +438,7 @@ def test_every_loss_jits():
       (ffkd.forward_channel_loss, (scores, stage_losses)),
       (ffkd.feedback_channel_loss, (scores, stage_losses)),
       (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
+      (lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0), tuple(logits)),
       (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
       (cc.cc_loss, tuple(maps)),
       (sp.sp_loss, tuple(maps)),

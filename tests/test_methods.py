@@ -35,6 +35,8 @@ def method_config(method):
   # IE: the auto-encoders train at step 0, the inheritance / exploration terms start at step 1.
   config.iekd.ae_steps = 1
   config.iedml.ae_steps = 1
+  # DKD: half its weight at step 0, all of it from step 1.
+  config.dkd.warmup_steps = 2
   return config
 
 
@@ -164,6 +166,39 @@ def test_rkd_two_devices_equal_one_device():
       np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+def assert_same_runs(run_a, run_b):
+  """Two runs' final states and per-step metrics agree."""
+  (_, states_a, history_a), (_, states_b, history_b) = run_a, run_b
+  flat_a = jax.tree_util.tree_leaves_with_path(states_a[-1])
+  flat_b = dict(jax.tree_util.tree_leaves_with_path(states_b[-1]))
+  for path, leaf in flat_a:
+    np.testing.assert_allclose(
+        flat_b[path], leaf, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+    )
+  for m_a, m_b in zip(history_a, history_b):
+    for key in m_a:
+      np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize('method', ['dkd'])
+def test_four_devices_equal_one_device(method):
+  """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16."""
+  assert_same_runs(run(method_config(method), 1), run(method_config(method), 4))
+
+
+def test_dkd_warms_up_per_step():
+  _, _, (first, second) = two_device_run('dkd')
+  assert first['dkd/warmup'] == 0.5 and second['dkd/warmup'] == 1.0
+  assert first['loss/student_dkd'] > 0
+  np.testing.assert_allclose(
+      first['loss/student'], first['loss/student_ce'] + 0.5 * first['loss/student_dkd'], rtol=1e-5
+  )
+  method = methods.create_method(cifar100_distill.get_config('dkd'), {'teacher': {}, 'student': {}})
+  assert float(method.warmup(jnp.int32(0))) == pytest.approx(1 / 15640)
+  assert float(method.warmup(jnp.int32(15639))) == 1.0
+  assert float(method.warmup(jnp.int32(10**6))) == 1.0
+
+
 def _outputs(logits_by_role):
   return {name: RoleOutput(jnp.asarray(z), {}, {}) for name, z in logits_by_role.items()}
 
@@ -255,7 +290,7 @@ def test_cifar100_distill_config(method):
 
 
 def test_registry_lists_every_method_and_presets():
-  assert set(METHODS) >= {'kd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd'}
+  assert set(METHODS) >= {'kd', 'dkd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd'}
   assert set(ONLINE) == {'dml', 'iedml'}
 
 

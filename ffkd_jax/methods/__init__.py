@@ -9,6 +9,7 @@ from ffkd_jax.methods.base import FeatureShapes, Method, Role, RoleOutput, gathe
 from ffkd_jax.methods.cc import CC
 from ffkd_jax.methods.ce import CrossEntropy
 from ffkd_jax.methods.dist import DIST
+from ffkd_jax.methods.dkd import DKD
 from ffkd_jax.methods.dml import DML
 from ffkd_jax.methods.ffkd import FFKD, PRESETS as FFKD_PRESETS
 from ffkd_jax.methods.fitnet import FitNet
@@ -23,6 +24,7 @@ _REGISTRY = {
     'ce': CrossEntropy,
     # Logit and relation distillation from a frozen teacher.
     'kd': KD,
+    'dkd': DKD,
     'dist': DIST,
     'rkd': RKD,
     'cc': CC,
