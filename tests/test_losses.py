@@ -77,6 +77,29 @@ def test_top_k_correct_against_numpy_and_ties():
   )
 
 
+def test_standardize_logits_against_numpy_and_invariances():
+  """sunshangquan/logit-standardization-KD's `normalize`: (z - mean) / (1e-7 + std), PyTorch's
+  unbiased std over the classes."""
+  rng = rng_for(3)
+  z = rng.normal(size=(5, 7)) * 4 + 2
+  expected = (z - z.mean(axis=-1, keepdims=True)) / (1e-7 + z.std(axis=-1, ddof=1, keepdims=True))
+  got = classification.standardize_logits(z)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.std(got, axis=-1, ddof=1), 1.0, rtol=1e-5)
+  # A per-example positive scale and shift of the logits changes nothing.
+  scale, shift = rng.uniform(0.1, 10.0, size=(5, 1)), rng.normal(size=(5, 1)) * 10
+  np.testing.assert_allclose(
+      classification.standardize_logits(z * scale + shift), expected, rtol=1e-4, atol=1e-5
+  )
+  # Constant logits: zeros, finite gradients.
+  constant = jnp.ones((2, 4), jnp.float32)
+  np.testing.assert_array_equal(classification.standardize_logits(constant), 0.0)
+  grad = jax.grad(lambda x: jnp.sum(classification.standardize_logits(x) ** 3))(constant)
+  assert np.all(np.isfinite(grad))
+  with pytest.raises(ValueError, match='at least 2 classes'):
+    classification.standardize_logits(z[:, :1])
+
+
 # ---- DKD ----------------------------------------------------------------------------------
 
 
@@ -434,6 +457,7 @@ def test_every_loss_jits():
       (classification.cross_entropy, (logits[0], labels)),
       (lambda t, s: classification.softened_kl(t, s, 4.0), tuple(logits)),
       (lambda z, y: classification.top_k_correct(z, y, 2), (logits[0], labels)),
+      (classification.standardize_logits, (logits[0],)),
       (lambda t, s: ffkd.channel_kl(t, s, 4.0), tuple(maps)),
       (ffkd.forward_channel_loss, (scores, stage_losses)),
       (ffkd.feedback_channel_loss, (scores, stage_losses)),

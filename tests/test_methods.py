@@ -7,12 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import cifar100_distill
 from ffkd_jax import config_checks, methods, parallel
 from ffkd_jax import step as step_lib
 from ffkd_jax.methods import common, pairs
 from ffkd_jax.methods import ffkd as ffkd_method
+from ffkd_jax.losses.classification import cross_entropy, softened_kl, standardize_logits
 from ffkd_jax.methods.base import RoleOutput
 from tests import helpers
 
@@ -201,6 +203,81 @@ def test_dkd_warms_up_per_step():
 
 def _outputs(logits_by_role):
   return {name: RoleOutput(jnp.asarray(z), {}, {}) for name, z in logits_by_role.items()}
+
+
+def _logit_method(method, standardize):
+  config = method_config(method)
+  config.logit_standardization = standardize
+  roles = methods.method_roles(config)
+  return methods.create_method(config, {r.name: {} for r in roles})
+
+
+def test_kd_with_logit_standardization_is_kd_of_standardized_logits():
+  rng = np.random.default_rng(3)
+  teacher = rng.normal(size=(8, 10)).astype(np.float32) * 5
+  student = rng.normal(size=(8, 10)).astype(np.float32)
+  labels = jnp.asarray(rng.integers(0, 10, size=(8,)))
+  step = jnp.int32(0)
+  temperature = method_config('kd').kd.temperature
+  off = _logit_method('kd', False)
+  on = _logit_method('kd', True)
+  assert not off.logit_standardization and on.logit_standardization
+  outputs = _outputs({'teacher': teacher, 'student': student})
+  # Off: plain KD, unchanged.
+  losses, metrics = off.loss(outputs, labels, step)
+  np.testing.assert_allclose(
+      metrics['loss/student_kd'], softened_kl(teacher, student, temperature), rtol=1e-6
+  )
+  # On: KD of the standardized logits, CE of the raw ones.
+  losses_on, metrics_on = on.loss(outputs, labels, step)
+  standardized = softened_kl(standardize_logits(teacher), standardize_logits(student), temperature)
+  np.testing.assert_allclose(metrics_on['loss/student_kd'], standardized, rtol=1e-5)
+  np.testing.assert_allclose(metrics_on['loss/student_ce'], cross_entropy(student, labels))
+  assert abs(float(metrics_on['loss/student_kd']) - float(metrics['loss/student_kd'])) > 1e-3
+  kd_config = method_config('kd').kd
+  np.testing.assert_allclose(
+      losses_on['student'],
+      kd_config.ce_weight * cross_entropy(student, labels) + kd_config.kd_weight * standardized,
+      rtol=1e-5,
+  )
+
+
+@pytest.mark.parametrize(
+    'method, phase, roles, distillation_keys',
+    [
+        ('dkd', 'loss', ('teacher', 'student'), ('loss/student_dkd',)),
+        ('dist', 'loss', ('teacher', 'student'), ('loss/student_dist',)),
+        ('dml', 'loss', ('peer0', 'peer1'), ('loss/peer0_kl', 'loss/peer1_kl')),
+        ('fkd', 'student_loss', ('teacher', 'student'), ('loss/student_kd',)),
+        ('fkd', 'teacher_loss', ('teacher', 'student'), ('loss/teacher_kd',)),
+    ],
+)
+def test_logit_standardization_switches_every_logit_term(method, phase, roles, distillation_keys):
+  """On: each distillation term equals the term of the standardized logits with the switch
+  off; every other metric (CE, ...) is that of the raw logits."""
+  rng = np.random.default_rng(4)
+  logits = {
+      r: rng.normal(size=(8, 10)).astype(np.float32) * (1 + 3 * k) for k, r in enumerate(roles)
+  }
+  standardized = {r: np.asarray(standardize_logits(z)) for r, z in logits.items()}
+  labels = jnp.asarray(rng.integers(0, 10, size=(8,)))
+  on, off = _logit_method(method, True), _logit_method(method, False)
+  mesh = helpers.mesh_of(1)  # dist gathers over the data axis
+
+  def metrics_of(m, z):
+    loss = lambda z: getattr(m, phase)(_outputs(z), labels, jnp.int32(5))[1]
+    return jax.jit(jax.shard_map(loss, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))(z)
+
+  raw_on, raw_off, standardized_off = (
+      metrics_of(on, logits),
+      metrics_of(off, logits),
+      metrics_of(off, standardized),
+  )
+  for key in raw_on:
+    expected = standardized_off[key] if key in distillation_keys else raw_off[key]
+    np.testing.assert_allclose(raw_on[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
+  for key in distillation_keys:
+    assert abs(float(raw_on[key]) - float(raw_off[key])) > 1e-4, key
 
 
 def test_dml_with_three_peers():

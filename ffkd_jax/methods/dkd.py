@@ -52,8 +52,8 @@ class DKD(TeacherStudent):
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
     dkd = dkd_loss(
-        student.logits,
-        jax.lax.stop_gradient(teacher.logits),
+        self.distillation_logits(student.logits),
+        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
         labels,
         self.alpha,
         self.beta,
