@@ -62,7 +62,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's INFO lines
 
 from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
-METHODS = ('ce', 'kd', 'dkd', 'dist', 'rkd', 'fkd', 'fkd_cka', 'fkd_fbkd', 'ffkd')
+METHODS = ('ce', 'kd', 'dkd', 'dist', 'rkd', 'cd', 'fkd', 'fkd_cka', 'fkd_fbkd', 'ffkd')
 VAL_FRACTION = 0.1
 
 # cpu preset: a teacher of 5 epochs and students of 2, so that feedback has a trained teacher to

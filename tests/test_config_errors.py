@@ -160,6 +160,8 @@ def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, val
         ('checkpoint_every_steps', -1),
         ('kd.temperature', 0.0),
         ('dkd.temperature', -1.0),
+        ('cd.temperature', 0.0),
+        ('cd.edt_factor', -0.9),
         ('ffkd.temperature', -4.0),
         ('dist.temperature', math.inf),
         ('ffkd.teacher_lr_scale', 0.0),
@@ -179,6 +181,8 @@ def test_values_that_must_be_positive(tmp_path, data_path, field, value):
     'field, value, valid',
     [
         ('dkd.warmup_steps', 0, 'it must be >= 1'),
+        ('cd.edt_boundary_steps', (200, 100), 'increasing integer global steps >= 0'),
+        ('cd.edt_boundary_steps', (-1,), 'increasing integer global steps >= 0'),
     ],
 )
 def test_bad_values_of_a_method_block(data_path, field, value, valid):

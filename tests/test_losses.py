@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffkd_jax.losses import at, cc, classification, dist, dkd, ffkd, fitnet, ickd, iekd, mutual, rkd, sp
+from ffkd_jax.losses import at, cc, cd, classification, dist, dkd, ffkd, fitnet, ickd, iekd
+from ffkd_jax.losses import mutual, rkd, sp
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -185,6 +186,102 @@ def test_dkd_is_stable_and_its_gradients_are_sane():
     dkd.dkd_loss(student, teacher[:, :3], labels, 1.0, 8.0, 4.0)
   with pytest.raises(ValueError, match='at least 2 classes'):
     dkd.dkd_loss(student[:, :1], teacher[:, :1], labels * 0, 1.0, 8.0, 4.0)
+
+
+# ---- CD (wp502/SKD-RSL zoo/CD.py) ---------------------------------------------------------
+
+
+def np_cd_loss(stu_features, tea_features):
+  """A NumPy transcription of zoo/CD.py's CDLoss.forward on NCHW maps (after each Embed)."""
+  loss = 0.0
+  for s, t in zip(stu_features, tea_features):
+    s = s.mean(axis=(2, 3))
+    t = t.mean(axis=(2, 3))
+    loss += np.mean((s - t) ** 2)
+  return loss
+
+
+def np_kd_loss_v2(stu_pred, tea_pred, label, T):
+  """A NumPy transcription of zoo/CD.py's KDLossv2.forward (guided KD)."""
+  s = np_log_softmax(stu_pred / T)
+  t = np_softmax(tea_pred / T)
+  t_argmax = np.argmax(t, axis=1)
+  mask = (label == t_argmax).astype(np.float64)
+  count = mask[mask == 1].shape[0]
+  mask = mask[:, None]
+  correct_s = s * mask
+  correct_t = t * mask
+  correct_t[correct_t == 0.0] = 1.0
+  return np_kl_div_sum(correct_s, correct_t) * T**2 / count
+
+
+def to_nhwc(x):
+  return np.transpose(x, (0, 2, 3, 1))
+
+
+def test_channel_distillation_loss_against_skd_rsl():
+  rng = rng_for(33)
+  # Two stage pairs, NCHW as the reference; spatial sizes differ within a pair.
+  students = [rng.normal(size=(4, 6, 4, 4)), rng.normal(size=(4, 3, 2, 2)) * 2]
+  teachers = [rng.normal(size=(4, 6, 2, 2)) + 0.5, rng.normal(size=(4, 3, 1, 1))]
+  expected = np_cd_loss(students, teachers)
+  got = sum(
+      cd.channel_distillation_loss(to_nhwc(s), to_nhwc(t)) for s, t in zip(students, teachers)
+  )
+  np.testing.assert_allclose(got, expected, rtol=RTOL)
+  # Only channel means count: a spatial permutation changes nothing.
+  s = jnp.asarray(to_nhwc(students[0]), jnp.float32)
+  t = jnp.asarray(to_nhwc(teachers[0]), jnp.float32)
+  np.testing.assert_allclose(
+      cd.channel_distillation_loss(s[:, ::-1, ::-1], t),
+      cd.channel_distillation_loss(s, t),
+      rtol=1e-6,
+  )
+  g_s, g_t = jax.grad(cd.channel_distillation_loss, argnums=(0, 1))(s, t)
+  assert np.any(np.asarray(g_s) != 0) and np.any(np.asarray(g_t) != 0)
+  g_stopped = jax.grad(lambda t: cd.channel_distillation_loss(s, jax.lax.stop_gradient(t)))(t)
+  assert not np.any(np.asarray(g_stopped))
+  with pytest.raises(ValueError, match='embed the student'):
+    cd.channel_distillation_loss(s[..., :2], t)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_guided_kd_against_skd_rsl(temperature):
+  rng = rng_for(34)
+  student = rng.normal(size=(10, 5)) * 2
+  teacher = rng.normal(size=(10, 5)) * 3
+  labels = rng.integers(0, 5, size=10)
+  labels[:6] = np.argmax(teacher[:6], axis=1)  # the teacher is right on (at least) 6 examples
+  expected = np_kd_loss_v2(student, teacher, labels, temperature)
+  loss, metrics = cd.guided_kd_loss(student, teacher, labels, temperature)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics['teacher_correct'], np.mean(labels == teacher.argmax(1)))
+
+
+def test_guided_kd_reads_the_correct_examples_only_and_guards_count_zero():
+  rng = rng_for(35)
+  student = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  teacher = jnp.asarray(rng.normal(size=(6, 4)) * 3, jnp.float32)
+  right = jnp.argmax(teacher, axis=1)
+  labels = right.at[3:].set((right[3:] + 1) % 4)  # wrong on examples 3, 4, 5
+  loss_fn = lambda s, t, y: cd.guided_kd_loss(s, t, y, 4.0)[0]
+  g_student, g_teacher = jax.grad(loss_fn, argnums=(0, 1))(student, teacher, labels)
+  assert np.all(np.any(np.asarray(g_student[:3]) != 0, axis=1))
+  assert not np.any(np.asarray(g_student[3:]))  # the teacher's mistakes are not imitated
+  assert np.any(np.asarray(g_teacher) != 0)  # used as given: the caller stops it
+  g_stopped = jax.grad(lambda t: loss_fn(student, jax.lax.stop_gradient(t), labels))(teacher)
+  assert not np.any(np.asarray(g_stopped))
+  # Equal to KD over the correct examples alone.
+  np.testing.assert_allclose(
+      loss_fn(student, teacher, labels),
+      classification.softened_kl(teacher[:3], student[:3], 4.0),
+      rtol=1e-5,
+  )
+  # The teacher wrong everywhere: the loss is 0 (the reference: 0 / 0), gradients finite.
+  all_wrong = (right + 1) % 4
+  value, grad = jax.value_and_grad(loss_fn)(student, teacher, all_wrong)
+  assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
+  assert float(cd.guided_kd_loss(student, teacher, all_wrong, 4.0)[1]['teacher_correct']) == 0.0
 
 
 # ---- DIST ---------------------------------------------------------------------------------
@@ -463,6 +560,8 @@ def test_every_loss_jits():
       (ffkd.feedback_channel_loss, (scores, stage_losses)),
       (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
       (lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0), tuple(logits)),
+      (cd.channel_distillation_loss, tuple(maps)),
+      (lambda s, t: cd.guided_kd_loss(s, t, labels, 4.0)[0], tuple(logits)),
       (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
       (cc.cc_loss, tuple(maps)),
       (sp.sp_loss, tuple(maps)),

@@ -182,7 +182,7 @@ def assert_same_runs(run_a, run_b):
       np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize('method', ['dkd'])
+@pytest.mark.parametrize('method', ['dkd', 'cd'])
 def test_four_devices_equal_one_device(method):
   """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16."""
   assert_same_runs(run(method_config(method), 1), run(method_config(method), 4))
@@ -199,6 +199,29 @@ def test_dkd_warms_up_per_step():
   assert float(method.warmup(jnp.int32(0))) == pytest.approx(1 / 15640)
   assert float(method.warmup(jnp.int32(15639))) == 1.0
   assert float(method.warmup(jnp.int32(10**6))) == 1.0
+
+
+def test_cd_pairs_embeds_and_early_decay():
+  _, states, (first, _) = two_device_run('cd')
+  assert 0 <= first['cd/teacher_correct'] <= 1 and first['loss/student_cd'] > 0
+  assert first['cd/weight'] == 1.0  # no EDT by default
+  # One embedding (1x1 conv without bias + batch norm) per aligned stage pair.
+  heads = states[0].roles['student'].params['heads']
+  assert sorted(heads) == [f'connector_stage{k}-stage{k}' for k in (1, 2, 3)]
+  assert sorted(heads['connector_stage1-stage1']['conv']) == ['kernel']
+  config = method_config('cd')
+  shapes = {'teacher': _shapes((8, 8), (4, 16)), 'student': _shapes((8, 4), (4, 8))}
+  config.cd.edt, config.cd.edt_boundary_steps = True, (10, 20)
+  method = methods.create_method(config, shapes)
+  weights = [float(method.cd_weight_at(jnp.int32(s))) for s in (0, 9, 10, 19, 20, 10**6)]
+  np.testing.assert_allclose(weights, [1, 1, 0.9, 0.9, 0.81, 0.81], rtol=1e-6)
+  assert method.layer_pairs == (('stage1', 'stage1'), ('stage2', 'stage2'))
+  defaults = cifar100_distill.get_config('cd').cd
+  assert (defaults.edt, defaults.edt_factor, tuple(defaults.edt_boundary_steps)) == (
+      False,
+      0.9,
+      (60 * 782, 160 * 782),
+  )
 
 
 def _outputs(logits_by_role):
