@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.warmup_epochs = 0.0
 
   # Logit standardisation (Sun et al., CVPR 2024): every logit-distillation term (the KL of kd,
-  # dkd, cc, ickd, ffkd and its presets, cd's guided KD, dist, dml and iedml's mutual KL)
+  # dkd, cc, ickd, ccs, ffkd and its presets, cd's guided KD, dist, dml and iedml's mutual KL)
   # compares z-scored logits, (z - mean) / (1e-7 + std) over classes; CE stays on the raw
   # logits. No weight changes with it: that paper's CIFAR runs also set the temperature to 2
   # and the KD weight to 9 (ffkd_jax/methods/base.py, Method.distillation_logits).
@@ -93,6 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
   )
   config.iekd = iekd_config()
   config.cd = cd_config()
+  # CCS (ffkd_jax/methods/ccs.py): wp502/SKD-RSL train_student.py's argument defaults (its alpha,
+  # beta, gamma: the CE, KD and CCS weights; kd_T 4); every stage after the stem, deepest aligned.
+  config.ccs = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, kd_weight=1.0, ccs_weight=1.0, temperature=4.0, layer_pairs='auto')
+  )
   # Online methods: peers trained together from scratch. `models`: comma-separated model names
   # ('' = two copies of config.model).
   # DML's update: 'alternating' (the paper's, one peer after the other) or 'synchronous'.

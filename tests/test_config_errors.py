@@ -162,6 +162,7 @@ def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, val
         ('dkd.temperature', -1.0),
         ('cd.temperature', 0.0),
         ('cd.edt_factor', -0.9),
+        ('ccs.temperature', math.nan),
         ('ffkd.temperature', -4.0),
         ('dist.temperature', math.inf),
         ('ffkd.teacher_lr_scale', 0.0),

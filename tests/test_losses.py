@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffkd_jax.losses import at, cc, cd, classification, dist, dkd, ffkd, fitnet, ickd, iekd
-from ffkd_jax.losses import mutual, rkd, sp
+from ffkd_jax.losses import at, cc, ccs, cd, classification, dist, dkd, ffkd, fitnet, ickd
+from ffkd_jax.losses import iekd, mutual, rkd, sp
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -282,6 +282,86 @@ def test_guided_kd_reads_the_correct_examples_only_and_guards_count_zero():
   value, grad = jax.value_and_grad(loss_fn)(student, teacher, all_wrong)
   assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
   assert float(cd.guided_kd_loss(student, teacher, all_wrong, 4.0)[1]['teacher_correct']) == 0.0
+
+
+# ---- CCS (wp502/SKD-RSL zoo/CCS_2.py) -----------------------------------------------------
+
+
+def np_euclidean_dist_fm_inter(fm, eps=1e-12):
+  """zoo/CCS_2.py euclidean_dist_fm_inter(fm, squared=True) on an NCHW map."""
+  n, c = fm.shape[:2]
+  fm = fm.reshape(n, c, -1)
+  fm_square = (fm**2).sum(axis=2)
+  fm_prod = fm @ fm.transpose(0, 2, 1)
+  fm_dist = np.maximum(fm_square[:, None, :] + fm_square[:, :, None] - 2 * fm_prod, eps)
+  fm_dist = fm_dist.copy()
+  fm_dist[:, range(c), range(c)] = 0
+  return fm_dist / fm_dist.max()
+
+
+def np_euclidean_dist_fm_intra(fm, eps=1e-12):
+  """zoo/CCS_2.py euclidean_dist_fm_intra(fm, squared=True) on an NCHW map."""
+  fm = fm.reshape(fm.shape[0], -1)
+  fm_square = (fm**2).sum(axis=1)
+  fm_prod = fm @ fm.T
+  fm_dist = np.maximum(fm_square[None, :] + fm_square[:, None] - 2 * fm_prod, eps)
+  fm_dist = fm_dist.copy()
+  fm_dist[range(len(fm)), range(len(fm))] = 0
+  return fm_dist / fm_dist.max()
+
+
+def np_ccs_loss(fm_s1, fm_t1):
+  """zoo/CCS_2.py ccs_loss: w_intra mse(intra) + w_inter mse(inter), both weights 1."""
+  loss_inter = np.mean((np_euclidean_dist_fm_inter(fm_s1) - np_euclidean_dist_fm_inter(fm_t1)) ** 2)
+  loss_intra = np.mean((np_euclidean_dist_fm_intra(fm_s1) - np_euclidean_dist_fm_intra(fm_t1)) ** 2)
+  return loss_intra + loss_inter
+
+
+def test_ccs_against_skd_rsl():
+  rng = rng_for(36)
+  # Two stage pairs, NCHW as the reference; spatial sizes may differ within a pair.
+  students = [rng.normal(size=(5, 4, 3, 3)), rng.normal(size=(5, 6, 2, 2)) * 3 + 1]
+  teachers = [rng.normal(size=(5, 4, 2, 2)) * 2, np.abs(rng.normal(size=(5, 6, 2, 2)))]
+  expected = sum(np_ccs_loss(s, t) for s, t in zip(students, teachers))
+  got = sum(ccs.ccs_loss(to_nhwc(s), to_nhwc(t)) for s, t in zip(students, teachers))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      ccs.channel_distances(to_nhwc(students[0])),
+      np_euclidean_dist_fm_inter(students[0]),
+      rtol=1e-5,
+      atol=1e-7,
+  )
+  np.testing.assert_allclose(
+      ccs.example_distances(to_nhwc(students[0])),
+      np_euclidean_dist_fm_intra(students[0]),
+      rtol=1e-5,
+      atol=1e-7,
+  )
+
+
+def test_ccs_invariances_and_gradients():
+  rng = rng_for(37)
+  s = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 2, 2, 5)), jnp.float32)
+  base = ccs.ccs_loss(s, t)
+  # One scale for the whole batch (the largest distance) and spatial order do not count.
+  np.testing.assert_allclose(ccs.ccs_loss(7.0 * s, t), base, rtol=1e-4)
+  np.testing.assert_allclose(ccs.ccs_loss(s[:, ::-1, ::-1], t), base, rtol=1e-5)
+  np.testing.assert_allclose(ccs.ccs_loss(s, s), 0.0, atol=1e-7)
+  g_s, g_t = jax.grad(ccs.ccs_loss, argnums=(0, 1))(s, t)
+  assert np.all(np.isfinite(g_s)) and np.any(np.asarray(g_s) != 0)
+  assert np.any(np.asarray(g_t) != 0)
+  g_stopped = jax.grad(lambda t: ccs.ccs_loss(s, jax.lax.stop_gradient(t)))(t)
+  assert not np.any(np.asarray(g_stopped))
+  # Duplicated examples (a clamped zero distance) and a batch of one stay finite.
+  duplicated = jnp.concatenate([s[:2], s[:2]])
+  value, grad = jax.value_and_grad(ccs.ccs_loss)(duplicated, t)
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
+  value, grad = jax.value_and_grad(ccs.ccs_loss)(s[:1], t[:1])
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(ccs.example_distances(s[:1]), 0.0)
+  with pytest.raises(ValueError, match='embed the student'):
+    ccs.ccs_loss(s[..., :2], t)
 
 
 # ---- DIST ---------------------------------------------------------------------------------
@@ -561,6 +641,7 @@ def test_every_loss_jits():
       (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
       (lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0), tuple(logits)),
       (cd.channel_distillation_loss, tuple(maps)),
+      (ccs.ccs_loss, tuple(maps)),
       (lambda s, t: cd.guided_kd_loss(s, t, labels, 4.0)[0], tuple(logits)),
       (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
       (cc.cc_loss, tuple(maps)),

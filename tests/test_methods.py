@@ -182,7 +182,7 @@ def assert_same_runs(run_a, run_b):
       np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize('method', ['dkd', 'cd'])
+@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs'])
 def test_four_devices_equal_one_device(method):
   """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16."""
   assert_same_runs(run(method_config(method), 1), run(method_config(method), 4))
@@ -222,6 +222,15 @@ def test_cd_pairs_embeds_and_early_decay():
       0.9,
       (60 * 782, 160 * 782),
   )
+
+
+def test_ccs_embeds_every_aligned_stage_pair():
+  _, states, (first, _) = two_device_run('ccs')
+  assert first['loss/student_ccs'] > 0 and first['loss/student_kd'] > 0
+  heads = states[0].roles['student'].params['heads']
+  assert sorted(heads) == [f'connector_stage{k}-stage{k}' for k in (1, 2, 3)]
+  assert sorted(heads['connector_stage3-stage3']) == ['bn', 'conv']
+  assert sorted(heads['connector_stage3-stage3']['conv']) == ['kernel']  # no bias
 
 
 def _outputs(logits_by_role):
@@ -390,7 +399,20 @@ def test_cifar100_distill_config(method):
 
 
 def test_registry_lists_every_method_and_presets():
-  assert set(METHODS) >= {'kd', 'dkd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd'}
+  assert set(METHODS) >= {
+      'kd',
+      'dkd',
+      'dist',
+      'rkd',
+      'cc',
+      'fitnet',
+      'at',
+      'sp',
+      'ickd',
+      'iekd',
+      'cd',
+      'ccs',
+  }
   assert set(ONLINE) == {'dml', 'iedml'}
 
 

@@ -7,6 +7,7 @@ Adding a method: a loss file (ffkd_jax/losses/), a method file (here), a config 
 from ffkd_jax.methods.at import AT
 from ffkd_jax.methods.base import FeatureShapes, Method, Role, RoleOutput, gather
 from ffkd_jax.methods.cc import CC
+from ffkd_jax.methods.ccs import CCS
 from ffkd_jax.methods.cd import CD
 from ffkd_jax.methods.ce import CrossEntropy
 from ffkd_jax.methods.dist import DIST
@@ -36,6 +37,7 @@ _REGISTRY = {
     'ickd': ICKD,
     'iekd': IEKD,
     'cd': CD,
+    'ccs': CCS,
     # Online: peers trained together from scratch.
     'dml': DML,
     'iedml': IEDML,

@@ -35,9 +35,10 @@ Departures from the code, and why:
   - Pairs: the code takes exactly the last 4 of feat[1:-1] (`select_interlayer_amount(...,
     4)` asserts 4, so a 3-stage CIFAR ResNet fails there); here every aligned stage pair, or
     `layer_pairs`.
-  - GKD on the global batch (its count and sum over every device's rows); count = 0 gives 0
-    where the code gives NaN (ffkd_jax/losses/cd.py). The CD term is a per-example mean,
-    taken locally.
+  - count = 0 (the teacher wrong on the whole batch) gives a GKD of 0 where the code gives NaN
+    (ffkd_jax/losses/cd.py).
+GKD is a ratio over the batch, so it is taken on the global batch (its count and sum over every
+device's rows: the code's batch on its one GPU); CE and the CD term are per-example means, local.
 The teacher is frozen and pre-trained.
 """
 
@@ -48,7 +49,7 @@ from ffkd_jax.losses.cd import channel_distillation_loss, guided_kd_loss
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.base import gather
 from ffkd_jax.methods.common import TeacherStudent, check_positive, check_temperatures
-from ffkd_jax.methods.connectors import ConnectorHeads
+from ffkd_jax.methods.connectors import channel_embeddings
 from ffkd_jax.methods.pairs import aligned_stage_pairs, pair_key, resolve_pairs
 from ffkd_jax.parallel import DATA_AXIS
 
@@ -69,17 +70,6 @@ def check_boundary_steps(config, field: str) -> None:
         f'config.{field}={value!r} is not valid: give increasing integer global steps >= 0, '
         'e.g. (46920, 125120).'
     )
-
-
-def student_embeddings(feature_shapes, layer_pairs) -> ConnectorHeads:
-  """Per pair a 1x1 conv + batch norm from the student's channels to the teacher's, at the
-  student's spatial size (zoo/CD.py's and zoo/CCS_2.py's `Embed`); {'<pair key>': map}."""
-  pairs = []
-  for t_name, s_name in layer_pairs:
-    h, w = feature_shapes['student'][s_name].shape[1:3]
-    channels = feature_shapes['teacher'][t_name].shape[-1]
-    pairs.append((pair_key((t_name, s_name)), s_name, (h, w, channels)))
-  return ConnectorHeads(tuple(pairs), axis_name=DATA_AXIS)
 
 
 class CD(TeacherStudent):
@@ -105,7 +95,7 @@ class CD(TeacherStudent):
   def heads(self, role):
     if role != 'student':
       return None
-    return student_embeddings(self.feature_shapes, self.layer_pairs)
+    return channel_embeddings(self.feature_shapes, self.layer_pairs, DATA_AXIS)
 
   def cd_weight_at(self, step: jax.Array) -> jax.Array:
     """The CD weight at global step `step`: cd_weight, times edt_factor^(boundaries passed)
