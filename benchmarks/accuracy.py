@@ -45,6 +45,8 @@ jobs, load average ~5.8; FLOPs from XLA's cost analysis of each step at batch 12
   to 1.24 s (ffkd) per student step, and projects 2.14 h (mean steps) / 2.00 h (fastest).
   The table then took 1 h 46 min (benchmarks/results/acc-cpu-2026-11-23/timings.txt): the
   evaluations cost less than the 1/3-of-a-step-per-image guess.
+  This sizing predates dkd, cd and ccs in METHODS (not measured here): with them the table takes
+  longer; `--methods` runs a subset.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's INFO lines
 
 from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
-METHODS = ('ce', 'kd', 'dist', 'rkd', 'fkd', 'fkd_cka', 'fkd_fbkd', 'ffkd')
+METHODS = ('ce', 'kd', 'dkd', 'dist', 'rkd', 'cd', 'ccs', 'fkd', 'fkd_cka', 'fkd_fbkd', 'ffkd')
 VAL_FRACTION = 0.1
 
 # cpu preset: a teacher of 5 epochs and students of 2, so that feedback has a trained teacher to

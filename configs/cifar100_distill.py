@@ -10,8 +10,8 @@ wrn_40_2->wrn_40_1, resnet56->resnet20, resnet110->resnet32, vgg13->vgg8,
 vgg13->mobilenetv2, resnet32x4->shufflenetv1, resnet32x4->shufflenetv2.
 The student's learning rate follows the teacher protocol (0.01 for MobileNetV2 and ShuffleNets).
 
-Methods: see `ffkd_jax.methods.available_methods()` (ffkd and its presets, kd, dist, rkd, cc,
-fitnet, at, sp, ickd, iekd, dml, iedml). The online methods (dml, iedml) train the pair from
+Methods: see `ffkd_jax.methods.available_methods()` (ffkd and its presets, kd, dkd, dist, rkd,
+cc, fitnet, at, sp, ickd, iekd, cd, ccs, dml, iedml). The online methods (dml, iedml) train the pair from
 scratch as peers: peer0 = the student (reported as eval/top1), peer1 = the teacher's
 architecture; they need no teacher checkpoint.
 """

@@ -55,8 +55,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_factor = 0.1
   config.optimizer.warmup_epochs = 0.0
 
+  # Logit standardisation (Sun et al., CVPR 2024): every logit-distillation term (the KL of kd,
+  # dkd, cc, ickd, ccs, ffkd and its presets, cd's guided KD, dist, dml and iedml's mutual KL)
+  # compares z-scored logits, (z - mean) / (1e-7 + std) over classes; CE stays on the raw
+  # logits. No weight changes with it: that paper's CIFAR runs also set the temperature to 2
+  # and the KD weight to 9 (ffkd_jax/methods/base.py, Method.distillation_logits).
+  config.logit_standardization = False
+
   # Distillation recipes; only the block of the selected method is read.
   config.kd = ml_collections.ConfigDict(dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9))
+  # DKD (ffkd_jax/methods/dkd.py): mdistiller's CFG.DKD; its 20 warm-up epochs as a per-step
+  # ramp of 20 x 782 steps (CIFAR-100 at batch 64).
+  config.dkd = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_steps=15640)
+  )
   config.dist = ml_collections.ConfigDict(
       dict(temperature=4.0, beta=1.0, gamma=1.0, ce_weight=1.0, kd_weight=2.0)
   )
@@ -80,6 +92,12 @@ def get_config() -> ml_collections.ConfigDict:
       dict(ce_weight=1.0, at_weight=1000.0, p=2.0, layer_pairs='auto')
   )
   config.iekd = iekd_config()
+  config.cd = cd_config()
+  # CCS (ffkd_jax/methods/ccs.py): wp502/SKD-RSL train_student.py's argument defaults (its alpha,
+  # beta, gamma: the CE, KD and CCS weights; kd_T 4); every stage after the stem, deepest aligned.
+  config.ccs = ml_collections.ConfigDict(
+      dict(ce_weight=1.0, kd_weight=1.0, ccs_weight=1.0, temperature=4.0, layer_pairs='auto')
+  )
   # Online methods: peers trained together from scratch. `models`: comma-separated model names
   # ('' = two copies of config.model).
   # DML's update: 'alternating' (the paper's, one peer after the other) or 'synchronous'.
@@ -138,6 +156,21 @@ def iekd_config() -> ml_collections.ConfigDict:
   c.code_channels = -1  # <= 0: half the teacher feature's channels
   c.teacher_feature = ''  # '' = the last stage output
   c.student_feature = ''
+  return c
+
+
+def cd_config() -> ml_collections.ConfigDict:
+  """CD (ffkd_jax/methods/cd.py): wp502/SKD-RSL train_student.py's argument defaults."""
+  c = ml_collections.ConfigDict()
+  c.layer_pairs = 'auto'  # 'auto': every stage after the stem, deepest aligned
+  c.temperature = 4.0  # the code's kd_T
+  c.ce_weight = 1.0  # the code's alpha
+  c.kd_weight = 1.0  # the code's beta: guided KD (the teacher's correct examples only)
+  c.cd_weight = 1.0  # the code's gamma: the channel-mean distance of every stage pair
+  c.edt = False  # the code's cd_is_edt: early decay of cd_weight
+  c.edt_factor = 0.9  # the code's cd_loss_factor
+  # cd_weight x edt_factor^(boundaries passed); the code's CIFAR epochs 60 and 160 at 782 steps.
+  c.edt_boundary_steps = (46920, 125120)
   return c
 
 

@@ -159,6 +159,10 @@ def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, val
         ('batch_size', 0),
         ('checkpoint_every_steps', -1),
         ('kd.temperature', 0.0),
+        ('dkd.temperature', -1.0),
+        ('cd.temperature', 0.0),
+        ('cd.edt_factor', -0.9),
+        ('ccs.temperature', math.nan),
         ('ffkd.temperature', -4.0),
         ('dist.temperature', math.inf),
         ('ffkd.teacher_lr_scale', 0.0),
@@ -172,6 +176,24 @@ def test_values_that_must_be_positive(tmp_path, data_path, field, value):
   fails_with(
       config, tmp_path, f'config.{field}={value!r} is not valid', 'must be a finite number > 0'
   )
+
+
+@pytest.mark.parametrize(
+    'field, value, valid',
+    [
+        ('dkd.warmup_steps', 0, 'it must be >= 1'),
+        ('cd.edt_boundary_steps', (200, 100), 'increasing integer global steps >= 0'),
+        ('cd.edt_boundary_steps', (-1,), 'increasing integer global steps >= 0'),
+    ],
+)
+def test_bad_values_of_a_method_block(data_path, field, value, valid):
+  """A method checks its own block when selected: the field, the value, what is valid."""
+  config = config_with(data_path, **{field.replace('.', '__'): value})
+  config.method = field.split('.')[0]
+  with pytest.raises(ValueError) as error:
+    config_checks.validate(config)
+  assert f'config.{field}={value!r} is not valid' in str(error.value)
+  assert valid in str(error.value)
 
 
 @pytest.mark.parametrize('epochs', [0.0, -3.0])

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffkd_jax.losses import at, cc, classification, dist, ffkd, fitnet, ickd, iekd, mutual, rkd, sp
+from ffkd_jax.losses import at, cc, ccs, cd, classification, dist, dkd, ffkd, fitnet, ickd
+from ffkd_jax.losses import iekd, mutual, rkd, sp
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -75,6 +76,292 @@ def test_top_k_correct_against_numpy_and_ties():
   np.testing.assert_array_equal(
       classification.top_k_correct(constant, np.array([0, 1, 2, 0]), 1), [1, 0, 0, 1]
   )
+
+
+def test_standardize_logits_against_numpy_and_invariances():
+  """sunshangquan/logit-standardization-KD's `normalize`: (z - mean) / (1e-7 + std), PyTorch's
+  unbiased std over the classes."""
+  rng = rng_for(3)
+  z = rng.normal(size=(5, 7)) * 4 + 2
+  expected = (z - z.mean(axis=-1, keepdims=True)) / (1e-7 + z.std(axis=-1, ddof=1, keepdims=True))
+  got = classification.standardize_logits(z)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.std(got, axis=-1, ddof=1), 1.0, rtol=1e-5)
+  # A per-example positive scale and shift of the logits changes nothing.
+  scale, shift = rng.uniform(0.1, 10.0, size=(5, 1)), rng.normal(size=(5, 1)) * 10
+  np.testing.assert_allclose(
+      classification.standardize_logits(z * scale + shift), expected, rtol=1e-4, atol=1e-5
+  )
+  # Constant logits: zeros, finite gradients.
+  constant = jnp.ones((2, 4), jnp.float32)
+  np.testing.assert_array_equal(classification.standardize_logits(constant), 0.0)
+  grad = jax.grad(lambda x: jnp.sum(classification.standardize_logits(x) ** 3))(constant)
+  assert np.all(np.isfinite(grad))
+  with pytest.raises(ValueError, match='at least 2 classes'):
+    classification.standardize_logits(z[:, :1])
+
+
+# ---- DKD ----------------------------------------------------------------------------------
+
+
+def np_log_softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_kl_div_sum(input_log_prob, target_prob):
+  """PyTorch's F.kl_div(input, target, reduction='sum'): sum of target (log target - input),
+  with 0 where target == 0."""
+  safe = np.where(target_prob > 0, target_prob, 1.0)
+  return np.sum(np.where(target_prob > 0, target_prob * (np.log(safe) - input_log_prob), 0.0))
+
+
+def np_mdistiller_dkd(logits_student, logits_teacher, target, alpha, beta, temperature):
+  """A NumPy transcription of megvii-research/mdistiller, mdistiller/distillers/DKD.py
+  `dkd_loss` (its masks, cat_mask, log of the two summed probabilities, the -1000 mask)."""
+  n, k = logits_student.shape
+  gt_mask = np.zeros((n, k))
+  gt_mask[np.arange(n), target] = 1.0
+  other_mask = 1.0 - gt_mask
+
+  def cat_mask(t):
+    return np.stack([(t * gt_mask).sum(axis=1), (t * other_mask).sum(axis=1)], axis=1)
+
+  pred_student = cat_mask(np_softmax(logits_student / temperature))
+  pred_teacher = cat_mask(np_softmax(logits_teacher / temperature))
+  tckd = np_kl_div_sum(np.log(pred_student), pred_teacher) * temperature**2 / n
+  pred_teacher_part2 = np_softmax(logits_teacher / temperature - 1000.0 * gt_mask)
+  log_pred_student_part2 = np_log_softmax(logits_student / temperature - 1000.0 * gt_mask)
+  nckd = np_kl_div_sum(log_pred_student_part2, pred_teacher_part2) * temperature**2 / n
+  return alpha * tckd + beta * nckd
+
+
+@pytest.mark.parametrize('alpha, beta, tau', [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0), (1.0, 0.0, 2.0)])
+def test_dkd_against_mdistiller(alpha, beta, tau):
+  rng = rng_for(30)
+  student = rng.normal(size=(6, 7)) * 3
+  teacher = rng.normal(size=(6, 7)) * 3
+  labels = rng.integers(0, 7, size=6)
+  expected = np_mdistiller_dkd(student, teacher, labels, alpha, beta, tau)
+  got = dkd.dkd_loss(student, teacher, labels, alpha, beta, tau)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  tckd, nckd = dkd.decoupled_kl(student, teacher, labels, tau)
+  np.testing.assert_allclose(alpha * tckd + beta * nckd, expected, rtol=1e-5)
+
+
+def test_dkd_decomposes_kd_per_example():
+  """KD = TCKD + (1 - p_T,y) NCKD for each example (the paper's identity)."""
+  rng = rng_for(31)
+  student = rng.normal(size=(5, 6)) * 2
+  teacher = rng.normal(size=(5, 6)) * 2
+  labels = rng.integers(0, 6, size=5)
+  tau = 4.0
+  for i in range(5):
+    s, t, y = student[i : i + 1], teacher[i : i + 1], labels[i : i + 1]
+    tckd, nckd = dkd.decoupled_kl(s, t, y, tau)
+    p_target = np_softmax(t[0] / tau)[y[0]]
+    kd = classification.softened_kl(t, s, tau)
+    np.testing.assert_allclose(tckd + (1 - p_target) * nckd, kd, rtol=1e-5)
+
+
+def test_dkd_is_stable_and_its_gradients_are_sane():
+  rng = rng_for(32)
+  labels = jnp.asarray([0, 1, 2, 3])
+  # Logits so confident that p_y rounds to 1 (mdistiller's log(1 - p_y) would be log 0).
+  student = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32) + 1e4 * jax.nn.one_hot(labels, 5)
+  teacher = jnp.asarray(rng.normal(size=(4, 5)) * 3, jnp.float32)
+  loss_fn = lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0)
+  value, (g_student, g_teacher) = jax.value_and_grad(loss_fn, argnums=(0, 1))(student, teacher)
+  assert np.isfinite(value) and value > 0
+  assert np.all(np.isfinite(g_student)) and np.all(np.isfinite(g_teacher))
+  # The teacher is used as given: it gets a gradient unless the caller stops it.
+  assert np.any(np.asarray(g_teacher) != 0)
+  g_stopped = jax.grad(lambda t: loss_fn(student, jax.lax.stop_gradient(t)))(teacher)
+  assert not np.any(np.asarray(g_stopped))
+  # A student equal to its teacher is a minimum: zero loss, zero gradient.
+  value, grad = jax.value_and_grad(loss_fn)(teacher, teacher)
+  np.testing.assert_allclose(value, 0.0, atol=1e-6)
+  np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match=r'\(4, 5\), \(4, 3\)'):
+    dkd.dkd_loss(student, teacher[:, :3], labels, 1.0, 8.0, 4.0)
+  with pytest.raises(ValueError, match='at least 2 classes'):
+    dkd.dkd_loss(student[:, :1], teacher[:, :1], labels * 0, 1.0, 8.0, 4.0)
+
+
+# ---- CD (wp502/SKD-RSL zoo/CD.py) ---------------------------------------------------------
+
+
+def np_cd_loss(stu_features, tea_features):
+  """A NumPy transcription of zoo/CD.py's CDLoss.forward on NCHW maps (after each Embed)."""
+  loss = 0.0
+  for s, t in zip(stu_features, tea_features):
+    s = s.mean(axis=(2, 3))
+    t = t.mean(axis=(2, 3))
+    loss += np.mean((s - t) ** 2)
+  return loss
+
+
+def np_kd_loss_v2(stu_pred, tea_pred, label, T):
+  """A NumPy transcription of zoo/CD.py's KDLossv2.forward (guided KD)."""
+  s = np_log_softmax(stu_pred / T)
+  t = np_softmax(tea_pred / T)
+  t_argmax = np.argmax(t, axis=1)
+  mask = (label == t_argmax).astype(np.float64)
+  count = mask[mask == 1].shape[0]
+  mask = mask[:, None]
+  correct_s = s * mask
+  correct_t = t * mask
+  correct_t[correct_t == 0.0] = 1.0
+  return np_kl_div_sum(correct_s, correct_t) * T**2 / count
+
+
+def to_nhwc(x):
+  return np.transpose(x, (0, 2, 3, 1))
+
+
+def test_channel_distillation_loss_against_skd_rsl():
+  rng = rng_for(33)
+  # Two stage pairs, NCHW as the reference; spatial sizes differ within a pair.
+  students = [rng.normal(size=(4, 6, 4, 4)), rng.normal(size=(4, 3, 2, 2)) * 2]
+  teachers = [rng.normal(size=(4, 6, 2, 2)) + 0.5, rng.normal(size=(4, 3, 1, 1))]
+  expected = np_cd_loss(students, teachers)
+  got = sum(
+      cd.channel_distillation_loss(to_nhwc(s), to_nhwc(t)) for s, t in zip(students, teachers)
+  )
+  np.testing.assert_allclose(got, expected, rtol=RTOL)
+  # Only channel means count: a spatial permutation changes nothing.
+  s = jnp.asarray(to_nhwc(students[0]), jnp.float32)
+  t = jnp.asarray(to_nhwc(teachers[0]), jnp.float32)
+  np.testing.assert_allclose(
+      cd.channel_distillation_loss(s[:, ::-1, ::-1], t),
+      cd.channel_distillation_loss(s, t),
+      rtol=1e-6,
+  )
+  g_s, g_t = jax.grad(cd.channel_distillation_loss, argnums=(0, 1))(s, t)
+  assert np.any(np.asarray(g_s) != 0) and np.any(np.asarray(g_t) != 0)
+  g_stopped = jax.grad(lambda t: cd.channel_distillation_loss(s, jax.lax.stop_gradient(t)))(t)
+  assert not np.any(np.asarray(g_stopped))
+  with pytest.raises(ValueError, match='embed the student'):
+    cd.channel_distillation_loss(s[..., :2], t)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_guided_kd_against_skd_rsl(temperature):
+  rng = rng_for(34)
+  student = rng.normal(size=(10, 5)) * 2
+  teacher = rng.normal(size=(10, 5)) * 3
+  labels = rng.integers(0, 5, size=10)
+  labels[:6] = np.argmax(teacher[:6], axis=1)  # the teacher is right on (at least) 6 examples
+  expected = np_kd_loss_v2(student, teacher, labels, temperature)
+  loss, metrics = cd.guided_kd_loss(student, teacher, labels, temperature)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics['teacher_correct'], np.mean(labels == teacher.argmax(1)))
+
+
+def test_guided_kd_reads_the_correct_examples_only_and_guards_count_zero():
+  rng = rng_for(35)
+  student = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  teacher = jnp.asarray(rng.normal(size=(6, 4)) * 3, jnp.float32)
+  right = jnp.argmax(teacher, axis=1)
+  labels = right.at[3:].set((right[3:] + 1) % 4)  # wrong on examples 3, 4, 5
+  loss_fn = lambda s, t, y: cd.guided_kd_loss(s, t, y, 4.0)[0]
+  g_student, g_teacher = jax.grad(loss_fn, argnums=(0, 1))(student, teacher, labels)
+  assert np.all(np.any(np.asarray(g_student[:3]) != 0, axis=1))
+  assert not np.any(np.asarray(g_student[3:]))  # the teacher's mistakes are not imitated
+  assert np.any(np.asarray(g_teacher) != 0)  # used as given: the caller stops it
+  g_stopped = jax.grad(lambda t: loss_fn(student, jax.lax.stop_gradient(t), labels))(teacher)
+  assert not np.any(np.asarray(g_stopped))
+  # Equal to KD over the correct examples alone.
+  np.testing.assert_allclose(
+      loss_fn(student, teacher, labels),
+      classification.softened_kl(teacher[:3], student[:3], 4.0),
+      rtol=1e-5,
+  )
+  # The teacher wrong everywhere: the loss is 0 (the reference: 0 / 0), gradients finite.
+  all_wrong = (right + 1) % 4
+  value, grad = jax.value_and_grad(loss_fn)(student, teacher, all_wrong)
+  assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
+  assert float(cd.guided_kd_loss(student, teacher, all_wrong, 4.0)[1]['teacher_correct']) == 0.0
+
+
+# ---- CCS (wp502/SKD-RSL zoo/CCS_2.py) -----------------------------------------------------
+
+
+def np_euclidean_dist_fm_inter(fm, eps=1e-12):
+  """zoo/CCS_2.py euclidean_dist_fm_inter(fm, squared=True) on an NCHW map."""
+  n, c = fm.shape[:2]
+  fm = fm.reshape(n, c, -1)
+  fm_square = (fm**2).sum(axis=2)
+  fm_prod = fm @ fm.transpose(0, 2, 1)
+  fm_dist = np.maximum(fm_square[:, None, :] + fm_square[:, :, None] - 2 * fm_prod, eps)
+  fm_dist = fm_dist.copy()
+  fm_dist[:, range(c), range(c)] = 0
+  return fm_dist / fm_dist.max()
+
+
+def np_euclidean_dist_fm_intra(fm, eps=1e-12):
+  """zoo/CCS_2.py euclidean_dist_fm_intra(fm, squared=True) on an NCHW map."""
+  fm = fm.reshape(fm.shape[0], -1)
+  fm_square = (fm**2).sum(axis=1)
+  fm_prod = fm @ fm.T
+  fm_dist = np.maximum(fm_square[None, :] + fm_square[:, None] - 2 * fm_prod, eps)
+  fm_dist = fm_dist.copy()
+  fm_dist[range(len(fm)), range(len(fm))] = 0
+  return fm_dist / fm_dist.max()
+
+
+def np_ccs_loss(fm_s1, fm_t1):
+  """zoo/CCS_2.py ccs_loss: w_intra mse(intra) + w_inter mse(inter), both weights 1."""
+  loss_inter = np.mean((np_euclidean_dist_fm_inter(fm_s1) - np_euclidean_dist_fm_inter(fm_t1)) ** 2)
+  loss_intra = np.mean((np_euclidean_dist_fm_intra(fm_s1) - np_euclidean_dist_fm_intra(fm_t1)) ** 2)
+  return loss_intra + loss_inter
+
+
+def test_ccs_against_skd_rsl():
+  rng = rng_for(36)
+  # Two stage pairs, NCHW as the reference; spatial sizes may differ within a pair.
+  students = [rng.normal(size=(5, 4, 3, 3)), rng.normal(size=(5, 6, 2, 2)) * 3 + 1]
+  teachers = [rng.normal(size=(5, 4, 2, 2)) * 2, np.abs(rng.normal(size=(5, 6, 2, 2)))]
+  expected = sum(np_ccs_loss(s, t) for s, t in zip(students, teachers))
+  got = sum(ccs.ccs_loss(to_nhwc(s), to_nhwc(t)) for s, t in zip(students, teachers))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      ccs.channel_distances(to_nhwc(students[0])),
+      np_euclidean_dist_fm_inter(students[0]),
+      rtol=1e-5,
+      atol=1e-7,
+  )
+  np.testing.assert_allclose(
+      ccs.example_distances(to_nhwc(students[0])),
+      np_euclidean_dist_fm_intra(students[0]),
+      rtol=1e-5,
+      atol=1e-7,
+  )
+
+
+def test_ccs_invariances_and_gradients():
+  rng = rng_for(37)
+  s = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 2, 2, 5)), jnp.float32)
+  base = ccs.ccs_loss(s, t)
+  # One scale for the whole batch (the largest distance) and spatial order do not count.
+  np.testing.assert_allclose(ccs.ccs_loss(7.0 * s, t), base, rtol=1e-4)
+  np.testing.assert_allclose(ccs.ccs_loss(s[:, ::-1, ::-1], t), base, rtol=1e-5)
+  np.testing.assert_allclose(ccs.ccs_loss(s, s), 0.0, atol=1e-7)
+  g_s, g_t = jax.grad(ccs.ccs_loss, argnums=(0, 1))(s, t)
+  assert np.all(np.isfinite(g_s)) and np.any(np.asarray(g_s) != 0)
+  assert np.any(np.asarray(g_t) != 0)
+  g_stopped = jax.grad(lambda t: ccs.ccs_loss(s, jax.lax.stop_gradient(t)))(t)
+  assert not np.any(np.asarray(g_stopped))
+  # Duplicated examples (a clamped zero distance) and a batch of one stay finite.
+  duplicated = jnp.concatenate([s[:2], s[:2]])
+  value, grad = jax.value_and_grad(ccs.ccs_loss)(duplicated, t)
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
+  value, grad = jax.value_and_grad(ccs.ccs_loss)(s[:1], t[:1])
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(ccs.example_distances(s[:1]), 0.0)
+  with pytest.raises(ValueError, match='embed the student'):
+    ccs.ccs_loss(s[..., :2], t)
 
 
 # ---- DIST ---------------------------------------------------------------------------------
@@ -347,10 +634,15 @@ def test_every_loss_jits():
       (classification.cross_entropy, (logits[0], labels)),
       (lambda t, s: classification.softened_kl(t, s, 4.0), tuple(logits)),
       (lambda z, y: classification.top_k_correct(z, y, 2), (logits[0], labels)),
+      (classification.standardize_logits, (logits[0],)),
       (lambda t, s: ffkd.channel_kl(t, s, 4.0), tuple(maps)),
       (ffkd.forward_channel_loss, (scores, stage_losses)),
       (ffkd.feedback_channel_loss, (scores, stage_losses)),
       (lambda s, t: dist.dist_loss(s, t, 4.0), tuple(logits)),
+      (lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0), tuple(logits)),
+      (cd.channel_distillation_loss, tuple(maps)),
+      (ccs.ccs_loss, tuple(maps)),
+      (lambda s, t: cd.guided_kd_loss(s, t, labels, 4.0)[0], tuple(logits)),
       (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
       (cc.cc_loss, tuple(maps)),
       (sp.sp_loss, tuple(maps)),

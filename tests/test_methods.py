@@ -7,12 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import cifar100_distill
 from ffkd_jax import config_checks, methods, parallel
 from ffkd_jax import step as step_lib
 from ffkd_jax.methods import common, pairs
 from ffkd_jax.methods import ffkd as ffkd_method
+from ffkd_jax.losses.classification import cross_entropy, softened_kl, standardize_logits
 from ffkd_jax.methods.base import RoleOutput
 from tests import helpers
 
@@ -35,6 +37,8 @@ def method_config(method):
   # IE: the auto-encoders train at step 0, the inheritance / exploration terms start at step 1.
   config.iekd.ae_steps = 1
   config.iedml.ae_steps = 1
+  # DKD: half its weight at step 0, all of it from step 1.
+  config.dkd.warmup_steps = 2
   return config
 
 
@@ -164,8 +168,148 @@ def test_rkd_two_devices_equal_one_device():
       np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+def assert_same_runs(run_a, run_b):
+  """Two runs' final states and per-step metrics agree."""
+  (_, states_a, history_a), (_, states_b, history_b) = run_a, run_b
+  flat_a = jax.tree_util.tree_leaves_with_path(states_a[-1])
+  flat_b = dict(jax.tree_util.tree_leaves_with_path(states_b[-1]))
+  for path, leaf in flat_a:
+    np.testing.assert_allclose(
+        flat_b[path], leaf, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path)
+    )
+  for m_a, m_b in zip(history_a, history_b):
+    for key in m_a:
+      np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs'])
+def test_four_devices_equal_one_device(method):
+  """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16."""
+  assert_same_runs(run(method_config(method), 1), run(method_config(method), 4))
+
+
+def test_dkd_warms_up_per_step():
+  _, _, (first, second) = two_device_run('dkd')
+  assert first['dkd/warmup'] == 0.5 and second['dkd/warmup'] == 1.0
+  assert first['loss/student_dkd'] > 0
+  np.testing.assert_allclose(
+      first['loss/student'], first['loss/student_ce'] + 0.5 * first['loss/student_dkd'], rtol=1e-5
+  )
+  method = methods.create_method(cifar100_distill.get_config('dkd'), {'teacher': {}, 'student': {}})
+  assert float(method.warmup(jnp.int32(0))) == pytest.approx(1 / 15640)
+  assert float(method.warmup(jnp.int32(15639))) == 1.0
+  assert float(method.warmup(jnp.int32(10**6))) == 1.0
+
+
+def test_cd_pairs_embeds_and_early_decay():
+  _, states, (first, _) = two_device_run('cd')
+  assert 0 <= first['cd/teacher_correct'] <= 1 and first['loss/student_cd'] > 0
+  assert first['cd/weight'] == 1.0  # no EDT by default
+  # One embedding (1x1 conv without bias + batch norm) per aligned stage pair.
+  heads = states[0].roles['student'].params['heads']
+  assert sorted(heads) == [f'connector_stage{k}-stage{k}' for k in (1, 2, 3)]
+  assert sorted(heads['connector_stage1-stage1']['conv']) == ['kernel']
+  config = method_config('cd')
+  shapes = {'teacher': _shapes((8, 8), (4, 16)), 'student': _shapes((8, 4), (4, 8))}
+  config.cd.edt, config.cd.edt_boundary_steps = True, (10, 20)
+  method = methods.create_method(config, shapes)
+  weights = [float(method.cd_weight_at(jnp.int32(s))) for s in (0, 9, 10, 19, 20, 10**6)]
+  np.testing.assert_allclose(weights, [1, 1, 0.9, 0.9, 0.81, 0.81], rtol=1e-6)
+  assert method.layer_pairs == (('stage1', 'stage1'), ('stage2', 'stage2'))
+  defaults = cifar100_distill.get_config('cd').cd
+  assert (defaults.edt, defaults.edt_factor, tuple(defaults.edt_boundary_steps)) == (
+      False,
+      0.9,
+      (60 * 782, 160 * 782),
+  )
+
+
+def test_ccs_embeds_every_aligned_stage_pair():
+  _, states, (first, _) = two_device_run('ccs')
+  assert first['loss/student_ccs'] > 0 and first['loss/student_kd'] > 0
+  heads = states[0].roles['student'].params['heads']
+  assert sorted(heads) == [f'connector_stage{k}-stage{k}' for k in (1, 2, 3)]
+  assert sorted(heads['connector_stage3-stage3']) == ['bn', 'conv']
+  assert sorted(heads['connector_stage3-stage3']['conv']) == ['kernel']  # no bias
+
+
 def _outputs(logits_by_role):
   return {name: RoleOutput(jnp.asarray(z), {}, {}) for name, z in logits_by_role.items()}
+
+
+def _logit_method(method, standardize):
+  config = method_config(method)
+  config.logit_standardization = standardize
+  roles = methods.method_roles(config)
+  return methods.create_method(config, {r.name: {} for r in roles})
+
+
+def test_kd_with_logit_standardization_is_kd_of_standardized_logits():
+  rng = np.random.default_rng(3)
+  teacher = rng.normal(size=(8, 10)).astype(np.float32) * 5
+  student = rng.normal(size=(8, 10)).astype(np.float32)
+  labels = jnp.asarray(rng.integers(0, 10, size=(8,)))
+  step = jnp.int32(0)
+  temperature = method_config('kd').kd.temperature
+  off = _logit_method('kd', False)
+  on = _logit_method('kd', True)
+  assert not off.logit_standardization and on.logit_standardization
+  outputs = _outputs({'teacher': teacher, 'student': student})
+  # Off: plain KD, unchanged.
+  losses, metrics = off.loss(outputs, labels, step)
+  np.testing.assert_allclose(
+      metrics['loss/student_kd'], softened_kl(teacher, student, temperature), rtol=1e-6
+  )
+  # On: KD of the standardized logits, CE of the raw ones.
+  losses_on, metrics_on = on.loss(outputs, labels, step)
+  standardized = softened_kl(standardize_logits(teacher), standardize_logits(student), temperature)
+  np.testing.assert_allclose(metrics_on['loss/student_kd'], standardized, rtol=1e-5)
+  np.testing.assert_allclose(metrics_on['loss/student_ce'], cross_entropy(student, labels))
+  assert abs(float(metrics_on['loss/student_kd']) - float(metrics['loss/student_kd'])) > 1e-3
+  kd_config = method_config('kd').kd
+  np.testing.assert_allclose(
+      losses_on['student'],
+      kd_config.ce_weight * cross_entropy(student, labels) + kd_config.kd_weight * standardized,
+      rtol=1e-5,
+  )
+
+
+@pytest.mark.parametrize(
+    'method, phase, roles, distillation_keys',
+    [
+        ('dkd', 'loss', ('teacher', 'student'), ('loss/student_dkd',)),
+        ('dist', 'loss', ('teacher', 'student'), ('loss/student_dist',)),
+        ('dml', 'loss', ('peer0', 'peer1'), ('loss/peer0_kl', 'loss/peer1_kl')),
+        ('fkd', 'student_loss', ('teacher', 'student'), ('loss/student_kd',)),
+        ('fkd', 'teacher_loss', ('teacher', 'student'), ('loss/teacher_kd',)),
+    ],
+)
+def test_logit_standardization_switches_every_logit_term(method, phase, roles, distillation_keys):
+  """On: each distillation term equals the term of the standardized logits with the switch
+  off; every other metric (CE, ...) is that of the raw logits."""
+  rng = np.random.default_rng(4)
+  logits = {
+      r: rng.normal(size=(8, 10)).astype(np.float32) * (1 + 3 * k) for k, r in enumerate(roles)
+  }
+  standardized = {r: np.asarray(standardize_logits(z)) for r, z in logits.items()}
+  labels = jnp.asarray(rng.integers(0, 10, size=(8,)))
+  on, off = _logit_method(method, True), _logit_method(method, False)
+  mesh = helpers.mesh_of(1)  # dist gathers over the data axis
+
+  def metrics_of(m, z):
+    loss = lambda z: getattr(m, phase)(_outputs(z), labels, jnp.int32(5))[1]
+    return jax.jit(jax.shard_map(loss, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))(z)
+
+  raw_on, raw_off, standardized_off = (
+      metrics_of(on, logits),
+      metrics_of(off, logits),
+      metrics_of(off, standardized),
+  )
+  for key in raw_on:
+    expected = standardized_off[key] if key in distillation_keys else raw_off[key]
+    np.testing.assert_allclose(raw_on[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
+  for key in distillation_keys:
+    assert abs(float(raw_on[key]) - float(raw_off[key])) > 1e-4, key
 
 
 def test_dml_with_three_peers():
@@ -255,7 +399,20 @@ def test_cifar100_distill_config(method):
 
 
 def test_registry_lists_every_method_and_presets():
-  assert set(METHODS) >= {'kd', 'dist', 'rkd', 'cc', 'fitnet', 'at', 'sp', 'ickd', 'iekd'}
+  assert set(METHODS) >= {
+      'kd',
+      'dkd',
+      'dist',
+      'rkd',
+      'cc',
+      'fitnet',
+      'at',
+      'sp',
+      'ickd',
+      'iekd',
+      'cd',
+      'ccs',
+  }
   assert set(ONLINE) == {'dml', 'iedml'}
 
 

@@ -1,13 +1,42 @@
-"""Classification losses and metrics: cross-entropy, Hinton's softened KL, top-k correctness.
+"""Classification losses and metrics: cross-entropy, Hinton's softened KL, top-k correctness,
+and the logit standardisation that any logit-distillation term can apply first.
 
 KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (NIPS 2014 workshop).
 RepDistiller / mdistiller CIFAR-100 defaults: tau = 4, CE weight 0.1, KD weight 0.9.
+Logit standardisation: Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge
+Distillation", CVPR 2024.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from ffkd_jax.losses._numerics import safe_sqrt
+
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: jax.Array) -> jax.Array:
+  """Z-score of each example's logits over the classes: (z - mean(z)) / (1e-7 + std(z)).
+
+  As `normalize` of sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py and
+  DKD.py, whose `logit.std(dim=-1)` is PyTorch's unbiased standard deviation (divisor k - 1).
+  The square root has a zero gradient where an example's logits are all equal (PyTorch's gives
+  NaN there), so constant logits map to zeros with finite gradients.
+
+  Args:
+    logits: (n, k) scores, k >= 2.
+  Returns:
+    (n, k) standardised scores (float32 at least): mean 0, unbiased std ~1 per example.
+  """
+  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  k = z.shape[-1]
+  if k < 2:
+    raise ValueError(f'standardize_logits needs at least 2 classes; got logits {logits.shape}')
+  centred = z - jnp.mean(z, axis=-1, keepdims=True)
+  std = safe_sqrt(jnp.sum(centred * centred, axis=-1, keepdims=True) / (k - 1))
+  return centred / (STANDARDIZE_EPS + std)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -7,8 +7,11 @@ Adding a method: a loss file (ffkd_jax/losses/), a method file (here), a config 
 from ffkd_jax.methods.at import AT
 from ffkd_jax.methods.base import FeatureShapes, Method, Role, RoleOutput, gather
 from ffkd_jax.methods.cc import CC
+from ffkd_jax.methods.ccs import CCS
+from ffkd_jax.methods.cd import CD
 from ffkd_jax.methods.ce import CrossEntropy
 from ffkd_jax.methods.dist import DIST
+from ffkd_jax.methods.dkd import DKD
 from ffkd_jax.methods.dml import DML
 from ffkd_jax.methods.ffkd import FFKD, PRESETS as FFKD_PRESETS
 from ffkd_jax.methods.fitnet import FitNet
@@ -23,6 +26,7 @@ _REGISTRY = {
     'ce': CrossEntropy,
     # Logit and relation distillation from a frozen teacher.
     'kd': KD,
+    'dkd': DKD,
     'dist': DIST,
     'rkd': RKD,
     'cc': CC,
@@ -32,6 +36,8 @@ _REGISTRY = {
     'sp': SP,
     'ickd': ICKD,
     'iekd': IEKD,
+    'cd': CD,
+    'ccs': CCS,
     # Online: peers trained together from scratch.
     'dml': DML,
     'iedml': IEDML,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 
+from ffkd_jax.losses.classification import standardize_logits
 from ffkd_jax.parallel import DATA_AXIS
 
 Array = jax.Array
@@ -136,6 +137,7 @@ class Method(abc.ABC):
     """Resolves the method against its roles' feature shapes (layer pairs, head shapes)."""
     self._roles = type(self).make_roles(config)
     self.feature_shapes = feature_shapes
+    self.logit_standardization = bool(config.logit_standardization)
 
   def __setattr__(self, name, value):
     if self.__dict__.get('_frozen', False):
@@ -150,6 +152,24 @@ class Method(abc.ABC):
 
   def roles(self) -> tuple[Role, ...]:
     return self._roles
+
+  def distillation_logits(self, logits: Array) -> Array:
+    """The logits a logit-distillation term compares: `logits` as given, or with
+    `config.logit_standardization` their per-example z-score over the classes
+    (`losses.classification.standardize_logits`), for both sides of the term, before its
+    temperature. Every logit-distillation call site goes through here; cross-entropy and
+    accuracy always take the raw logits.
+
+    Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024
+    (sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py and DKD.py: `normalize`
+    applied to the student's and the teacher's logits inside `kd_loss` / `dkd_loss` only). That
+    code applies it to KD, DKD and MLKD; here it is one switch for every method's logit terms.
+    Its CIFAR runs pair it with other weights (tools/train.py `--logit-stand --base-temp 2
+    --kd-weight 9`: KD temperature 2 and weight 9; for DKD alpha x 9 and beta = the new alpha x 9,
+    with DKD's own temperature left at 4); the switch changes no weight, set them in the method's
+    block.
+    """
+    return standardize_logits(logits) if self.logit_standardization else logits
 
   def heads(self, role: str) -> nn.Module | None:
     """The trainable extras of `role`, or None.

@@ -1,7 +1,8 @@
 """Modules that map a student feature map onto its teacher's shape.
 
 - `Connector`: average pooling (where the student's map is larger), a 1x1 convolution and batch
-  norm (the ICKD and FitNet heads here).
+  norm (the ICKD and FitNet heads here; at the student's own size, `channel_embeddings`, the
+  CD and CCS ones).
 - `Regressor`: the convolutional regressor of RepDistiller's and wp502/SKD-RSL's `ConvReg`
   (HobbitLong/RepDistiller models/util.py; wp502/SKD-RSL zoo/Our_1.py): a strided, transposed
   or valid convolution chosen by the two spatial sizes, batch norm, ReLU (FFKD's regressors).
@@ -11,6 +12,8 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+
+from ffkd_jax.methods.pairs import pair_key
 
 
 class Connector(nn.Module):
@@ -55,6 +58,19 @@ class ConnectorHeads(nn.Module):
         )
         for key, source, shape in self.pairs
     }
+
+
+def channel_embeddings(feature_shapes, layer_pairs, axis_name: str | None) -> ConnectorHeads:
+  """Per (teacher, student) pair a `Connector` at the student's own spatial size: a 1x1
+  convolution without bias and batch norm from the student's channels to the teacher's, nothing
+  pooled. This is the `Embed` of wp502/SKD-RSL zoo/CD.py and zoo/CCS_2.py (Conv2d(k=1,
+  bias=False) + BatchNorm2d), the student's heads of CD and CCS; {'<pair key>': map}."""
+  pairs = []
+  for t_name, s_name in layer_pairs:
+    h, w = feature_shapes['student'][s_name].shape[1:3]
+    channels = feature_shapes['teacher'][t_name].shape[-1]
+    pairs.append((pair_key((t_name, s_name)), s_name, (h, w, channels)))
+  return ConnectorHeads(tuple(pairs), axis_name=axis_name)
 
 
 def regressor_kind(student_hw: tuple[int, int], teacher_hw: tuple[int, int]) -> str:

@@ -35,8 +35,8 @@ class DIST(TeacherStudent):
 
   def _dist(self, student_logits, teacher_logits):
     return dist_loss(
-        gather(student_logits),
-        gather(jax.lax.stop_gradient(teacher_logits)),
+        gather(self.distillation_logits(student_logits)),
+        gather(jax.lax.stop_gradient(self.distillation_logits(teacher_logits))),
         self.temperature,
         self.beta,
         self.gamma,

@@ -119,7 +119,8 @@ class DML(Method):
   def loss(self, outputs, labels, step):
     del step
     logits = [outputs[peer_name(k)].logits for k in range(self.num_peers)]
-    kl = mutual_kl(logits, self.temperature)  # (K,): peer k's KL to the others' fixed outputs
+    # (K,): peer k's KL to the others' fixed outputs
+    kl = mutual_kl([self.distillation_logits(z) for z in logits], self.temperature)
     losses, metrics = {}, {}
     for k, peer_logits in enumerate(logits):
       ce = cross_entropy(peer_logits, labels)

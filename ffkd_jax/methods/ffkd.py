@@ -204,7 +204,11 @@ class FFKD(Method):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, self.temperature)
+    kd = softened_kl(
+        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
+        self.distillation_logits(student.logits),
+        self.temperature,
+    )
     loss = self.alpha * ce + self.beta_fwd * kd
     metrics = {'loss/student_ce': ce, 'loss/student_kd': kd}
     if self.switches.channel_loss:
@@ -222,7 +226,11 @@ class FFKD(Method):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(teacher.logits, labels)
-    kd = softened_kl(jax.lax.stop_gradient(student.logits), teacher.logits, self.temperature)
+    kd = softened_kl(
+        jax.lax.stop_gradient(self.distillation_logits(student.logits)),
+        self.distillation_logits(teacher.logits),
+        self.temperature,
+    )
     loss = self.alpha * ce + self.beta_fdbk * kd
     metrics = {'loss/teacher_ce': ce, 'loss/teacher_kd': kd}
     if self.switches.channel_loss:

@@ -65,7 +65,11 @@ class ICKD(TeacherStudent):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, self.temperature)
+    kd = softened_kl(
+        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
+        self.distillation_logits(student.logits),
+        self.temperature,
+    )
     ickd = self._ickd(outputs)
     total = self.ce_weight * ce + self.kd_weight * kd + self.ickd_weight * ickd
     return (

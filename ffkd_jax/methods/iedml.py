@@ -105,7 +105,7 @@ class IEDML(Method):
 
   def loss(self, outputs, labels, step):
     logits = [outputs[peer_name(k)].logits for k in range(NUM_PEERS)]
-    kl = mutual_kl(logits, self.temperature)  # (2,)
+    kl = mutual_kl([self.distillation_logits(z) for z in logits], self.temperature)  # (2,)
     ie_on = step >= self.ae_steps
     losses, metrics = {}, {'iedml/active': ie_on.astype(jnp.float32)}
     for k, (reconstruction, inherit, explore) in enumerate(self._terms(outputs).values()):

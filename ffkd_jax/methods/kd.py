@@ -31,7 +31,11 @@ class KD(TeacherStudent):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(jax.lax.stop_gradient(teacher.logits), student.logits, self.temperature)
+    kd = softened_kl(
+        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
+        self.distillation_logits(student.logits),
+        self.temperature,
+    )
     return (
         {'student': self.ce_weight * ce + self.kd_weight * kd},
         {'loss/student_ce': ce, 'loss/student_kd': kd},
