@@ -257,7 +257,7 @@ def test_regressor_matches_convreg(student_hw, teacher_hw):
   if n * h_t * w_t > 1:  # flax keeps the biased variance: compare through its own statistics
     var = np.asarray(updated['batch_stats']['bn']['var'])
     with torch.no_grad():
-      bn.running_var.copy_(torch.from_numpy(var))
+      bn.running_var.copy_(torch.from_numpy(np.array(var)))
   np.testing.assert_allclose(np.asarray(y_eval).transpose(0, 3, 1, 2), reference(), atol=1e-5)
 
 
