@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The FFKD paper's comparison methods; defaults and their sources in ffkd_jax/methods/<name>.py.
   # layer_pairs / layer_pair: 'auto' or teacher:student feature names, e.g. 'stage3:stage3'.
   config.cc = ml_collections.ConfigDict(
-      dict(ce_weight=1.0, kd_weight=1.0, temperature=4.0, cc_weight=100.0, gamma=0.4, order=2)
+      dict(ce_weight=1.0, kd_weight=0.0, temperature=4.0, cc_weight=100.0, gamma=0.4, order=2)
   )
   config.sp = ml_collections.ConfigDict(dict(ce_weight=1.0, sp_weight=3000.0, layer_pairs='auto'))
   config.ickd = ml_collections.ConfigDict(

@@ -363,14 +363,23 @@ def _shapes(*sizes_and_channels):
 
 
 def test_stage_pairs_align_at_the_deepest_stage():
-  vgg = _shapes((32, 64), (16, 128), (8, 256), (4, 512), (4, 512))
+  resnet = _shapes((32, 16), (16, 32), (8, 64))
   mobilenet = _shapes((16, 12), (8, 16), (4, 48), (2, 160))
-  assert pairs.aligned_stage_pairs(vgg, mobilenet) == (
-      ('stage2', 'stage1'),
-      ('stage3', 'stage2'),
-      ('stage4', 'stage3'),
-      ('stage5', 'stage4'),
+  assert pairs.aligned_stage_pairs(resnet, mobilenet) == (
+      ('stage1', 'stage2'),
+      ('stage2', 'stage3'),
+      ('stage3', 'stage4'),
   )
+
+
+def test_vgg_pairs_the_four_stages_after_its_stem():
+  """RepDistiller's and mdistiller's feat[1:-1] on vgg -> vgg: the 4 blocks after block0."""
+  config = helpers.tiny_config('at', model='vgg8', teacher='vgg13')
+  method, _, _ = helpers.build(config)
+  assert method.layer_pairs == tuple((f'stage{i}', f'stage{i}') for i in range(1, 5))
+  shapes = method.feature_shapes['teacher']
+  assert 'stem' in shapes and shapes['stem'].shape[1:] == (16, 16, 64)  # 16x16 test images
+  assert pairs.stage_names(shapes) == ['stage1', 'stage2', 'stage3', 'stage4']
   assert common.common_size((8, 8), (4, 4), 'x') == (4, 4)
   with pytest.raises(ValueError, match='6x6'):
     common.common_size((6, 6), (4, 4), 'x')
@@ -445,3 +454,26 @@ def test_resolve_pairs_parses_checks_and_pairs_automatically():
       'stage2',
       'stage10',
   ]
+
+
+def test_fitnet_regresses_through_convreg_onto_the_teacher_shape():
+  """RepDistiller's ConvReg for the hint: conv (with bias) + batch norm + ReLU, onto the
+  teacher's full map; a student map half the teacher's side gets the transposed conv."""
+  config = method_config('fitnet')
+  config.fitnet.layer_pair = 'stage2:stage3'  # teacher 8x8x32 <- student 4x4x64 (16x16 images)
+  method, programs, state = helpers.build(config)
+  heads = state.roles['student'].params['heads']['regressor_stage2-stage3']
+  assert sorted(heads) == ['bn', 'conv'] and heads['conv']['kernel'].shape == (4, 4, 32, 64)
+  features = {
+      'stage3': jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 4, 64)), jnp.float32)
+  }
+  out = programs['student'].heads.apply(
+      {
+          'params': state.roles['student'].params['heads'],
+          'batch_stats': state.roles['student'].batch_stats['heads'],
+      },
+      features,
+      train=False,
+  )['stage2-stage3']
+  assert out.shape == (4, 8, 8, 32) and float(jnp.min(out)) >= 0.0  # the ReLU
+  assert method.layer_pair == ('stage2', 'stage3')

@@ -49,10 +49,12 @@ EXPECTED_PARAMS_M = {
 IMAGENET_MODELS = {'resnet18', 'resnet34', 'resnet50', 'mobilenetv1'}
 
 # Feature shapes (without the batch dimension) for a 32x32 input.
+# Models whose first block is a stem (RepDistiller's f0) rather than a stage.
+STEMS = {'vgg8': {'stem', 'stem_preact'}}
 CIFAR_FEATURES = {
     'resnet8': [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
     'wrn_16_1': [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
-    'vgg8': [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512), (4, 4, 512)],
+    'vgg8': [(16, 16, 128), (8, 8, 256), (4, 4, 512), (4, 4, 512)],  # after its (32, 32, 64) stem
     'mobilenetv2': [(16, 16, 12), (8, 8, 16), (4, 4, 48), (2, 2, 160)],
     'shufflenetv1': [(16, 16, 240), (8, 8, 480), (4, 4, 960)],
     'shufflenetv2': [(16, 16, 116), (8, 8, 232), (4, 4, 464)],
@@ -155,7 +157,7 @@ def test_outputs_and_feature_dict(name):
   )
 
   stage_shapes = CIFAR_FEATURES[name]
-  expected_keys = {'embedding'}
+  expected_keys = {'embedding'} | (STEMS[name] if name in STEMS else set())
   for i in range(1, len(stage_shapes) + 1):
     expected_keys |= {f'stage{i}', f'stage{i}_preact'}
   assert set(features) == expected_keys
@@ -164,6 +166,8 @@ def test_outputs_and_feature_dict(name):
     assert features[f'stage{i}'].shape == (2, *shape)
     assert features[f'stage{i}_preact'].shape == (2, *shape)
   assert features['embedding'].shape == (2, EMBEDDING_DIM[name])
+  if name in STEMS:
+    assert features['stem'].shape == features['stem_preact'].shape == (2, 32, 32, 64)
   assert logits.shape == eval_logits.shape == (2, 10)
   assert logits.dtype == jnp.float32
   assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(variables['batch_stats'])

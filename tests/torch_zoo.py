@@ -9,7 +9,7 @@ layer order, padding and pooling. Each model's `forward(x)` (NCHW) returns
   - resnet*, resnet50_cifar, shufflenetv1: the last block's output and its input to the ReLU;
   - wrn_*: block{i}'s output; preact = that output through the next batch norm
     (block{i+1}.layer[0].bn1, or the final bn1), RepDistiller's convention;
-  - vgg*: relu(block{i-1}) and block{i-1} (RepDistiller lists f0 only after the ReLU);
+  - vgg*: relu(block{i}) and block{i} (`stem`: block0; RepDistiller lists f0 only after the ReLU);
   - mobilenetv2: the output of block groups 1, 2, 4, 6; preact = the same;
   - shufflenetv2: preact is RepDistiller's, *before* the last block's channel shuffle
     (ffkd_jax shuffles it like the output; the tests shuffle this one to compare).
@@ -205,9 +205,10 @@ class VGG(nn.Module):
     features = {}
     for i in range(5):
       x = getattr(self, f'block{i}')(x)
-      features[f'stage{i + 1}_preact'] = x
+      name = f'stage{i}' if i else 'stem'  # block0 is the stem (RepDistiller's f0)
+      features[f'{name}_preact'] = x
       x = F.relu(x)
-      features[f'stage{i + 1}'] = x
+      features[name] = x
       if i < 3 or (i == 3 and height == 64):
         x = F.max_pool2d(x, 2, 2)
     embedding = F.adaptive_avg_pool2d(x, 1).flatten(1)

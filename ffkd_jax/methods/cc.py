@@ -6,17 +6,15 @@ Distillation", ICCV 2019.
 
 L_CC compares the Taylor-approximated Gaussian-RBF correlation matrices of the two networks'
 pooled `embedding`s over the batch (ffkd_jax/losses/cc.py), so it is taken on the global batch;
-CE and KD are local means. The paper trains CC together with CE and KD.
+CE and KD are local means.
 
-Defaults (`config.cc`), with their sources:
-  - CE weight 1, KD weight 1, tau 4: RepDistiller's convention for a method combined with KD
-    (train_student.py `-r` default 1, `--kd_T` default 4, `-a 1` as in its "CRD+KD" line of
-    scripts/run_cifar_distill.sh).
-  - cc_weight 100, gamma 0.4, Taylor order P = 2: AberHu/Knowledge-Distillation-Zoo
-    (example_train_script.sh `--kd_mode cc --lambda_kd 100.0 --gamma 0.4 --P_order 2`), the
-    implementation whose kernel form ffkd_jax/losses/cc.py follows. RepDistiller's `correlation`
-    (beta 0.02 on 128-d linear embeddings of both networks) is a different, author-emailed form
-    and its weight does not carry over.
+Defaults (`config.cc`): one source, AberHu/Knowledge-Distillation-Zoo, the implementation whose
+kernel form ffkd_jax/losses/cc.py follows: its example_train_script.sh `--kd_mode cc --lambda_kd
+100.0 --gamma 0.4 --P_order 2` and train_kd.py's objective CE + lambda_kd L_CC, so CE weight 1,
+cc_weight 100, gamma 0.4, P = 2, and no logit KD (kd_weight 0; tau 4 is used only if it is set).
+(Before 2026-12-01 kd_weight was 1, RepDistiller's convention for a method combined with KD,
+mixed into KD-Zoo's weights.) RepDistiller's `correlation` (beta 0.02 on 128-d linear embeddings
+of both networks) is a different, author-emailed form and its weight does not carry over.
 The teacher is frozen and pre-trained.
 """
 

@@ -3,11 +3,14 @@ Nets", ICLR 2015.
 
   L_S = ce_weight CE(y, z_S) + hint_weight mean((r(V_S) - U_T)^2)
 
-on one middle stage: the student's guided map V_S goes through a connector r (ConnectorHeads:
-average pooling to the common size, 1x1 conv and batch norm to the teacher's channels; a
-trainable head of the student) and regresses the teacher's hint map U_T. Where the teacher's
-map is the larger one, it is average-pooled to the student's size (RepDistiller's ConvReg would
-up-sample the student instead). A per-example loss: a local mean, nothing gathered.
+on one middle stage: the student's guided map V_S goes through the regressor r and regresses
+the teacher's hint map U_T (sg) at the teacher's shape. r is RepDistiller's `ConvReg`
+(HobbitLong/RepDistiller models/util.py, built in train_student.py as
+`ConvReg(feat_s[hint_layer].shape, feat_t[hint_layer].shape)`, use_relu on):
+`connectors.Regressor`, a 3x3 stride-2 conv, a 4x4 stride-2 transposed conv or a valid conv by
+the two sizes, then batch norm and ReLU; a trainable head of the student. A per-example loss: a
+local mean, nothing gathered. (Before 2026-12-01 r was a 1x1 conv + batch norm without the ReLU,
+the teacher's map average-pooled where larger.)
 
 Defaults (`config.fitnet`): hint_weight 100, CE weight 1, no logit KD (RepDistiller's
 scripts/run_cifar_distill.sh `--distill hint -a 0 -b 100`; mdistiller FITNET.LOSS.FEAT_WEIGHT
@@ -22,9 +25,9 @@ import jax
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.fitnet import hint_loss
-from ffkd_jax.methods.common import TeacherStudent, common_size, pool_to, spatial_size
+from ffkd_jax.methods.common import TeacherStudent, spatial_size
+from ffkd_jax.methods.connectors import RegressorHeads, regressor_kind
 from ffkd_jax.methods.pairs import middle_stage_pair, pair_key, resolve_pairs
-from ffkd_jax.methods.connectors import ConnectorHeads
 from ffkd_jax.parallel import DATA_AXIS
 
 
@@ -39,11 +42,13 @@ class FitNet(TeacherStudent):
         c.layer_pair, 'fitnet.layer_pair', feature_shapes, middle_stage_pair, count=1
     )
     t_name, s_name = self.layer_pair
-    self.hint_size = common_size(  # (h, w) where the hint is compared
-        spatial_size(feature_shapes['teacher'][t_name]),
-        spatial_size(feature_shapes['student'][s_name]),
-        f'config.fitnet.layer_pair {t_name}:{s_name}',
-    )
+    try:
+      regressor_kind(
+          spatial_size(feature_shapes['student'][s_name]),
+          spatial_size(feature_shapes['teacher'][t_name]),
+      )
+    except ValueError as e:
+      raise ValueError(f'config.fitnet.layer_pair {t_name}:{s_name}: {e}') from None
 
   @property
   def layer_pair(self) -> tuple[str, str]:
@@ -53,15 +58,13 @@ class FitNet(TeacherStudent):
     if role != 'student':
       return None
     t_name, s_name = self.layer_pair
-    channels = self.feature_shapes['teacher'][t_name].shape[-1]
-    return ConnectorHeads(
-        ((pair_key(self.layer_pair), s_name, (*self.hint_size, channels)),), axis_name=DATA_AXIS
-    )
+    target = tuple(self.feature_shapes['teacher'][t_name].shape[1:])  # (h_t, w_t, c_t)
+    return RegressorHeads(((pair_key(self.layer_pair), s_name, target),), axis_name=DATA_AXIS)
 
   def _hint(self, outputs):
-    t_name, s_name = self.layer_pair
-    student = outputs['student'].heads[pair_key(self.layer_pair)]  # (n, h, w, c_t)
-    teacher = pool_to(jax.lax.stop_gradient(outputs['teacher'].features[t_name]), self.hint_size)
+    t_name, _ = self.layer_pair
+    student = outputs['student'].heads[pair_key(self.layer_pair)]  # (n, h_t, w_t, c_t)
+    teacher = jax.lax.stop_gradient(outputs['teacher'].features[t_name])
     return hint_loss(student, teacher)
 
   def loss(self, outputs, labels, step):

@@ -9,15 +9,19 @@ norm at 3j + 1, ReLU at 3j + 2):
 
   block{s}_{3j} (conv), block{s}_{3j+1} (batch norm), classifier
 
-Features for a 32x32 input (stage{i} is block{i-1}, before its max pool):
+Features for a 32x32 input (stage{i} is block{i}, before its max pool; block0 is the stem):
 
-  stage1: (n, 32, 32, 64)     relu(block0), RepDistiller's f0
-  stage2: (n, 16, 16, 128)    relu(block1)
-  stage3: (n, 8, 8, 256)      relu(block2)
-  stage4: (n, 4, 4, 512)      relu(block3)
-  stage5: (n, 4, 4, 512)      relu(block4)
-  stage{i}_preact             the same before that ReLU (the block's last batch norm)
-  embedding: (n, 512)         global average of stage5, fed to `classifier`
+  stem: (n, 32, 32, 64)       relu(block0), RepDistiller's f0
+  stage1: (n, 16, 16, 128)    relu(block1), f1
+  stage2: (n, 8, 8, 256)      relu(block2), f2
+  stage3: (n, 4, 4, 512)      relu(block3), f3
+  stage4: (n, 4, 4, 512)      relu(block4), f4
+  stem_preact, stage{i}_preact  the same before that ReLU (the block's last batch norm)
+  embedding: (n, 512)         global average of stage4, fed to `classifier`
+
+Block0 is the stem, as RepDistiller and mdistiller count it: their feature methods distil
+`feat[1:-1]` (f1..f4 here; RepDistiller train_student.py, mdistiller distillers/AT.py), so VGG's
+four stages pair with another network's stages and never its first block.
 """
 
 from collections.abc import Sequence
@@ -47,9 +51,10 @@ class VGG(nn.Module):
         )(x)
         bn_name = f'block{block}_{3 * j + 1}'
         x = layers.batch_norm(train, self.axis_name, self.dtype, bn_name)(x)
-      features[f'stage{block + 1}_preact'] = x
+      name = f'stage{block}' if block else 'stem'
+      features[f'{name}_preact'] = x
       x = nn.relu(x)
-      features[f'stage{block + 1}'] = x
+      features[name] = x
       if block < 3 or (block == 3 and input_height == 64):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
 
