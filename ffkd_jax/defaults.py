@@ -151,7 +151,7 @@ def iekd_config() -> ml_collections.ConfigDict:
   c.inh_weight = 1.0  # inheritance: pull the student's first channel half toward the code
   c.exp_weight = 1.0  # exploration: push the second half away from it
   # The teacher's auto-encoder trains alone for this many steps (30 CIFAR-100 epochs at batch
-  # 64), then stays fixed and the inheritance and exploration terms start.
+  # 64) before the student's whole schedule; then it stays fixed. The run is this much longer.
   c.ae_steps = 23460
   c.code_channels = -1  # <= 0: half the teacher feature's channels
   c.teacher_feature = ''  # '' = the last stage output

@@ -96,10 +96,17 @@ def resolve(
     heads = method.heads(role.name)
     trainable = role.train_backbone or heads is not None
     optimizer, schedule = make_optimizer(role.lr_scale) if trainable else (None, None)
+    if schedule is not None and role.schedule_start:
+      schedule = _started_at(schedule, role.schedule_start)
     programs[role.name] = RoleProgram(
         role, backbones[role.name], heads, optimizer, schedule, method.head_input(role.name)
     )
   return method, programs
+
+
+def _started_at(schedule: optax.Schedule, start: int) -> optax.Schedule:
+  """The schedule as a role whose schedule starts at global step `start` sees it."""
+  return lambda step: schedule(jnp.maximum(step - start, 0))
 
 
 def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) -> TrainState:

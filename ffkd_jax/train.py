@@ -29,6 +29,7 @@ from ffkd_jax import checkpoint as checkpoint_lib
 from ffkd_jax import config_checks
 from ffkd_jax import data
 from ffkd_jax import evaluation
+from ffkd_jax import methods
 from ffkd_jax import metrics as metrics_lib
 from ffkd_jax import optim
 from ffkd_jax import parallel
@@ -136,11 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     info = source.info
     local_batch = parallel.local_batch_size(config.batch_size)
     steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
-    total_steps = (
+    schedule_steps = (  # the configured schedule's length
         config.num_train_steps
         if config.num_train_steps > 0
         else int(config.num_epochs * steps_per_epoch)
     )
+    # A method may run steps before that schedule starts (IE-KD's auto-encoder).
+    total_steps = schedule_steps + methods.method_class(config).steps_before_schedule(config)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     logging.info(
         'Dataset %s: %d classes, %d train / %d val / %d test; %d steps (%d per epoch).',
@@ -156,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- Networks and optimizers: the method resolved before any state exists ---------------
     def make_optimizer(lr_scale):
       schedule = optim.learning_rate_schedule(
-          config.optimizer, steps_per_epoch, total_steps, scale=lr_scale
+          config.optimizer, steps_per_epoch, schedule_steps, scale=lr_scale
       )
       return optim.make_optimizer(config.optimizer), schedule
 

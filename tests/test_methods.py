@@ -123,26 +123,34 @@ def test_eval_and_diagnostics_steps(method):
     assert matrix.shape == (3, 3) and np.all((matrix > -1e-5) & (matrix < 1 + 1e-5))
 
 
-def test_iekd_trains_the_autoencoder_first_then_inherits_and_explores():
-  _, (initial, after_ae, final), (first, second) = two_device_run('iekd')
-  # Step 0 (< ae_steps): the inheritance and exploration terms are off ...
-  assert first['iekd/active'] == 0
-  assert first['loss/student_inheritance'] == 0 and first['loss/student_exploration'] == 0
-  assert not any(
-      changed(initial.roles['student'].params['heads'], after_ae.roles['student'].params['heads'])
-  )
-  # ... while the teacher's auto-encoder trains.
+def test_iekd_trains_the_autoencoder_first_then_the_student_on_its_own_schedule():
+  """As the official code: the auto-encoder alone for ae_steps (the student untouched), then the
+  student with inheritance and exploration, the auto-encoder fixed; the student's learning rate
+  is its schedule from its own start, and the run is ae_steps longer."""
+  programs, (initial, after_ae, final), (first, second) = two_device_run('iekd')
+  # Step 0 (< ae_steps = 1): only the auto-encoder trains.
+  assert 'loss/student' not in first and first['loss/teacher_reconstruction'] > 0
+  assert first['lr/student'] == 0.0
+  assert not any(changed(initial.roles['student'], after_ae.roles['student']))
   assert all(
       changed(initial.roles['teacher'].params['heads'], after_ae.roles['teacher'].params['heads'])
   )
-  assert first['loss/teacher_reconstruction'] > 0
-  # Step 1 (>= ae_steps): they are on, and the auto-encoder stays fixed.
-  assert second['iekd/active'] == 1
+  # Step 1: the student, inheritance and exploration on; the auto-encoder stays fixed.
+  assert 'loss/teacher' not in second and second['lr/teacher'] == 0.0
   assert second['loss/student_inheritance'] > 0 and second['loss/student_exploration'] < 0
   assert all(
       changed(after_ae.roles['student'].params['heads'], final.roles['student'].params['heads'])
   )
   assert not any(changed(after_ae.roles['teacher'], final.roles['teacher']))
+  # The student's schedule starts at its start: at global step ae_steps + k it is at step k.
+  config = method_config('iekd')
+  config.iekd.ae_steps = 5
+  config.optimizer.schedule = 'cosine'
+  _, programs, _ = helpers.build(config, steps_per_epoch=10, total_steps=20)
+  student, teacher = programs['student'].schedule, programs['teacher'].schedule
+  for k in (0, 3, 12):
+    assert float(student(5 + k)) == pytest.approx(float(teacher(k)))
+  assert methods.method_class(config).steps_before_schedule(config) == 5
 
 
 def test_iedml_starts_inheritance_and_exploration_at_ae_steps():

@@ -52,7 +52,10 @@ class Role:
   start_step, stop_step: the role is updated at the steps s with start_step <= s < stop_step
     (stop_step None: to the end). Outside that window it is read like a frozen network (inference
     mode, stop-gradient, no backward pass) and its state is untouched; inside it, its learning
-    rate at step s is its schedule at the global step s.
+    rate at step s is its schedule at step s - schedule_start.
+  schedule_start: 0 (the default): the role follows the run's schedule at the global step (FFKD's
+    teacher); > 0: its schedule starts then, e.g. IE-KD's student, whose whole schedule follows
+    the auto-encoder's steps (`Method.steps_before_schedule`).
   """
 
   name: str
@@ -62,6 +65,7 @@ class Role:
   lr_scale: float = 1.0
   start_step: int = 0
   stop_step: int | None = None
+  schedule_start: int = 0
 
   def active(self, step: int) -> bool:
     """Whether the role is updated at (host-side) step `step`."""
@@ -127,6 +131,13 @@ class Method(abc.ABC):
     """Raises ValueError, naming field, value and what is valid, for a bad field of the method's
     own config block. Runs before anything is built."""
     del config
+
+  @classmethod
+  def steps_before_schedule(cls, config) -> int:
+    """Steps the method runs before the configured schedule (`num_epochs` / `num_train_steps`)
+    starts: the run is that much longer (IE-KD: its auto-encoder's steps). 0 by default."""
+    del config
+    return 0
 
   @classmethod
   @abc.abstractmethod

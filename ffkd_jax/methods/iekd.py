@@ -5,17 +5,18 @@ The teacher's last stage output U (n, h, w, c_T) is compressed by an auto-encode
 (its "factors"); the student's last stage output V is split along channels into an inheritance
 half and an exploration half, each mapped by its own encoder into the code space:
 
-  teacher (frozen backbone; only its auto-encoder head trains, and only before ae_steps):
+  phase 1, steps [0, ae_steps): the teacher's auto-encoder alone (its backbone frozen):
     L_T = mean |U - dec(enc(U))|                                           (L1 reconstruction)
-  student (backbone and its two encoder heads):
-    L_S = ce_weight CE(y, z_S)
-        + [step >= ae_steps] (inh_weight D(enc_I(V[..., :c/2]), sg(enc(U)))     (inheritance)
-                              - exp_weight D(enc_E(V[..., c/2:]), sg(enc(U))))  (exploration)
+  phase 2, from ae_steps on: the student (backbone and its two encoder heads), the auto-encoder
+    read in inference mode:
+    L_S = ce_weight CE(y, z_S) + inh_weight D(enc_I(V[..., :c/2]), sg(enc(U)))   (inheritance)
+                               - exp_weight D(enc_E(V[..., c/2:]), sg(enc(U)))   (exploration)
 
 with D the factor-transfer distance (mean |a/||a|| - b/||b|||, ffkd_jax/losses/iekd.py). The
-auto-encoder is trained for the first `ae_steps` steps and then kept fixed (the teacher role is
-only updated while step < ae_steps); the inheritance and exploration terms are switched on at
-`ae_steps`, when the code is ready; the student trains with CE alone before that.
+student's whole schedule (`num_epochs` / `num_train_steps`, its learning-rate schedule from its
+start) follows the auto-encoder's `ae_steps`: the run is ae_steps longer
+(`steps_before_schedule`), and the auto-encoder trains at the schedule's first ae_steps rates.
+Both phases are `Phase`s of the method, and role windows say when each runs.
 
 This follows the official code (aliyun/Revisiting-Knowledge-Distillation-an-Inheritance-and-
 Exploration-Framework; in its processors/IE_KD.py the roles are named the other way round: the
@@ -34,11 +35,11 @@ Defaults (`config.iekd`): those values; ae_steps = 23460 = 30 epochs of the CIFA
 check; a third-party summary of it reports a 50/50 split and lambda_inh = lambda_exp = 50 as the
 best setting of its ablation, which differs from the released config's 1 and 1.
 
-Differences from the official code, forced by the one-step trainer: the student trains with CE
-during the auto-encoder's steps (the official code trains the auto-encoder first, then the
-student from step 0). During its ae_steps the auto-encoder's batch norm uses batch statistics
-(of the global batch); from ae_steps on, the teacher role is no longer updated and the auto-encoder
-runs in inference mode (running averages), as the official code's does.
+As the official code does it: the auto-encoder first (its batch norm with batch statistics of
+the global batch), then the student's whole schedule with the auto-encoder fixed in inference
+mode (running averages). (Before 2026-12-01 the student trained with CE alone during the
+auto-encoder's steps, inside its own schedule.) The auto-encoder's optimizer is the run's
+(SGD at the schedule's rate), where the official code gives it its own.
 """
 
 import dataclasses
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 
 from ffkd_jax.losses import iekd as ie_losses
 from ffkd_jax.losses.classification import cross_entropy
+from ffkd_jax.methods.base import Phase
 from ffkd_jax.methods.common import (
     TeacherStudent,
     check_at_least,
@@ -152,11 +154,25 @@ class IEKD(TeacherStudent):
     )
 
   @classmethod
+  def steps_before_schedule(cls, config):
+    return int(config.iekd.ae_steps)
+
+  @classmethod
   def make_roles(cls, config):
     # The teacher role (its frozen backbone and its auto-encoder head) is updated for the first
-    # ae_steps steps only; afterwards the auto-encoder is read in inference mode.
+    # ae_steps steps only; the student from then on, its schedule starting then.
     teacher, student = teacher_student_roles(config)
-    return (dataclasses.replace(teacher, stop_step=int(config.iekd.ae_steps)), student)
+    ae_steps = int(config.iekd.ae_steps)
+    return (
+        dataclasses.replace(teacher, stop_step=ae_steps),
+        dataclasses.replace(student, start_step=ae_steps, schedule_start=ae_steps),
+    )
+
+  def phases(self):
+    return (
+        Phase('autoencoder', ('teacher',), self.autoencoder_loss),
+        Phase('student', ('student',), self.student_loss, reads=('teacher',)),
+    )
 
   def __init__(self, config, feature_shapes):
     super().__init__(config, feature_shapes)
@@ -205,23 +221,25 @@ class IEKD(TeacherStudent):
     source = jax.lax.stop_gradient(teacher.features[self.teacher_feature])
     return ie_losses.autoencoder_reconstruction_loss(source, teacher.heads['reconstruction'])
 
-  def loss(self, outputs, labels, step):
+  def autoencoder_loss(self, outputs, labels, step):
+    """Phase 1: the auto-encoder's L1 reconstruction of the teacher's feature."""
+    del labels, step
+    reconstruction = self._reconstruction(outputs['teacher'])
+    return {'teacher': reconstruction}, {'loss/teacher_reconstruction': reconstruction}
+
+  def student_loss(self, outputs, labels, step):
+    """Phase 2: CE, inheritance and exploration against the fixed auto-encoder's code."""
+    del step
     teacher, student = outputs['teacher'], outputs['student']
-    reconstruction = self._reconstruction(teacher)
     ce = cross_entropy(student.logits, labels)
     inherit, explore = ie_terms(student.heads, teacher.heads['code'])
-    ie_on = step >= self.ae_steps
-    inherit = jnp.where(ie_on, inherit, 0.0)
-    explore = jnp.where(ie_on, explore, 0.0)
     loss_student = self.ce_weight * ce + self.inh_weight * inherit + self.exp_weight * explore
     return (
-        {'teacher': reconstruction, 'student': loss_student},
+        {'student': loss_student},
         {
-            'loss/teacher_reconstruction': reconstruction,
             'loss/student_ce': ce,
             'loss/student_inheritance': inherit,
             'loss/student_exploration': explore,
-            'iekd/active': ie_on.astype(jnp.float32),
         },
     )
 
