@@ -135,7 +135,8 @@ def ffkd_config() -> ml_collections.ConfigDict:
   c.gamma_fwd = 1.0  # the student's channel loss
   c.beta_fdbk = 1.0  # the teacher's logit KL (feedback)
   c.gamma_fdbk = 1.0  # the teacher's channel loss (feedback)
-  c.cka_x100 = False  # the code's is_100cka: CKA_k x 100 in the forward weights
+  # The code's is_100cka: CKA_k x 100 in the forward weights (on: the sweep of docs/FFKD.md).
+  c.cka_x100 = True
   c.unbiased_hsic = False  # the code's CKA is the biased (plain) linear CKA
   c.feedback_start_step = 0  # the teacher trains from this global step (the code's feedback_time)
   c.teacher_lr_scale = 0.05  # the teacher's learning rate / the student's (5e-3 / 0.1)

@@ -236,13 +236,13 @@ def test_accuracy_tiny_runs_then_resumes_by_skipping(tmp_path):
 
   # An ablation beside the table: its teacher, config.ffkd fields changed, scored the same way.
   common_args = ['--preset', 'tiny', '--data', data, '--out', str(out)]
-  ablation = _check(_run('ablate.py', *common_args, 'w1', 'beta_fdbk=0', 'cka_x100=True'))
+  ablation = _check(_run('ablate.py', *common_args, 'w1', 'beta_fdbk=0', 'cka_x100=False'))
   result = json.loads(ablation.stdout.strip().splitlines()[-1])
-  assert result['changes'] == {'beta_fdbk': 0.0, 'cka_x100': True} and result['complete']
+  assert result['changes'] == {'beta_fdbk': 0.0, 'cka_x100': False} and result['complete']
   assert 0 <= result['test_top1'] <= 100 and 0 <= result['val_top1'] <= 100
   assert 0 <= result['teacher_val_top1'] <= 100  # ffkd's co-trained teacher, on validation
   config = json.loads((out / 'ablate' / 'w1' / 'config.json').read_text())
-  assert config['ffkd']['beta_fdbk'] == 0.0 and config['ffkd']['cka_x100'] is True
+  assert config['ffkd']['beta_fdbk'] == 0.0 and config['ffkd']['cka_x100'] is False
   assert config['teacher']['checkpoint'] == str(out / 'teacher')
   bad = _run('ablate.py', *common_args, 'bad', 'beta_fdbkk=0')
   assert bad.returncode != 0 and "'beta_fdbkk=0'" in bad.stderr and "'beta_fdbk'" in bad.stderr
