@@ -64,7 +64,24 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's INFO lines
 
 from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
-METHODS = ('ce', 'kd', 'dkd', 'dist', 'rkd', 'cd', 'ccs', 'fkd', 'fkd_cka', 'fkd_fbkd', 'ffkd')
+METHODS = (
+    'ce',
+    'kd',
+    'dkd',
+    'dist',
+    'rkd',
+    'cc',
+    'fitnet',
+    'at',
+    'iekd',
+    'cd',
+    'ccs',
+    'kdcl',
+    'fkd',
+    'fkd_cka',
+    'fkd_fbkd',
+    'ffkd',
+)
 VAL_FRACTION = 0.1
 
 # cpu preset: a teacher of 5 epochs and students of 2, so that feedback has a trained teacher to
@@ -141,7 +158,12 @@ def make_config(
   config.teacher.model = teacher
   config.seed = seed
   if preset == 'cpu':
-    config.eval_every_steps = max(1, math.ceil(_total_steps(config) / EVALS_PER_RUN))
+    steps = _total_steps(config)
+    config.eval_every_steps = max(1, math.ceil(steps / EVALS_PER_RUN))
+    # Step counts sized for the 240-epoch protocol keep their share of the run: IE-KD's
+    # auto-encoder 30 / 240 epochs before the student, DKD's warm-up 20 / 240 of it.
+    config.iekd.ae_steps = max(1, round(steps * 30 / 240))
+    config.dkd.warmup_steps = max(1, round(steps * 20 / 240))
   if not is_teacher and method != 'ce':
     config.teacher.checkpoint = teacher_dir
   return config
@@ -302,12 +324,28 @@ def _mean_std(values):
   return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def primary_role(method: str) -> str:
+  """The role whose accuracy is a run's result: 'model' (CE), 'peer0' (online), 'student'."""
+  if method in ('teacher', 'ce'):
+    return 'model'
+  from ffkd_jax import methods  # pylint: disable=g-import-not-at-top
+
+  return methods.method_class(_MethodName(method)).primary_role
+
+
+class _MethodName:
+  """The one field `methods.method_class` reads."""
+
+  def __init__(self, method: str):
+    self.method = method
+
+
 def collect(runs: list[dict]) -> dict:
   """Per pair: the teacher's result and, per method, every seed's and their mean +- std."""
   pairs = {}
   for run in runs:
     pair = pairs.setdefault(run['pair'], {'teacher': None, 'methods': {}})
-    role = 'model' if run['method'] in ('teacher', 'ce') else 'student'
+    role = primary_role(run['method'])
     records = read_records(run['workdir'])
     best = best_evaluation(records, role)
     entry = {

@@ -104,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dml = ml_collections.ConfigDict(
       dict(models='', temperature=1.0, kl_weight=1.0, peer_updates='alternating')
   )
+  # KDCL (ffkd_jax/methods/kdcl.py): peers taught by their mean-logit ensemble (wp502/SKD-RSL).
+  config.kdcl = ml_collections.ConfigDict(dict(models='', alpha=1.0, gamma=1.0, temperature=4.0))
+
   config.iedml = iedml_config()
 
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).

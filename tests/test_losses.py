@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffkd_jax.losses import at, cc, ccs, cd, classification, dist, dkd, ffkd, fitnet, ickd
+from ffkd_jax.losses import at, cc, ccs, cd, classification, dist, dkd, ffkd, fitnet, ickd, kdcl
 from ffkd_jax.losses import iekd, mutual, rkd, sp
 
 RTOL = 1e-5
@@ -712,3 +712,38 @@ def test_channel_kl_properties_and_gradients():
   assert not np.any(np.asarray(g_stopped))
   with pytest.raises(ValueError, match='same shape'):
     ffkd.channel_kl(u, v[:, :2], 4.0)
+
+
+# ---- KDCL (wp502/SKD-RSL zoo/KDCL.py and its online loop) ---------------------------------
+
+
+def np_kdcl_losses(outputs, labels, T, alpha, gamma):
+  """A NumPy transcription: stable_out = mean of the peers' logits (detached); per peer,
+  alpha CE + gamma kl_div(log_softmax(z_k / T), softmax(stable / T), 'batchmean') T^2."""
+
+  def log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+  stable = np.mean(outputs, axis=0)
+  target = np.exp(log_softmax(stable / T))
+  result = []
+  for z in outputs:
+    ce = -np.mean(log_softmax(z)[np.arange(len(labels)), labels])
+    kl = np.sum(target * (np.log(target) - log_softmax(z / T))) / len(labels) * T * T
+    result.append((alpha * ce + gamma * kl, kl))
+  return result
+
+
+def test_kdcl_ensemble_kl_matches_the_reference_and_stops_the_ensemble():
+  rng = rng_for(21)
+  outputs = rng.normal(size=(3, 6, 5)) * 2
+  labels = rng.integers(0, 5, size=6)
+  want = np_kdcl_losses(outputs, labels, 4.0, 1.0, 1.0)
+  got = kdcl.ensemble_kl(jnp.asarray(outputs, jnp.float32), 4.0)
+  np.testing.assert_allclose(got, [kl for _, kl in want], rtol=1e-5)
+  # The ensemble is a fixed target: peer k's KL has a gradient only through peer k.
+  grad = jax.grad(lambda z: kdcl.ensemble_kl(z, 4.0)[0])(jnp.asarray(outputs, jnp.float32))
+  assert np.any(np.asarray(grad[0])) and not np.any(np.asarray(grad[1:]))
+  with pytest.raises(ValueError, match='at least 2 peers'):
+    kdcl.ensemble_kl(jnp.zeros((1, 2, 3)), 4.0)

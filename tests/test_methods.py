@@ -190,7 +190,7 @@ def assert_same_runs(run_a, run_b):
       np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs'])
+@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'kdcl'])
 def test_four_devices_equal_one_device(method):
   """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16."""
   assert_same_runs(run(method_config(method), 1), run(method_config(method), 4))
@@ -430,7 +430,7 @@ def test_registry_lists_every_method_and_presets():
       'cd',
       'ccs',
   }
-  assert set(ONLINE) == {'dml', 'iedml'}
+  assert set(ONLINE) == {'dml', 'kdcl', 'iedml'}
 
 
 def test_a_created_method_is_resolved_and_immutable():
@@ -485,3 +485,21 @@ def test_fitnet_regresses_through_convreg_onto_the_teacher_shape():
   )['stage2-stage3']
   assert out.shape == (4, 8, 8, 32) and float(jnp.min(out)) >= 0.0  # the ReLU
   assert method.layer_pair == ('stage2', 'stage3')
+
+
+def test_kdcl_losses_match_the_reference():
+  """Each peer's loss: alpha CE + gamma tau^2 KL to the mean-logit ensemble (tests/test_losses.py
+  transcribes wp502/SKD-RSL's loop), here through the method with other weights."""
+  from tests.test_losses import np_kdcl_losses  # pylint: disable=g-import-not-at-top
+
+  config = method_config('kdcl')
+  config.kdcl.alpha, config.kdcl.gamma, config.kdcl.temperature = 0.5, 2.0, 3.0
+  method, _, _ = helpers.build(config)
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 8, helpers.NUM_CLASSES)).astype(np.float32) * 2
+  labels = rng.integers(0, helpers.NUM_CLASSES, size=8)
+  outputs = {f'peer{k}': RoleOutput(jnp.asarray(logits[k]), {}, {}) for k in range(2)}
+  losses, _ = method.loss(outputs, jnp.asarray(labels), jnp.int32(0))
+  want = np_kdcl_losses(logits.astype(np.float64), labels, 3.0, 0.5, 2.0)
+  for k in range(2):
+    np.testing.assert_allclose(float(losses[f'peer{k}']), want[k][0], rtol=1e-5)

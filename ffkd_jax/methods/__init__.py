@@ -19,6 +19,7 @@ from ffkd_jax.methods.ickd import ICKD
 from ffkd_jax.methods.iedml import IEDML
 from ffkd_jax.methods.iekd import IEKD
 from ffkd_jax.methods.kd import KD
+from ffkd_jax.methods.kdcl import KDCL
 from ffkd_jax.methods.rkd import RKD
 from ffkd_jax.methods.sp import SP
 
@@ -40,6 +41,7 @@ _REGISTRY = {
     'ccs': CCS,
     # Online: peers trained together from scratch.
     'dml': DML,
+    'kdcl': KDCL,
     'iedml': IEDML,
 }
 _REGISTRY.update({preset: FFKD for preset in FFKD_PRESETS})
