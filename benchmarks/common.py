@@ -99,3 +99,21 @@ def ensure_cifar10(path: str) -> str:
   with tarfile.open(archive) as tar:
     tar.extractall(parent, filter='data')
   return path
+
+
+def random_step_batch(method, batch_size: int, image_size: int, num_classes: int, seed: int = 0):
+  """A host batch of random images and labels for every train stream `method` reads
+  ('image', 'label', and 'image:1', 'label:1' for FFKD's feedback stream)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ffkd_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for k in range(method.num_streams()):
+    batch[step_lib.batch_key('image', k)] = rng.normal(
+        size=(batch_size, image_size, image_size, 3)
+    ).astype(np.float32)
+    batch[step_lib.batch_key('label', k)] = rng.integers(0, num_classes, size=(batch_size,)).astype(
+        np.int32
+    )
+  return batch

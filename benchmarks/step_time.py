@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   from benchmarks import throughput  # pylint: disable=g-import-not-at-top
   from ffkd_jax import optim, parallel  # pylint: disable=g-import-not-at-top
   from ffkd_jax import states as states_lib  # pylint: disable=g-import-not-at-top
@@ -60,15 +60,8 @@ def main(argv=None) -> dict:
   method, programs = states_lib.resolve(config, 100, args.image_size, make_optimizer, dtype=dtype)
   mesh = parallel.make_mesh(jax.devices()[:1])
   state = parallel.replicate(mesh, states_lib.init_state(programs, args.image_size, 0))
-  rng = np.random.default_rng(0)
   batch = parallel.global_batch(
-      mesh,
-      {
-          'image': rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
-              np.float32
-          ),
-          'label': rng.integers(0, 100, size=(args.batch,)).astype(np.int32),
-      },
+      mesh, common.random_step_batch(method, args.batch, args.image_size, 100)
   )
   start = time.perf_counter()
   compiled = step_lib.make_train_step(method, programs, mesh).jitted(0).lower(state, batch)

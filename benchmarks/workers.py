@@ -134,15 +134,10 @@ class JaxWorker:
     feature_shapes = method.feature_shapes
     mesh = parallel.make_mesh()
     state = parallel.replicate(mesh, synthetic_state(programs, image_size, config.seed))
-    rng = np.random.default_rng(0)
-    host_batch = {}
-    for k in range(method.num_streams()):  # FFKD's feedback phase reads a second stream
-      host_batch[step_lib.batch_key('image', k)] = rng.normal(
-          size=(batch_size, image_size, image_size, 3)
-      ).astype(np.float32)
-      host_batch[step_lib.batch_key('label', k)] = rng.integers(
-          0, num_classes, size=(batch_size,)
-      ).astype(np.int32)
+    from benchmarks import common  # pylint: disable=g-import-not-at-top
+
+    # Every stream the method's phases read (FFKD's feedback phase: a second one).
+    host_batch = common.random_step_batch(method, batch_size, image_size, num_classes)
     self.forward_only = spec.get('variant') == 'forward'
     if self.forward_only:  # one inference pass of every role (the eval step), no update
       host_batch['mask'] = np.ones((batch_size,), np.float32)

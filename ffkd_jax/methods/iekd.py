@@ -47,7 +47,6 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from ffkd_jax.losses import iekd as ie_losses
 from ffkd_jax.losses.classification import cross_entropy
