@@ -106,6 +106,7 @@ def main(argv=None) -> int:
       'method': args.method,
       'seed': args.seed,
       'changes': changes,
+      'ffkd': config.ffkd.to_dict(),  # the whole block the run used
       'epochs': config.num_epochs,
       'complete': accuracy.finished(records),
       **(accuracy.best_evaluation(records, 'student') or {}),

@@ -13,7 +13,8 @@ transformation path, and summed into categories:
   model fwd / model bwd   jvp(CifarResNet)/... and transpose(jvp(CifarResNet))/... (any Flax
                           backbone class; teacher and student together)
   heads                   ConnectorHeads / RegressorHeads (FFKD's regressors), forward, backward
-  cka (vmap)              ops under vmap() (e.g. cka.channel_cka's per-channel CKA)
+  cka (vmap)              ops under vmap() (e.g. cka.channel_cka's per-channel CKA; FFKD's stage
+                          CKA is not vmapped and is counted under losses)
   losses                  other ops under jvp()/transpose(jvp()) of the objective
   finite check + keep     is_finite / reduce_and / select_n: the step's non-finite skip
   optimizer + update      the rest at the top level of the step (optax, parameter updates)

@@ -93,7 +93,8 @@ def softened_kl(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) -
 
 @dataclasses.dataclass(frozen=True)
 class Terms:
-  """The preset's switches and config.ffkd's weights (ffkd_jax.methods.ffkd)."""
+  """The preset's switches and config.ffkd's weights (ffkd_jax.methods.ffkd; the defaults are
+  ffkd_jax/defaults.py's)."""
 
   channel_loss: bool = True
   forward_cka: bool = True
@@ -103,9 +104,9 @@ class Terms:
   alpha: float = 1.0
   beta_fwd: float = 1.0
   gamma_fwd: float = 1.0
-  beta_fdbk: float = 1.0
+  beta_fdbk: float = 0.1
   gamma_fdbk: float = 1.0
-  cka_x100: bool = False
+  cka_x100: bool = True
 
 
 class FFKDStep:
@@ -170,7 +171,7 @@ class FFKDStep:
     )
 
   @property
-  def connectors(self) -> nn.ModuleDict:  # the trainable extras, for parameter counts
+  def regressors(self) -> nn.ModuleDict:  # the trainable extras, for parameter counts
     return nn.ModuleDict({'fwd': self.forward_regressors, 'fb': self.feedback_regressors})
 
   def _stage_terms(self, t_feat, s_feat, regressors, feedback: bool):

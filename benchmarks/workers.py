@@ -303,7 +303,7 @@ class TorchWorker:
         'params': {
             'teacher': torch_reference.count_parameters(self.step.teacher),
             'student': torch_reference.count_parameters(self.step.student),
-            'connectors': torch_reference.count_parameters(self.step.connectors),
+            'regressors': torch_reference.count_parameters(self.step.regressors),
         },
         'torch': {
             'version': torch.__version__,

@@ -7,7 +7,8 @@ WORKDIR/cka/ (process 0 only):
                              diagnostics step, ffkd_jax/evaluation.py); the cells of the
                              method's layer pairs are outlined;
   omega_hist_step<step>.png  per FFKD layer pair, the histogram of the channel understanding
-                             omega[c] = CKA(U[..., c], V[..., c]) (`omega_channels/<pair>`);
+                             omega[c] = CKA(U[..., c], R_fwd(V)[..., c]) (`omega_channels/<pair>`;
+                             R_fwd: the student's forward regressor);
   cka_step<step>.json        the numbers drawn (the omega arrays are not in metrics.jsonl);
 and adds both images to TensorBoard (`cka/matrix`, `cka/omega_histogram`). The same drawing
 serves `python -m ffkd_jax.cka_report` for any two checkpoints.

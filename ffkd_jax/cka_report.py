@@ -160,13 +160,14 @@ def run(
       if _has_matching_heads(saved, template):
         keys += ('heads',)
       else:
-        logging.info(
-            "%s='%s' has no regressors for the layer pairs %s: no channel understanding "
-            '(omega) is measured.',
-            side.flag,
-            side.path,
-            method.layer_pairs,
-        )
+        if name == 'student':  # omega reads the student's forward regressors only
+          logging.info(
+              "%s='%s' has no regressors for the layer pairs %s: no channel understanding "
+              '(omega) is measured.',
+              side.flag,
+              side.path,
+              method.layer_pairs,
+          )
         programs[name] = dataclasses.replace(programs[name], heads=None)
     params, stats = _take(side, saved, template, keys)
     roles[name] = states_lib.RoleState(params, stats, ())

@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.warmup_epochs = 0.0
 
   # Logit standardisation (Sun et al., CVPR 2024): every logit-distillation term (the KL of kd,
-  # dkd, cc, ickd, ccs, ffkd and its presets, cd's guided KD, dist, dml and iedml's mutual KL)
+  # dkd, cc, ickd, ccs, ffkd and its presets, cd's guided KD, dist, dml and iedml's mutual KL,
+  # kdcl's KL to the mean of the peers' z-scored logits)
   # compares z-scored logits, (z - mean) / (1e-7 + std) over classes; CE stays on the raw
   # logits. No weight changes with it: that paper's CIFAR runs also set the temperature to 2
   # and the KD weight to 9 (ffkd_jax/methods/base.py, Method.distillation_logits).
@@ -100,9 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   )
   # Online methods: peers trained together from scratch. `models`: comma-separated model names
   # ('' = two copies of config.model).
-  # DML's update: 'alternating' (the paper's, one peer after the other) or 'synchronous'.
+  # DML's update: 'synchronous' (one forward pass) or 'alternating' (one peer after the other,
+  # the others read in inference mode; ffkd_jax/methods/dml.py).
   config.dml = ml_collections.ConfigDict(
-      dict(models='', temperature=1.0, kl_weight=1.0, peer_updates='alternating')
+      dict(models='', temperature=1.0, kl_weight=1.0, peer_updates='synchronous')
   )
   # KDCL (ffkd_jax/methods/kdcl.py): peers taught by their mean-logit ensemble (wp502/SKD-RSL).
   config.kdcl = ml_collections.ConfigDict(dict(models='', alpha=1.0, gamma=1.0, temperature=4.0))

@@ -133,7 +133,8 @@ class TrainStep:
   frozen network (inference mode, stop-gradient): no backward pass goes through it and its state
   is untouched. A method without role windows compiles one program. `step` is the host-side
   global step (the train loop's counter); without it, the state's step is read from the device.
-  Each updated role's learning rate is its schedule at the global step.
+  Each updated role's learning rate is its schedule at the global step (less its
+  `Role.schedule_start`).
   """
 
   def __init__(self, method: Method, programs: Mapping[str, RoleProgram], mesh):

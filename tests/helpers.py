@@ -6,6 +6,7 @@ import numpy as np
 from configs import default
 from ffkd_jax import optim, parallel
 from ffkd_jax import states as states_lib
+from ffkd_jax import step as step_lib
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 16
@@ -41,11 +42,12 @@ def random_batch(seed, batch_size=16, streams=2):
   rng = np.random.default_rng(seed)
   batch = {}
   for k in range(streams):
-    suffix = f':{k}' if k else ''
-    batch['image' + suffix] = rng.normal(size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
-        np.float32
+    batch[step_lib.batch_key('image', k)] = rng.normal(
+        size=(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)
+    ).astype(np.float32)
+    batch[step_lib.batch_key('label', k)] = rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(
+        np.int32
     )
-    batch['label' + suffix] = rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32)
   return batch
 
 

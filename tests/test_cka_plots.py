@@ -180,7 +180,7 @@ def test_report_of_teacher_and_student_matches_an_independent_computation(run, t
   student_features = _role_features(workdir, 'student', batch['image'])
   want = np.array([[numpy_linear_cka(t, s) for s in student_features] for t in teacher_features])
   np.testing.assert_allclose(report['record']['cka_matrix'], want, rtol=1e-4, atol=1e-5)
-  # The FFKD run's connectors were loaded: omega has the teacher's channel count per pair.
+  # The FFKD run's forward regressors were loaded: omega has the teacher's channel count.
   omegas = {k: v for k, v in report['record'].items() if k.startswith('omega_channels/')}
   assert omegas and all(np.ndim(v) == 1 for v in omegas.values())
   assert np.asarray(omegas['omega_channels/stage3-stage3']).shape == (64,)

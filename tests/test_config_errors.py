@@ -184,6 +184,14 @@ def test_values_that_must_be_positive(tmp_path, data_path, field, value):
         ('dkd.warmup_steps', 0, 'it must be >= 1'),
         ('cd.edt_boundary_steps', (200, 100), 'increasing integer global steps >= 0'),
         ('cd.edt_boundary_steps', (-1,), 'increasing integer global steps >= 0'),
+        ('cd.edt_factor', 1.5, 'in (0, 1]'),
+        ('dkd.beta', -8.0, 'a weight must be a finite number >= 0'),
+        ('cd.cd_weight', math.nan, 'a weight must be a finite number >= 0'),
+        ('ccs.kd_weight', -1.0, 'a weight must be a finite number >= 0'),
+        ('kdcl.gamma', math.inf, 'a weight must be a finite number >= 0'),
+        ('ffkd.beta_fdbk', -0.1, 'a weight must be a finite number >= 0'),
+        ('ffkd.feedback_batch', 'other', "valid: ('independent', 'same')"),
+        ('dml.peer_updates', 'sometimes', "valid: ('alternating', 'synchronous')"),
     ],
 )
 def test_bad_values_of_a_method_block(data_path, field, value, valid):

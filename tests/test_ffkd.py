@@ -205,7 +205,9 @@ def test_gradients_reach_what_the_code_trains():
 )
 def test_regressor_matches_convreg(student_hw, teacher_hw):
   """Regressor = zoo/Our_1.py ConvReg (conv by the sizes, BatchNorm2d, ReLU) with the same
-  weights, in training mode (batch statistics) and in inference mode (running statistics)."""
+  weights, in training mode (batch statistics) and in inference mode (running statistics; the
+  running mean is compared, and the running variance copied over, since Flax keeps the biased
+  variance where PyTorch keeps the unbiased one)."""
   torch = pytest.importorskip('torch')
   from torch import nn as tnn  # pylint: disable=g-import-not-at-top
 
@@ -263,5 +265,44 @@ def test_regressor_matches_convreg(student_hw, teacher_hw):
 
 def test_regressor_refuses_a_smaller_student_map():
   module = Regressor((8, 8, 4))
-  with pytest.raises(ValueError, match='neither twice, half'):
+  with pytest.raises(ValueError, match='neither twice nor half'):
     module.init(jax.random.key(0), jnp.zeros((2, 6, 6, 3)), train=False)
+
+
+def test_feedback_regressors_read_the_students_maps():
+  """R_fb are the teacher's heads but read the student's maps (widths differ here: resnet8x4
+  teacher, resnet8 student): their kernels map student channels to teacher channels, and in the
+  step their output is a Regressor applied to the student's features."""
+  from ffkd_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  config = helpers.tiny_config('ffkd', model='resnet8', teacher='resnet8x4')
+  method, programs, state = helpers.build(config)
+  assert programs['teacher'].heads_source == 'student'
+  student_shapes = method.feature_shapes['student']
+  teacher_shapes = method.feature_shapes['teacher']
+  images = jnp.asarray(np.random.default_rng(4).normal(size=(4, 16, 16, 3)), jnp.float32)
+  params = {n: s.params for n, s in state.roles.items()}
+  stats = {n: s.batch_stats for n, s in state.roles.items()}
+  outputs, _ = step_lib.forward_roles(programs, params, stats, images, ('teacher', 'student'))
+  for t_name, s_name in method.layer_pairs:
+    key = pair_key((t_name, s_name))
+    kernel = state.roles['teacher'].params['heads'][f'regressor_{key}']['conv']['kernel']
+    assert kernel.shape[-2:] == (student_shapes[s_name].shape[-1], teacher_shapes[t_name].shape[-1])
+    regressor = Regressor(tuple(teacher_shapes[t_name].shape[1:]))
+    variables = {
+        'params': state.roles['teacher'].params['heads'][f'regressor_{key}'],
+        'batch_stats': state.roles['teacher'].batch_stats['heads'][f'regressor_{key}'],
+    }
+    want = regressor.apply(variables, outputs['student'].features[s_name], train=False)
+    np.testing.assert_allclose(outputs['teacher'].heads[key], want, rtol=1e-5, atol=1e-6)
+
+
+def test_regressor_kind_needs_both_sides_to_agree():
+  from ffkd_jax.methods.connectors import regressor_kind  # pylint: disable=g-import-not-at-top
+
+  assert regressor_kind((8, 8), (4, 4)) == 'stride2'
+  assert regressor_kind((4, 4), (8, 8)) == 'transposed'
+  assert regressor_kind((6, 5), (4, 4)) == 'valid'
+  for student, teacher in (((8, 6), (4, 4)), ((2, 4), (4, 4)), ((3, 3), (4, 4))):
+    with pytest.raises(ValueError, match='neither twice nor half'):
+      regressor_kind(student, teacher)

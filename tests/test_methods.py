@@ -503,3 +503,26 @@ def test_kdcl_losses_match_the_reference():
   want = np_kdcl_losses(logits.astype(np.float64), labels, 3.0, 0.5, 2.0)
   for k in range(2):
     np.testing.assert_allclose(float(losses[f'peer{k}']), want[k][0], rtol=1e-5)
+
+
+def test_dml_alternating_updates_one_peer_per_phase():
+  """'alternating': one phase a peer, in order, each training its peer and reading the others
+  (the generic phase order is tested in test_step.py: a phase reads the state the phases before
+  it left); its updates differ from the synchronous ones."""
+  results = {}
+  for mode in ('synchronous', 'alternating'):
+    config = method_config('dml')
+    config.dml.peer_updates = mode
+    method, _, _ = helpers.build(config)
+    phases = method.phases()
+    if mode == 'alternating':
+      assert [(p.trains, set(p.members)) for p in phases] == [
+          (('peer0',), {'peer0', 'peer1'}),
+          (('peer1',), {'peer0', 'peer1'}),
+      ]
+    else:
+      assert len(phases) == 1 and phases[0].trains == ('peer0', 'peer1')
+    _, states, _ = run(config, 1, num_steps=1)
+    results[mode] = states[1]
+  sync, alt = results['synchronous'], results['alternating']
+  assert any(changed(sync.roles['peer1'].params, alt.roles['peer1'].params))

@@ -37,7 +37,7 @@ import jax
 from ffkd_jax.losses.ccs import ccs_loss
 from ffkd_jax.losses.classification import cross_entropy, softened_kl
 from ffkd_jax.methods.base import gather
-from ffkd_jax.methods.common import TeacherStudent, check_temperatures
+from ffkd_jax.methods.common import TeacherStudent, check_temperatures, check_weights
 from ffkd_jax.methods.connectors import channel_embeddings
 from ffkd_jax.methods.pairs import aligned_stage_pairs, pair_key, resolve_pairs
 from ffkd_jax.parallel import DATA_AXIS
@@ -49,6 +49,7 @@ class CCS(TeacherStudent):
   @classmethod
   def check_config(cls, config):
     check_temperatures(config, 'ccs.temperature')
+    check_weights(config, 'ccs.ce_weight', 'ccs.kd_weight', 'ccs.ccs_weight')
 
   def __init__(self, config, feature_shapes):
     super().__init__(config, feature_shapes)

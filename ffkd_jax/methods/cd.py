@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from ffkd_jax.losses.cd import channel_distillation_loss, guided_kd_loss
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.base import gather
-from ffkd_jax.methods.common import TeacherStudent, check_positive, check_temperatures
+from ffkd_jax.methods.common import TeacherStudent, check_positive, check_temperatures, check_weights
 from ffkd_jax.methods.connectors import channel_embeddings
 from ffkd_jax.methods.pairs import aligned_stage_pairs, pair_key, resolve_pairs
 from ffkd_jax.parallel import DATA_AXIS
@@ -79,6 +79,12 @@ class CD(TeacherStudent):
   def check_config(cls, config):
     check_temperatures(config, 'cd.temperature')
     check_positive(config, 'cd.edt_factor')
+    if config.cd.edt_factor > 1:
+      raise ValueError(
+          f'config.cd.edt_factor={config.cd.edt_factor!r} is not valid: the early-decay factor is '
+          'in (0, 1].'
+      )
+    check_weights(config, 'cd.ce_weight', 'cd.kd_weight', 'cd.cd_weight')
     check_boundary_steps(config, 'cd.edt_boundary_steps')
 
   def __init__(self, config, feature_shapes):

@@ -94,6 +94,23 @@ def check_positive(config, *fields: str, what: str = 'must be a finite number > 
       raise ValueError(f'config.{field}={value!r} is not valid: {what}.')
 
 
+def check_weights(config, *fields: str) -> None:
+  """Raises for the first of the dotted loss-weight `fields` of config that is not a finite
+  number >= 0."""
+  for field in fields:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    try:
+      ok = value >= 0 and math.isfinite(value)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(
+          f'config.{field}={value!r} is not valid: a weight must be a finite number >= 0.'
+      )
+
+
 def check_at_least(config, field: str, minimum: int, why: str = '') -> None:
   """Raises unless the dotted integer `field` of config is >= minimum."""
   value = config

@@ -75,19 +75,34 @@ def channel_embeddings(feature_shapes, layer_pairs, axis_name: str | None) -> Co
 
 def regressor_kind(student_hw: tuple[int, int], teacher_hw: tuple[int, int]) -> str:
   """Which convolution `Regressor` uses for a student map of size student_hw onto teacher_hw:
-  'stride2' (student twice the teacher's side), 'transposed' (half), 'valid' (larger or equal
-  otherwise); a ValueError for a student map smaller than the teacher's but not half."""
+  'stride2' (student twice the teacher's size), 'transposed' (half), 'valid' (larger or equal
+  otherwise); a ValueError for anything else. ConvReg decides by the heights alone; here both
+  sides must agree (a map twice as tall but not twice as wide is refused, not mis-shaped)."""
   (h_s, w_s), (h_t, w_t) = student_hw, teacher_hw
-  if h_s == 2 * h_t:
+  if h_s == 2 * h_t and w_s == 2 * w_t:
     return 'stride2'
-  if 2 * h_s == h_t:
+  if 2 * h_s == h_t and 2 * w_s == w_t:
     return 'transposed'
-  if h_s >= h_t and w_s >= w_t:
+  if h_s >= h_t and w_s >= w_t and not (h_s == 2 * h_t or 2 * h_s == h_t):
     return 'valid'
   raise ValueError(
       f'a regressor maps a student map onto the teacher map: {h_s}x{w_s} onto {h_t}x{w_t} is '
-      'neither twice, half, nor at least as large; pick other layer pairs.'
+      'neither twice nor half the size in both dimensions, nor at least as large; pick other '
+      'layer pairs.'
   )
+
+
+def check_regressible(feature_shapes, pairs, field: str) -> None:
+  """Raises, naming the config field and the pair, unless every (teacher, student) pair's
+  student map can be regressed onto the teacher's (`regressor_kind`)."""
+  for t_name, s_name in pairs:
+    try:
+      regressor_kind(
+          tuple(feature_shapes['student'][s_name].shape[1:3]),
+          tuple(feature_shapes['teacher'][t_name].shape[1:3]),
+      )
+    except ValueError as e:
+      raise ValueError(f'config.{field} {t_name}:{s_name}: {e}') from None
 
 
 class Regressor(nn.Module):
@@ -97,7 +112,9 @@ class Regressor(nn.Module):
   1 when h_s = 2 h_t; a 4x4 stride-2 transposed convolution with padding 1 (PyTorch's
   convention: output 2 h_s) when h_s = h_t / 2; otherwise a (1 + h_s - h_t) x (1 + w_s - w_t)
   valid convolution (1x1 for equal sizes). Each with a bias, as PyTorch's default; then batch
-  norm (PyTorch's momentum 0.1, epsilon 1e-5) and, with use_relu, ReLU.
+  norm (PyTorch's momentum 0.1, epsilon 1e-5) and, with use_relu, ReLU. Initialisation is
+  Flax's default (LeCun normal kernels, zero biases), not PyTorch's (Kaiming uniform); the
+  running variance is the biased one (PyTorch keeps the unbiased).
   """
 
   target_shape: tuple[int, int, int]  # (h_t, w_t, c_t)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.dkd import dkd_loss
-from ffkd_jax.methods.common import TeacherStudent, check_at_least, check_temperatures
+from ffkd_jax.methods.common import TeacherStudent, check_at_least, check_temperatures, check_weights
 
 
 class DKD(TeacherStudent):
@@ -34,6 +34,7 @@ class DKD(TeacherStudent):
   @classmethod
   def check_config(cls, config):
     check_temperatures(config, 'dkd.temperature')
+    check_weights(config, 'dkd.ce_weight', 'dkd.alpha', 'dkd.beta')
     check_at_least(config, 'dkd.warmup_steps', 1, 'the DKD ramp lasts this many steps (1: none); ')
 
   def __init__(self, config, feature_shapes):

@@ -12,11 +12,13 @@ checkpoint).
 Defaults (`config.dml`): tau = 1 and KL weight 1, the paper's objective (and IE-KD's
 config/DML/cifar100/*.yaml `kl_loss_weight: 1` with its DMLLoss at tau 1).
 
-`config.dml.peer_updates`: 'alternating' (the default) updates the peers one after the other within a
-step, peer k's phase reading the others as the phases before it left them (their updated
-parameters, in inference mode), as the paper's Algorithm 1 and IE-KD's processors/DML.py do;
-'synchronous' updates all of them from one forward pass (as AberHu/Knowledge-Distillation-Zoo's
-DML does; cheaper: one forward pass of each peer instead of K).
+`config.dml.peer_updates`: 'synchronous' (the default) updates all peers from one forward pass
+(as AberHu/Knowledge-Distillation-Zoo's DML does). 'alternating' updates them one after the
+other within a step, peer k's phase reading the others as the phases before it left them (their
+updated parameters) -- the order of the paper's Algorithm 1 and of IE-KD's processors/DML.py --
+but reading them in inference mode (running batch-norm statistics), where IE-KD's code recomputes
+both peers in training mode before each half-update; from scratch, running statistics lag, so
+this is not the default. It costs K forward passes of each peer instead of one.
 """
 
 import functools

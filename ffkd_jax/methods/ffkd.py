@@ -37,6 +37,10 @@ Departures from the code, and why:
   with replacement (`random.randint`, not reproducible, and a different augmentation only by
   the data loader's); 'same' reuses the forward batch.
 - CKA on the global batch (every device's rows), where the code takes each GPU's batch.
+- Networks with different numbers of stages: the code zips `feat[1:-1]` of both from the
+  shallow end (dropping the longer one's deepest stages; its four ConvRegs assume four); here
+  the deepest min(K_T, K_S) stages are paired (`aligned_stage_pairs`, as RepDistiller's
+  standard pairs align them). Equal stage counts (every CIFAR ResNet or WRN pair) are unaffected.
 - alpha, beta, gamma, T and x100 are defined nowhere in that repository; the defaults come from
   the sweep in docs/FFKD.md.
 """
@@ -51,8 +55,9 @@ from ffkd_jax.losses import ffkd as ffkd_losses
 from ffkd_jax.losses.classification import cross_entropy, softened_kl
 from ffkd_jax.methods.base import Method, Phase, Role, gather
 from ffkd_jax.methods.common import check_at_least, check_positive, check_temperatures
+from ffkd_jax.methods.common import check_weights
 from ffkd_jax.methods.common import prediction_agreement
-from ffkd_jax.methods.connectors import RegressorHeads, regressor_kind
+from ffkd_jax.methods.connectors import RegressorHeads, check_regressible
 from ffkd_jax.methods.pairs import aligned_stage_pairs, pair_key, resolve_pairs
 from ffkd_jax.parallel import DATA_AXIS
 
@@ -102,9 +107,10 @@ class FFKD(Method):
     c = config.ffkd
     check_temperatures(config, 'ffkd.temperature')
     check_at_least(config, 'ffkd.feedback_start_step', 0)
-    for field in ('alpha', 'beta_fwd', 'gamma_fwd', 'beta_fdbk', 'gamma_fdbk'):
-      if not c[field] >= 0:
-        raise ValueError(f'config.ffkd.{field}={c[field]!r} is not valid: a weight must be >= 0.')
+    check_weights(
+        config,
+        *(f'ffkd.{f}' for f in ('alpha', 'beta_fwd', 'gamma_fwd', 'beta_fdbk', 'gamma_fdbk')),
+    )
     check_positive(config, 'ffkd.teacher_lr_scale')
     if c.feedback_batch not in FEEDBACK_BATCHES:
       raise ValueError(
@@ -142,14 +148,7 @@ class FFKD(Method):
     self.layer_pairs = resolve_pairs(
         c.layer_pairs, 'ffkd.layer_pairs', feature_shapes, aligned_stage_pairs
     )
-    for t_name, s_name in self.layer_pairs:
-      try:
-        regressor_kind(
-            tuple(feature_shapes['student'][s_name].shape[1:3]),
-            tuple(feature_shapes['teacher'][t_name].shape[1:3]),
-        )
-      except ValueError as e:
-        raise ValueError(f'config.ffkd.layer_pairs {t_name}:{s_name}: {e}') from None
+    check_regressible(feature_shapes, self.layer_pairs, 'ffkd.layer_pairs')
 
   def _regressors(self) -> RegressorHeads:
     pairs = tuple(

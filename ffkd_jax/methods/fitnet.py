@@ -25,8 +25,8 @@ import jax
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.fitnet import hint_loss
-from ffkd_jax.methods.common import TeacherStudent, spatial_size
-from ffkd_jax.methods.connectors import RegressorHeads, regressor_kind
+from ffkd_jax.methods.common import TeacherStudent
+from ffkd_jax.methods.connectors import RegressorHeads, check_regressible
 from ffkd_jax.methods.pairs import middle_stage_pair, pair_key, resolve_pairs
 from ffkd_jax.parallel import DATA_AXIS
 
@@ -41,14 +41,7 @@ class FitNet(TeacherStudent):
     self.layer_pairs = resolve_pairs(
         c.layer_pair, 'fitnet.layer_pair', feature_shapes, middle_stage_pair, count=1
     )
-    t_name, s_name = self.layer_pair
-    try:
-      regressor_kind(
-          spatial_size(feature_shapes['student'][s_name]),
-          spatial_size(feature_shapes['teacher'][t_name]),
-      )
-    except ValueError as e:
-      raise ValueError(f'config.fitnet.layer_pair {t_name}:{s_name}: {e}') from None
+    check_regressible(feature_shapes, self.layer_pairs, 'fitnet.layer_pair')
 
   @property
   def layer_pair(self) -> tuple[str, str]:

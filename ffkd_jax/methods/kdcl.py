@@ -20,7 +20,7 @@ nor does this.
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.kdcl import ensemble_kl
 from ffkd_jax.methods.base import Method, Role
-from ffkd_jax.methods.common import check_temperatures
+from ffkd_jax.methods.common import check_temperatures, check_weights
 from ffkd_jax.methods.dml import peer_diagnostics, peer_models, peer_name
 
 
@@ -31,6 +31,7 @@ class KDCL(Method):
   @classmethod
   def check_config(cls, config):
     check_temperatures(config, 'kdcl.temperature')
+    check_weights(config, 'kdcl.alpha', 'kdcl.gamma')
     peer_models(config.kdcl.models, config.model, 'kdcl.models')
 
   @classmethod

@@ -5,9 +5,10 @@ teacher's and the student's `feat[1:-1]` (every stage output, stem and pooled ve
 and is the layer list of its feature methods (distiller_zoo/AT.py, FitNet.py with
 `--hint_layer 2`, SP.py and ICKD's last stage `feat[-2]`); `aligned_stage_pairs` gives those
 pairs on its standard teacher-student pairs (resnet, wrn, vgg -> vgg / mobilenetv2, resnet32x4 ->
-shufflenet). Some families expose one more stage than others (VGG's first block, which
-RepDistiller counts as its stem), so stages are paired from the deepest end: the last
-min(K_t, K_s) stages of each, in order.
+shufflenet; VGG's first block is its `stem`, not a stage). Where the two networks have different
+numbers of stages (a 3-stage CIFAR ResNet against a 4-stage MobileNetV2), stages are paired from
+the deepest end: the last min(K_t, K_s) stages of each, in order. (A plain `zip` of the two
+lists, as wp502/SKD-RSL's FFKD code does, keeps the shallowest instead; equal counts agree.)
 
 A model names its stage outputs `stage1..stageK` (DEVELOPERS.md). A method distils pairs
 (teacher feature, student feature), given in its config block as 'auto' or as
