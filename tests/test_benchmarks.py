@@ -295,3 +295,16 @@ def test_step_time_prints_one_line_for_a_tiny_step(capsys):
   )
   assert result['min_ms'] > 0 and result['gflop'] > 0
   assert 'step min' in capsys.readouterr().out
+
+
+def test_torch_reference_defaults_are_the_configs(torch_reference):
+  """The PyTorch twin's FFKD weights and switches default to ffkd_jax's (config and preset)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from ffkd_jax.methods import ffkd as ffkd_method  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  switches = dataclasses.asdict(ffkd_method.switches_for('ffkd'))
+  for field in dataclasses.fields(torch_reference.Terms):
+    want = switches[field.name] if field.name in switches else config.ffkd[field.name]
+    assert field.default == want, field.name
