@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 
-from ffkd_jax.losses.classification import standardize_logits
+from ffkd_jax.losses.classification import softened_kl, standardize_logits
 from ffkd_jax.parallel import DATA_AXIS
 
 Array = jax.Array
@@ -181,6 +181,15 @@ class Method(abc.ABC):
     block.
     """
     return standardize_logits(logits) if self.logit_standardization else logits
+
+  def logit_kd(self, target_logits: Array, logits: Array, temperature: float) -> Array:
+    """Hinton's KD term tau^2 KL(p(target) || p(logits)) of a method, its target stop-gradient,
+    both sides through `distillation_logits` (losses.classification.softened_kl)."""
+    return softened_kl(
+        jax.lax.stop_gradient(self.distillation_logits(target_logits)),
+        self.distillation_logits(logits),
+        temperature,
+    )
 
   def heads(self, role: str) -> nn.Module | None:
     """The trainable extras of `role`, or None.

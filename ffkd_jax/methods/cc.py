@@ -21,7 +21,7 @@ The teacher is frozen and pre-trained.
 import jax
 
 from ffkd_jax.losses.cc import cc_loss
-from ffkd_jax.losses.classification import cross_entropy, softened_kl
+from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.base import gather
 from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 
@@ -53,11 +53,7 @@ class CC(TeacherStudent):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(
-        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
-        self.distillation_logits(student.logits),
-        self.temperature,
-    )
+    kd = self.logit_kd(teacher.logits, student.logits, self.temperature)
     cc = self._cc(outputs)
     total = self.ce_weight * ce + self.kd_weight * kd + self.cc_weight * cc
     return (

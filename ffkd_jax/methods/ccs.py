@@ -35,7 +35,7 @@ The teacher is frozen and pre-trained.
 import jax
 
 from ffkd_jax.losses.ccs import ccs_loss
-from ffkd_jax.losses.classification import cross_entropy, softened_kl
+from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.base import gather
 from ffkd_jax.methods.common import TeacherStudent, check_temperatures, check_weights
 from ffkd_jax.methods.connectors import channel_embeddings
@@ -78,11 +78,7 @@ class CCS(TeacherStudent):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(
-        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
-        self.distillation_logits(student.logits),
-        self.temperature,
-    )
+    kd = self.logit_kd(teacher.logits, student.logits, self.temperature)
     ccs = self._ccs(outputs)
     total = self.ce_weight * ce + self.kd_weight * kd + self.ccs_weight * ccs
     return (

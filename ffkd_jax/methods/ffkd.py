@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from ffkd_jax import cka
 from ffkd_jax.losses import ffkd as ffkd_losses
-from ffkd_jax.losses.classification import cross_entropy, softened_kl
+from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.base import Method, Phase, Role, gather
 from ffkd_jax.methods.common import check_at_least, check_positive, check_temperatures
 from ffkd_jax.methods.common import check_weights
@@ -203,11 +203,7 @@ class FFKD(Method):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(
-        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
-        self.distillation_logits(student.logits),
-        self.temperature,
-    )
+    kd = self.logit_kd(teacher.logits, student.logits, self.temperature)
     loss = self.alpha * ce + self.beta_fwd * kd
     metrics = {'loss/student_ce': ce, 'loss/student_kd': kd}
     if self.switches.channel_loss:
@@ -225,11 +221,7 @@ class FFKD(Method):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(teacher.logits, labels)
-    kd = softened_kl(
-        jax.lax.stop_gradient(self.distillation_logits(student.logits)),
-        self.distillation_logits(teacher.logits),
-        self.temperature,
-    )
+    kd = self.logit_kd(student.logits, teacher.logits, self.temperature)
     loss = self.alpha * ce + self.beta_fdbk * kd
     metrics = {'loss/teacher_ce': ce, 'loss/teacher_kd': kd}
     if self.switches.channel_loss:

@@ -18,7 +18,7 @@ The teacher is frozen and pre-trained.
 
 import jax
 
-from ffkd_jax.losses.classification import cross_entropy, softened_kl
+from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.ickd import ickd_loss
 from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 from ffkd_jax.methods.pairs import last_stage_pair, pair_key, resolve_pairs
@@ -65,11 +65,7 @@ class ICKD(TeacherStudent):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(
-        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
-        self.distillation_logits(student.logits),
-        self.temperature,
-    )
+    kd = self.logit_kd(teacher.logits, student.logits, self.temperature)
     ickd = self._ickd(outputs)
     total = self.ce_weight * ce + self.kd_weight * kd + self.ickd_weight * ickd
     return (

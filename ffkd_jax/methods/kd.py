@@ -8,9 +8,8 @@ KD.TEMPERATURE 4, KD.LOSS.CE_WEIGHT 0.1, KD.LOSS.KD_WEIGHT 0.9 are the same. The
 frozen and pre-trained.
 """
 
-import jax
 
-from ffkd_jax.losses.classification import cross_entropy, softened_kl
+from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 
 
@@ -31,11 +30,7 @@ class KD(TeacherStudent):
     del step
     teacher, student = outputs['teacher'], outputs['student']
     ce = cross_entropy(student.logits, labels)
-    kd = softened_kl(
-        jax.lax.stop_gradient(self.distillation_logits(teacher.logits)),
-        self.distillation_logits(student.logits),
-        self.temperature,
-    )
+    kd = self.logit_kd(teacher.logits, student.logits, self.temperature)
     return (
         {'student': self.ce_weight * ce + self.kd_weight * kd},
         {'loss/student_ce': ce, 'loss/student_kd': kd},
