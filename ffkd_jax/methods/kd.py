@@ -8,7 +8,6 @@ KD.TEMPERATURE 4, KD.LOSS.CE_WEIGHT 0.1, KD.LOSS.KD_WEIGHT 0.9 are the same. The
 frozen and pre-trained.
 """
 
-
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.methods.common import TeacherStudent, check_temperatures
 
