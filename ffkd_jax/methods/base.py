@@ -207,19 +207,14 @@ class Method(abc.ABC):
     return role
 
   def phases(self) -> tuple[Phase, ...]:
-    """The ordered updates of a train step; by default one phase of every role with `loss`."""
+    """The ordered updates of a train step. By default one phase of every role, whose loss is
+    the method's `loss(outputs, labels, step) -> (per-role losses, metrics)`, which a method
+    with its own phases need not define."""
     return (Phase('main', tuple(r.name for r in self.roles()), self.loss),)
 
   def num_streams(self) -> int:
     """How many train streams the phases read (1 + the largest `Phase.stream`)."""
     return 1 + max(p.stream for p in self.phases())
-
-  def loss(
-      self, outputs: Mapping[str, RoleOutput], labels: Array, step: Array
-  ) -> tuple[dict[str, Array], Metrics]:
-    """Per-role losses (each a scalar) and metrics of the default single phase. Runs inside the
-    data-parallel step. Methods that define their own `phases` need not define it."""
-    raise NotImplementedError(f'{type(self).__name__} defines neither loss() nor phases().')
 
   def diagnostics(self, outputs: Mapping[str, RoleOutput]) -> Metrics:
     """Evaluation-time measurements on the diagnostics subset (e.g. CKA per layer pair)."""
