@@ -41,6 +41,16 @@ def _abstract(tree: Any) -> Any:
 DIGEST_KEY = 'state_digest'
 
 
+def _saved_tree(state: TrainState) -> dict:
+  """The TrainState as the plain tree a checkpoint holds; an empty `method_state` (every method
+  but those with state, e.g. CRD's memory) is left out, so that checkpoints written before the
+  field existed restore as they are."""
+  tree = dict(flax.serialization.to_state_dict(state))
+  if not jax.tree.leaves(tree.get('method_state', {})):
+    tree.pop('method_state', None)
+  return tree
+
+
 def state_digest(tree: Any) -> str:
   """SHA-256 of a tree's arrays: each leaf's path, dtype, shape and bytes, in tree order."""
   digest = hashlib.sha256()
@@ -95,7 +105,8 @@ class Checkpoints:
   def save(self, state: TrainState, meta: Mapping[str, Any], best: bool = False) -> None:
     """Saves `state` at its step (asynchronously); refuses non-finite parameters."""
     step = int(jax.device_get(state.step))
-    host = jax.device_get(flax.serialization.to_state_dict(state))
+    tree = _saved_tree(state)
+    host = jax.device_get(tree)
     for name, role in host['roles'].items():
       for part in ('params', 'batch_stats'):
         bad = [
@@ -117,7 +128,7 @@ class Checkpoints:
     if step in manager.all_steps():
       return
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+        state=ocp.args.StandardSave(tree),
         meta=ocp.args.JsonSave(dict(meta, step=step, **{DIGEST_KEY: state_digest(host)})),
     )
     manager.save(step, args=args, force=True)
@@ -129,7 +140,7 @@ class Checkpoints:
     RuntimeError where there are checkpoints but none restores.
     """
     steps = sorted(self.latest.all_steps(), reverse=True)
-    abstract = _abstract(flax.serialization.to_state_dict(template))
+    abstract = _abstract(_saved_tree(template))
     failures = []
     for index, step in enumerate(steps):
       try:
@@ -152,7 +163,9 @@ class Checkpoints:
             f'step {fallback}' if fallback is not None else 'none (no other left)',
         )
         continue
-      return flax.serialization.from_state_dict(template, restored['state']), dict(restored['meta'])
+      tree = dict(restored['state'])
+      tree.setdefault('method_state', {})  # left out of the saved tree where empty
+      return flax.serialization.from_state_dict(template, tree), dict(restored['meta'])
     if failures:
       raise RuntimeError(
           f'none of the checkpoints in {self.directory} restores ({"; ".join(failures)}). If '

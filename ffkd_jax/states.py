@@ -33,6 +33,8 @@ class TrainState:
   step: jax.Array  # int32 scalar: updates applied (skipped non-finite steps included)
   roles: dict[str, RoleState]
   skipped_steps: jax.Array  # int32 scalar: updates skipped for non-finite values
+  # The method's own state (`Method.init_state`: CRD's memory); {} for most methods.
+  method_state: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +111,15 @@ def _started_at(schedule: optax.Schedule, start: int) -> optax.Schedule:
   return lambda step: schedule(jnp.maximum(step - start, 0))
 
 
-def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) -> TrainState:
-  """Fresh parameters for every role (pre-trained ones are loaded over them afterwards)."""
+def init_state(
+    programs: Mapping[str, RoleProgram],
+    image_size: int,
+    seed: int,
+    method: Method | None = None,
+    train_labels=None,
+) -> TrainState:
+  """Fresh parameters for every role (pre-trained ones are loaded over them afterwards), and
+  `method.init_state(train_labels)` where a method is given (else no method state)."""
   x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
   params, stats, features, head_keys = {}, {}, {}, {}
   for index, (name, program) in enumerate(programs.items()):
@@ -134,7 +143,10 @@ def init_state(programs: Mapping[str, RoleProgram], image_size: int, seed: int) 
       )
     roles[name] = RoleState(params[name], stats[name], init_opt_state(program, params[name]))
   return TrainState(
-      step=jnp.zeros((), jnp.int32), roles=roles, skipped_steps=jnp.zeros((), jnp.int32)
+      step=jnp.zeros((), jnp.int32),
+      roles=roles,
+      skipped_steps=jnp.zeros((), jnp.int32),
+      method_state={} if method is None else method.init_state(train_labels),
   )
 
 

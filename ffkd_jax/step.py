@@ -20,7 +20,7 @@ from ffkd_jax import cka
 from ffkd_jax import optim
 from ffkd_jax.losses.classification import top_k_correct
 from ffkd_jax.methods import pairs
-from ffkd_jax.methods.base import Method, RoleOutput
+from ffkd_jax.methods.base import Method, RoleOutput, StepInputs
 from ffkd_jax.parallel import DATA_AXIS
 from ffkd_jax.states import RoleProgram, RoleState, TrainState, trainable_part
 
@@ -120,6 +120,17 @@ def batch_key(name: str, stream: int) -> str:
   return name if stream == 0 else f'{name}:{stream}'
 
 
+def _step_inputs(phase, batch, method_state) -> StepInputs:
+  """What a stateful phase reads: the method state, and stream 0's example indices if any."""
+  index = batch.get('index')
+  if index is not None and phase.stream != 0:
+    raise ValueError(
+        f"phase '{phase.name}' reads stream {phase.stream}, but example indices "
+        "(batch['index']) come with stream 0 only."
+    )
+  return StepInputs(method_state, index)
+
+
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -184,6 +195,7 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
     num_devices = jax.lax.axis_size(DATA_AXIS)
     step = state.step
     roles = dict(state.roles)  # the state as the phases so far left it
+    method_state = state.method_state
     losses, metrics, logits, learning_rates = {}, {}, {}, {}
     finite = jnp.array(True)
     for phase in phases:
@@ -194,20 +206,28 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
       trainable = {name: trainable_part(programs[name], roles[name].params) for name in trained}
       with_heads = [n for n in phase.members if n in trained or phase.read_heads]
 
+      inputs = _step_inputs(phase, batch, method_state) if phase.stateful else None
+
       def objective(trainable, phase=phase, trained=trained, images=images, labels=labels):
         params = {name: {**roles[name].params, **trainable.get(name, {})} for name in phase.members}
         stats = {name: roles[name].batch_stats for name in phase.members}
         outputs, new_stats = forward_roles(
             programs, params, stats, images, phase.members, trained, with_heads
         )
-        phase_losses, phase_metrics = phase.loss(outputs, labels, step)
+        if phase.stateful:
+          phase_losses, phase_metrics, new_method_state = phase.loss(outputs, labels, step, inputs)
+        else:
+          phase_losses, phase_metrics = phase.loss(outputs, labels, step)
+          new_method_state = None
         total = sum(phase_losses[name] for name in trained) / num_devices
         phase_logits = {name: out.logits for name, out in outputs.items()}
-        return total, (phase_losses, phase_metrics, new_stats, phase_logits)
+        return total, (phase_losses, phase_metrics, new_stats, phase_logits, new_method_state)
 
-      grads, (phase_losses, phase_metrics, new_stats, phase_logits) = jax.grad(
+      grads, (phase_losses, phase_metrics, new_stats, phase_logits, new_method_state) = jax.grad(
           objective, has_aux=True
       )(trainable)
+      if phase.stateful:
+        method_state = jax.lax.stop_gradient(new_method_state)
       for name in sorted(trained):
         program, role_state, part = programs[name], roles[name], trainable[name]
         direction, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)
@@ -242,6 +262,9 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
         step=step + 1,
         roles=new_roles,
         skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)),
+        method_state=jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), method_state, state.method_state
+        ),
     )
 
     metrics = dict(metrics)

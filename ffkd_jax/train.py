@@ -166,7 +166,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     method, programs = states_lib.resolve(
         config, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config)
     )
-    state = states_lib.init_state(programs, info.image_size, config.seed)
+    labels = data.train_labels(source) if method.example_index else None
+    if method.example_index and labels is None:
+      raise ValueError(
+          f'config.method={config.method!r} keeps a memory of every train example, which needs '
+          f"the train split's labels and indices; {info.name} is streamed: cache it "
+          '(config.dataset.cache=True with enough config.dataset.cache_budget_gib) or use an '
+          'image folder.'
+      )
+    state = states_lib.init_state(programs, info.image_size, config.seed, method, labels)
     for name, role_state in state.roles.items():
       logging.info(
           'Role %s: %s, %.3fM parameters%s.',
@@ -217,7 +225,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- The loop ---------------------------------------------------------------------------
   streams = [  # one train stream per stream the method's phases read
       data.train_iterator(
-          source, local_batch_size=local_batch, seed=config.seed, start_step=start_step, stream=k
+          source,
+          local_batch_size=local_batch,
+          seed=config.seed,
+          start_step=start_step,
+          stream=k,
+          with_index=method.example_index and k == 0,
       )
       for k in range(method.num_streams())
   ]
@@ -278,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _next_batch(streams) -> dict[str, np.ndarray]:
-  """One step's host batch: stream 0's 'image' and 'label', stream k's as 'image:k', 'label:k'."""
+  """One step's host batch: stream 0's 'image' and 'label' (and 'index' where the method asks
+  for it), stream k's as 'image:k', 'label:k'."""
   batch = {}
   for k, stream in enumerate(streams):
     for name, value in next(stream).items():

@@ -63,6 +63,13 @@ def test_mock_cifar10_train_and_eval(cache):
       assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
       assert 0 <= batch['label'].min() and batch['label'].max() < 10
     evals = list(data.eval_iterator(source, 'test', local_batch_size=8))
+    if cache:  # example indices (CRD) where the split is held, a clear error where streamed
+      batch = next(data.train_iterator(source, local_batch_size=8, seed=0, with_index=True))
+      np.testing.assert_array_equal(batch['label'], data.train_labels(source)[batch['index']])
+    else:
+      assert data.train_labels(source) is None
+      with pytest.raises(ValueError, match=r'streamed TFDS split.*config.dataset.cache'):
+        next(data.train_iterator(source, local_batch_size=8, seed=0, with_index=True))
   assert [b['mask'].sum() for b in evals] == [8, 8, 4]
   last = evals[-1]
   assert last['mask'].dtype == np.float32 and last['image'].shape == (8, 32, 32, 3)
@@ -173,6 +180,36 @@ def test_a_second_stream_is_another_order_and_resumes_exactly(folder):
     np.testing.assert_array_equal(a['image'], b['image'])
   with pytest.raises(ValueError, match='stream=-1'):
     next(data.train_iterator(source, local_batch_size=4, seed=0, stream=-1))
+
+
+def test_example_indices_name_each_example_and_change_nothing_else(folder, monkeypatch):
+  """with_index (CRD's memory rows): each batch row's position in the train split, distinct in
+  an epoch, the label that train_labels gives it; images and labels as without it; resumable;
+  disjoint between processes."""
+  source = data.open_source(folder_config(folder))
+  labels = data.train_labels(source)
+  assert labels.dtype == np.int32 and len(labels) == source.info.num_train
+  run = lambda start, n, **kw: take(
+      data.train_iterator(source, local_batch_size=4, seed=0, start_step=start, **kw), n
+  )
+  steps = data.steps_per_epoch(source.info, 4)
+  indexed, plain = run(0, steps, with_index=True), run(0, steps)
+  for a, b in zip(indexed, plain):
+    assert a['index'].dtype == np.int32 and 'index' not in b
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], labels[a['index']])
+  epoch = np.concatenate([b['index'] for b in indexed])
+  assert len(set(epoch)) == len(epoch) == steps * 4 and epoch.max() < len(labels)
+  for a, b in zip(indexed[2:], run(2, steps - 2, with_index=True)):
+    np.testing.assert_array_equal(a['index'], b['index'])
+  monkeypatch.setattr(iterators.jax, 'process_count', lambda: 2)
+  shards = []
+  for process in (0, 1):
+    monkeypatch.setattr(iterators.jax, 'process_index', lambda process=process: process)
+    shard = run(0, 1, with_index=True)[0]
+    np.testing.assert_array_equal(shard['label'], labels[shard['index']])
+    shards.append(set(shard['index']))
+  assert not shards[0] & shards[1]
 
 
 def test_folder_augmentation_changes_images_but_none_does_not(folder):

@@ -70,6 +70,7 @@ from ffkd_jax.data.iterators import (
     eval_iterator,
     steps_per_epoch,
     train_iterator,
+    train_labels,
 )
 from ffkd_jax.data.sources import (
     BAD_IMAGE_POLICIES,
@@ -102,4 +103,5 @@ __all__ = [
     'open_source',
     'steps_per_epoch',
     'train_iterator',
+    'train_labels',
 ]

@@ -37,15 +37,23 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
 
 
 def train_iterator(
-    source: Source, *, local_batch_size: int, seed: int, start_step: int = 0, stream: int = 0
+    source: Source,
+    *,
+    local_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    stream: int = 0,
+    with_index: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless {'image': float32 (b, s, s, 3), 'label': int32 (b,)} for this process.
 
   Takes the Source, this process's batch size b, the run's seed, the step to start at and the
   stream: stream 0 is the run's train stream; stream k > 0 is another one, as deterministic and
   as resumable, with its own epoch orders and augmentations (drawn from (seed, k)) over the same
-  examples (FFKD's feedback batches). The train split is decoded into the source's cache now,
-  where it caches.
+  examples (FFKD's feedback batches). with_index adds 'index', int32 (b,): each example's
+  position in the train split (0..num_train - 1, the order of `train_labels`), for methods with
+  a memory of the train set (CRD); a streamed TFDS split has no such positions (ValueError).
+  The train split is decoded into the source's cache now, where it caches.
   """
   info, config = source.info, source.config
   split = source.split('train')
@@ -61,6 +69,13 @@ def train_iterator(
   if stream < 0:
     raise ValueError(f'stream={stream} must be >= 0.')
   words = lambda epoch, purpose: _seed_words(seed, epoch, process, purpose, stream)
+  if with_index and split.streamed:
+    raise ValueError(
+        f"{info.name}: this method needs each train example's index (a memory of the train "
+        'set), which a streamed TFDS split does not have; cache the train split '
+        '(config.dataset.cache=True with enough config.dataset.cache_budget_gib) or use an '
+        'image folder.'
+    )
 
   def epoch_examples(epoch: int, skip: int) -> tuple[tf.data.Dataset, np.ndarray | None]:
     """This epoch's (float32 image, label) after `skip` examples, and their local indices."""
@@ -79,7 +94,14 @@ def train_iterator(
     order = rng.permutation(stop - start)[:per_epoch][skip:]
     image_of = _image_lookup(split, start)
     labels = tf.constant(split.labels[start:stop])
-    fn = lambda i: (transform(image_of(i), _fold(aug_seed, i)), labels[i])
+    if with_index:
+      fn = lambda i: (
+          transform(image_of(i), _fold(aug_seed, i)),
+          labels[i],
+          tf.cast(i + start, tf.int32),
+      )
+    else:
+      fn = lambda i: (transform(image_of(i), _fold(aug_seed, i)), labels[i])
     ds = tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE), order
 
@@ -93,8 +115,8 @@ def train_iterator(
         bad_file = lambda k, order=order: image_folder.find_bad_file(
             split.files[start + order[k * local_batch_size : (k + 1) * local_batch_size]]
         )
-      for image, label in _numpy(ds, config.prefetch, bad_file):
-        yield {'image': image, 'label': label}
+      for example in _numpy(ds, config.prefetch, bad_file):
+        yield dict(zip(('image', 'label', 'index'), example))
       skip = 0
 
   return batches()
@@ -160,6 +182,13 @@ def eval_iterator(
       yield _pad(*empty, local_batch_size)
 
   return batches()
+
+
+def train_labels(source: Source) -> np.ndarray | None:
+  """The train split's labels, int32 (num_train,), in the order of the train batches' 'index'
+  (decoding the split into the cache first where it caches); None for a streamed TFDS split."""
+  split = source.split('train')
+  return None if split.labels is None else np.asarray(split.labels, np.int32)
 
 
 def class_mixed_indices(source: Source, split: str, num_examples: int, seed: int) -> np.ndarray:

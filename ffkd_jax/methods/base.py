@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from ffkd_jax.losses.classification import softened_kl, standardize_logits
 from ffkd_jax.parallel import DATA_AXIS
@@ -90,6 +91,20 @@ LossFn = Callable[[Mapping[str, 'RoleOutput'], Array, Array], tuple[dict[str, Ar
 
 
 @dataclasses.dataclass(frozen=True)
+class StepInputs:
+  """What a stateful phase's loss reads beyond outputs, labels and step (`Phase.stateful`).
+
+  method_state: the method's state (`Method.init_state`) as the phases before left it,
+    replicated: the same on every device.
+  index: (n,) int32 this device's rows' positions in the train split (stream 0), where the
+    method asks for them (`Method.example_index`); None otherwise.
+  """
+
+  method_state: Any
+  index: Array | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Phase:
   """One ordered update inside the train step.
 
@@ -102,6 +117,11 @@ class Phase:
   stream: which train stream's batch the phase sees (0: the main one; 1: a second,
     independent and equally deterministic stream, see ffkd_jax.data.train_iterator).
   read_heads: whether the heads of the roles read (not updated) are computed too.
+  stateful: whether the phase reads and updates the method's state: its loss is then called as
+    loss(outputs, labels, step, StepInputs) and returns (per-role losses, metrics, new method
+    state); the new state must be the same on every device (computed from gathered values), is
+    stop-gradient, and is kept only where the whole step's update is (non-finite steps keep
+    the old one).
   A phase none of whose `trains` roles is updated at a step is skipped at that step.
   """
 
@@ -111,6 +131,7 @@ class Phase:
   reads: tuple[str, ...] = ()
   stream: int = 0
   read_heads: bool = True
+  stateful: bool = False
 
   @property
   def members(self) -> tuple[str, ...]:
@@ -125,6 +146,9 @@ class Method(abc.ABC):
   primary_role: str = 'student'
   # The (teacher feature, student feature) pairs a method distils, in order; () where it has none.
   layer_pairs: tuple[tuple[str, str], ...] = ()
+  # Whether the train step needs each example's position in the train split (batch['index'],
+  # stream 0): CRD's memory rows. The input pipeline supplies it where this is set.
+  example_index: bool = False
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -191,6 +215,15 @@ class Method(abc.ABC):
         temperature,
     )
 
+  def init_state(self, train_labels) -> Any:
+    """The method's own state, a pytree of arrays carried in `TrainState.method_state`:
+    replicated, checkpointed and restored with the roles, read and updated by its stateful
+    phases (CRD: its memory of every train example's embeddings). `train_labels`: (N,) the
+    train split's labels in index order, where the input pipeline knows them (else None).
+    {} by default."""
+    del train_labels
+    return {}
+
   def heads(self, role: str) -> nn.Module | None:
     """The trainable extras of `role`, or None.
 
@@ -234,3 +267,16 @@ class Method(abc.ABC):
 def gather(x: Array) -> Array:
   """This device's rows -> the global batch's rows (concatenated over the `data` axis)."""
   return jax.lax.all_gather(x, DATA_AXIS, tiled=True)
+
+
+def gather_replicated(x: Array) -> Array:
+  """`gather`, typed as the same value on every device (shard_map's replication check does not
+  infer that of all_gather): each device places its rows in zeros, and psum adds them, exactly
+  (every element is one device's value plus zeros). For what a step carries over to the next,
+  e.g. a stateful phase's new method state; values read only within the step use `gather`."""
+  rows = x.shape[0]
+  placed = jnp.zeros((rows * jax.lax.axis_size(DATA_AXIS),) + x.shape[1:], x.dtype)
+  placed = jax.lax.dynamic_update_slice_in_dim(
+      placed, x, jax.lax.axis_index(DATA_AXIS) * rows, axis=0
+  )
+  return jax.lax.psum(placed, DATA_AXIS)
