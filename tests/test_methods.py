@@ -190,9 +190,10 @@ def assert_same_runs(run_a, run_b):
       np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'kdcl'])
+@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'kdcl', 'crd'])
 def test_four_devices_equal_one_device(method):
-  """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16."""
+  """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16 (CRD:
+  its memory and Z too)."""
   assert_same_runs(run(method_config(method), 1), run(method_config(method), 4))
 
 

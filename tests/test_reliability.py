@@ -351,6 +351,41 @@ def test_chain_resumes_bit_identically_after_sigint_and_sigkill(tmp_path, shared
   assert not np.array_equal(final['conv1']['kernel'], pretrained['conv1']['kernel'])
 
 
+# CRD from a CE teacher pre-trained in the same command (4 steps), then 9 steps of CRD (64
+# negatives): its memory of every train example is method state.
+CRD_CHAIN = dict(method='crd', teacher__pretrain_steps=4, num_train_steps=9, crd__nce_k=64)
+
+
+@pytest.mark.slow
+def test_crd_memory_resumes_bit_identically_after_sigkill(tmp_path, shared, data_path):
+  """SIGKILL while CRD trains, the same command again: the memories, Z and every role end
+  bit-identical to an uninterrupted run, and the memory did change from its initial state."""
+  workdir = str(tmp_path / 'crd')
+  overrides = run_fixture.tiny_overrides(data_path, **CRD_CHAIN)
+  run = run_fixture.Run(workdir, overrides)
+  run.signal_at_step(4, signal.SIGKILL, checkpointed=True)
+  assert run.wait() == -signal.SIGKILL
+  killed = run_fixture.checkpoint_steps(workdir)
+  assert killed and killed[-1] < 9, killed
+  run = run_fixture.Run(workdir, overrides)
+  assert run.wait() == 0, run.output[-3000:]
+  assert f'Resuming from step {killed[-1]}.' in run.output
+
+  uninterrupted = reference(shared, data_path, 'crd', CRD_CHAIN, num_devices=1)
+  resumed, straight = run_fixture.restore_state(workdir, 9), run_fixture.restore_state(
+      uninterrupted, 9
+  )
+  run_fixture.assert_trees_equal(resumed, straight, 'crd:')
+  assert_same_records(
+      run_fixture.read_records(workdir), run_fixture.read_records(uninterrupted), 'crd'
+  )
+  memory = resumed['method_state']['memory_student']
+  earlier = run_fixture.checkpoint_steps(workdir)[0]  # the older one kept, step 6
+  first = run_fixture.restore_state(workdir, earlier)['method_state']['memory_student']
+  assert memory.shape[1] == 128 and not np.array_equal(memory, first)
+  assert float(resumed['method_state']['z_teacher']) > 0
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_bit_identically(tmp_path, shared, data_path):
   """CE on 4 devices: SIGTERM finishes the step, saves it, flushes metrics, exits 0 with a

@@ -10,6 +10,7 @@ from ffkd_jax.methods.cc import CC
 from ffkd_jax.methods.ccs import CCS
 from ffkd_jax.methods.cd import CD
 from ffkd_jax.methods.ce import CrossEntropy
+from ffkd_jax.methods.crd import CRD
 from ffkd_jax.methods.dist import DIST
 from ffkd_jax.methods.dkd import DKD
 from ffkd_jax.methods.dml import DML
@@ -39,6 +40,8 @@ _REGISTRY = {
     'iekd': IEKD,
     'cd': CD,
     'ccs': CCS,
+    # Contrastive: a memory of every train example (method state, example indices).
+    'crd': CRD,
     # Online: peers trained together from scratch.
     'dml': DML,
     'kdcl': KDCL,
