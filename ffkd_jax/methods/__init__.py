@@ -20,6 +20,7 @@ from ffkd_jax.methods.iedml import IEDML
 from ffkd_jax.methods.iekd import IEKD
 from ffkd_jax.methods.kd import KD
 from ffkd_jax.methods.kdcl import KDCL
+from ffkd_jax.methods.reviewkd import ReviewKD
 from ffkd_jax.methods.rkd import RKD
 from ffkd_jax.methods.sp import SP
 
@@ -39,6 +40,7 @@ _REGISTRY = {
     'iekd': IEKD,
     'cd': CD,
     'ccs': CCS,
+    'reviewkd': ReviewKD,
     # Online: peers trained together from scratch.
     'dml': DML,
     'kdcl': KDCL,
