@@ -1,9 +1,9 @@
 """ReviewKD: Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021: the
 hierarchical context loss (HCL).
 
-As megvii-research/mdistiller computes it (mdistiller/distillers/ReviewKD.py, `hcl_loss`; the
-same as `hcl` in dvlab-research/ReviewKD CIFAR-100/model/reviewkd.py), for each level k of a
-student's fused map F_k and the teacher's map T_k of the same shape:
+As megvii-research/mdistiller computes it (mdistiller/distillers/ReviewKD.py l. 11,
+`hcl_loss`; the same as `hcl` in dvlab-research/ReviewKD CIFAR-100/model/reviewkd.py), for each
+level k of a student's fused map F_k and the teacher's map T_k of the same shape:
 
   HCL_k = (MSE(F_k, T_k) + sum_{l in (4, 2, 1), l < h_k} 2^-j(l) MSE(P_l(F_k), P_l(T_k)))
           / (1 + sum_{l in (4, 2, 1), l < h_k} 2^-j(l))

@@ -1,76 +1,88 @@
 """ReviewKD: Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021; as
-megvii-research/mdistiller runs it: mdistiller/distillers/ReviewKD.py (`ABF`, `hcl_loss`,
-`ReviewKD.forward_train`), defaults in mdistiller/engine/cfg.py (CFG.REVIEWKD) and
-configs/cifar100/reviewkd.yaml (resnet32x4 -> resnet8x4).
+megvii-research/mdistiller runs it (read at commit a08d46f): mdistiller/distillers/ReviewKD.py
+(`hcl_loss` l. 11, `ReviewKD.__init__` l. 32, `forward_train` l. 66, `ABF` l. 106), defaults in
+mdistiller/engine/cfg.py (CFG.REVIEWKD, l. 150-159) and configs/cifar100/reviewkd.yaml
+(resnet32x4 -> resnet8x4, mdistiller's one ReviewKD config).
 
-  L_S = ce_weight CE(y, z_S) + reviewkd_weight w(step) HCL([F_1 .. F_K, F_emb], sg[T_1 .. T_K,
-        T_emb])
+  L_S = ce_weight CE(y, z_S)
+      + reviewkd_weight w(step) HCL([F_1 .. F_K, F_emb], sg[T_1 .. T_K, T_emb])
 
-HCL the hierarchical context loss (ffkd_jax/losses/reviewkd.py, the code's `hcl_loss`), w the
-warm-up ramp. The levels, shallow to deep: the paired stages, then the pooled embedding as a 1x1
-map (`pooled_feat.unsqueeze(-1).unsqueeze(-1)`).
+(ReviewKD.py l. 93-98.) HCL the hierarchical context loss (ffkd_jax/losses/reviewkd.py, the
+code's `hcl_loss`), w the warm-up ramp. The levels, shallow to deep: the paired stages, then the
+pooled embedding as a 1x1 map (`pooled_feat.unsqueeze(-1).unsqueeze(-1)`).
 
-Targets T_k (forward_train): the teacher's pre-activation stage maps `preact_feats[1:]`, i.e.
-`stage{i}_preact` here (mdistiller/models/cifar/resnet.py: `preact_feats = [f0, f1_pre, f2_pre,
-f3_pre]`, f0 the stem, dropped by the [1:]), then its pooled embedding; stop-gradient (the
-teacher runs under torch.no_grad).
+Targets T_k (ReviewKD.py l. 89-91): the teacher's pre-activation stage maps `preact_feats[1:]`,
+`stage{i}_preact` here (mdistiller/models/cifar/resnet.py l. 203: `preact_feats = [f0, f1_pre,
+f2_pre, f3_pre]`, f0 the stem's post-ReLU map, dropped by the [1:]), then its pooled embedding;
+stop-gradient (the teacher runs under torch.no_grad, l. 68).
 
-Student inputs: its post-activation stage maps `feats` (CFG.REVIEWKD.STU_PREACT = False;
-`student_preact` here reads `stage{i}_preact` instead), then its pooled embedding. The code
-zips the reversed list [pooled, f3, f2, f1, f0] with its 4 ABFs, so for the CIFAR ResNets the
-stem f0 falls off the end: the levels are the stages after the stem plus the embedding, on both
-sides. Here the stages are `aligned_stage_pairs` (every stage after the stem; where the two
-networks have different numbers of stages, the last min(K_t, K_s) of each, deepest aligned), or
-`layer_pairs` ('teacher:student' stage names, shallow to deep).
+Student inputs (l. 72-79): its post-activation stage maps `feats` (CFG.REVIEWKD.STU_PREACT =
+False, cfg.py l. 159; `student_preact` here reads `stage{i}_preact` instead), then its pooled
+embedding. The code reverses that list to [pooled, f3, f2, f1, f0] (l. 80) and zips it with its
+4 ABFs (l. 84), so for the CIFAR ResNets the stem f0 falls off the end: the levels are the
+stages after the stem plus the embedding, on both sides. Here the stages are
+`aligned_stage_pairs` (every stage after the stem; where the two networks have different numbers
+of stages, the last min(K_t, K_s) of each, deepest aligned), or `layer_pairs` ('teacher:student'
+stage names, shallow to deep).
 
-F_k, the student's fused maps: `ReviewKDHeads`, the chain of the code's `ABF`s, a trainable
-head of the student (`get_learnable_parameters` adds the ABFs to the student's optimizer). Per
-level, deepest first:
-  x = BN(conv1x1(V_k))                        to mid channels, no bias;
+F_k, the student's fused maps: `ReviewKDHeads`, the chain of the code's `ABF`s (l. 106-144), a
+trainable head of the student (`get_learnable_parameters`, l. 57, adds the ABFs to the student's
+optimizer). Per level, deepest first (`self.abfs = abfs[::-1]`, l. 55):
+  x = BN(conv1x1(V_k))                   to mid channels, no bias;
   with a deeper level: y = nearest(r_{k+1}, h_k x w_k), the deeper level's residual resized to
-      this student map's size; a = sigmoid(conv1x1([x, y]))  (2 channels, with bias);
+      this student map's size (`SHAPES`); a = sigmoid(conv1x1([x, y])) (2 channels, with bias);
       x = a_0 x + a_1 y;
-  r_k = nearest(x, the teacher's h x w)        (unchanged where the sizes agree);
-  F_k = BN(conv3x3(r_k))                       to the teacher's channels, padding 1, no bias.
-The deepest level (the embedding) has no deeper one, so no attention. mid = min(512, the
-student's embedding width) (`mid_channel = min(512, in_channels[-1])`; the code reads the
-constant 512 and leaves CFG.REVIEWKD.MAX_MID_CHANNEL unused; here `max_mid_channels`, 512).
-`nearest` is PyTorch's F.interpolate(mode='nearest'): output index i reads input index
-min(floor(i in / out), in - 1).
+  r_k = nearest(x, the teacher's h x w)   (`OUT_SHAPES`; unchanged where the sizes agree);
+  F_k = BN(conv3x3(r_k))                  to the teacher's channels, padding 1, no bias.
+The deepest level (the embedding) has no deeper one, so no attention (`fuse` is idx < len - 1).
+mid = min(512, the student's embedding width) (`mid_channel = min(512, in_channels[-1])`, l. 45;
+the code stores CFG.REVIEWKD.MAX_MID_CHANNEL, l. 42, but uses the literal 512; here the cap is
+`max_mid_channels`, 512). `nearest` is PyTorch's F.interpolate(mode='nearest'): output index i
+reads input index min(floor(i in / out), in - 1).
 
-Shapes: the code takes SHAPES (each level's student size, where the residual is resized to),
-OUT_SHAPES (the teacher's size), IN_CHANNELS and OUT_CHANNELS from the config, by hand per pair
-(CFG.REVIEWKD: [1, 8, 16, 32], [1, 8, 16, 32], [64, 128, 256, 256] twice, the resnet8x4 /
-resnet32x4 values); here all four come from the roles' feature shapes.
+Shapes: the code takes SHAPES (each level's student size), OUT_SHAPES (the teacher's),
+IN_CHANNELS and OUT_CHANNELS from the config, set by hand per pair (cfg.py l. 154-157: [1, 8,
+16, 32] twice and [64, 128, 256, 256] twice, the resnet8x4 / resnet32x4 values, deepest first for
+the sizes, shallow first for the channels); here all four come from the roles' feature shapes
+(tests/test_reviewkd.py checks that they give cfg.py's lists on that pair).
 
-Defaults (`config.reviewkd`): ce_weight 1.0 (CFG.REVIEWKD.CE_WEIGHT), reviewkd_weight 5.0
-(configs/cifar100/reviewkd.yaml REVIEWKD_WEIGHT, which overrides cfg.py's 1.0; the original
-dvlab-research/ReviewKD CIFAR-100/train.py has `--kd-loss-weight` 1.0 as its argparse default
-and sets it per run in its scripts), warm-up 20 epochs (CFG.REVIEWKD.WARMUP_EPOCHS) as
-warmup_steps = 20 x 782 = 15640 (CIFAR-100 at batch 64, as config.dkd.warmup_steps),
-student_preact False (CFG.REVIEWKD.STU_PREACT), max_mid_channels 512.
+Defaults (`config.reviewkd`):
+  - ce_weight 1.0: CFG.REVIEWKD.CE_WEIGHT (cfg.py l. 151);
+  - reviewkd_weight 5.0: configs/cifar100/reviewkd.yaml l. 10 (REVIEWKD_WEIGHT: 5.0), which
+    overrides cfg.py l. 152's 1.0. The original code (dvlab-research/ReviewKD,
+    CIFAR-100/script/reviewKD.sh) uses 5.0 for resnet32x4 -> resnet8x4, the WRN pairs and
+    ShuffleNetV1, 8.0 for resnet32x4 -> ShuffleNetV2, 0.6 for resnet56 -> resnet20 and 1.0 for
+    resnet110 -> resnet32 (here `--config.reviewkd.reviewkd_weight` for such a pair);
+  - warmup_steps 15640: CFG.REVIEWKD.WARMUP_EPOCHS 20 (cfg.py l. 153) at 782 steps an epoch
+    (CIFAR-100 at batch 64), as config.dkd.warmup_steps;
+  - student_preact False: CFG.REVIEWKD.STU_PREACT (cfg.py l. 159);
+  - max_mid_channels 512: ReviewKD.py l. 45;
+  - layer_pairs 'auto': the stages after the stem, as above.
 
 Departures from the code, and why:
-  - Warm-up: the code scales HCL by min(epoch / WARMUP_EPOCHS, 1) with mdistiller's 1-based
-    epoch (mdistiller/engine/trainer.py starts at epoch = 1), a staircase of 20 steps; a method
-    here knows the global step only, so w(step) = min((step + 1) / warmup_steps, 1), as DKD's
-    ramp (ffkd_jax/methods/dkd.py): both reach 1 in the 20th epoch, the per-step ramp below the
-    staircase by less than 1/20. (The original repo's train.py uses the 0-based epoch, so its
-    first epoch has no HCL at all.) warmup_steps = 1: no ramp.
-  - Initialisation: the code draws conv1's and conv2's kernels with kaiming_uniform_(a=1), i.e.
-    U(-sqrt(3 / fan_in), sqrt(3 / fan_in)), which is LeCun uniform: here
+  - Warm-up: the code scales HCL by min(epoch / WARMUP_EPOCHS, 1) (l. 96) with mdistiller's
+    1-based epoch (mdistiller/engine/trainer.py l. 78, `epoch = 1`), a staircase of 20 steps; a
+    method here knows the global step only, so w(step) = min((step + 1) / warmup_steps, 1), as
+    DKD's ramp (ffkd_jax/methods/dkd.py): both reach 1 in the 20th epoch, the per-step ramp
+    below the staircase by less than 1/20. (dvlab-research/ReviewKD CIFAR-100/train.py uses the
+    0-based epoch, `min(1, epoch/args.kd_warm_up)`, so its first epoch has no HCL at all.)
+    warmup_steps = 1: no ramp.
+  - Initialisation: the code draws conv1's and conv2's kernels with kaiming_uniform_(a=1)
+    (l. 126-127), i.e. U(-sqrt(3 / fan_in), sqrt(3 / fan_in)), which is LeCun uniform: here
     `variance_scaling(1, 'fan_in', 'uniform')`, the same distribution. The attention conv keeps
     PyTorch's Conv2d default, kaiming_uniform_(a=sqrt(5)) (bound 1 / sqrt(fan_in)) and a bias
-    from U(-1/sqrt(fan_in), 1/sqrt(fan_in)): here the same two distributions. Batch norm starts
-    at scale 1, bias 0 as PyTorch's; its running variance is the biased one (PyTorch keeps the
-    unbiased); momentum 0.9 / epsilon 1e-5 (PyTorch's 0.1 / 1e-5), statistics over the global
-    batch (`axis_name`), as the other heads here; the code's are per GPU (BatchNorm2d).
-  - Pairs: the code pairs its ABF outputs (shallow first) with the teacher's levels by `zip`,
-    which only lines up when the two lists are the same length (its SHAPES are set by hand per
-    pair); here they are paired deepest aligned, or by `layer_pairs`.
-  - The code resizes to square maps (`(shape, shape)`, `(out_shape, out_shape)`, one side
-    length a level); here the same on the square maps of the zoo, and a non-square map is
+    from U(-1/sqrt(fan_in), 1/sqrt(fan_in)): here the same two distributions (not the same
+    draws). Batch norm starts at scale 1, bias 0 as PyTorch's; its running variance is the
+    biased one (PyTorch keeps the unbiased); momentum 0.9 / epsilon 1e-5 (PyTorch's 0.1 / 1e-5),
+    statistics over the global batch (`axis_name`), as the other heads here; the code's are per
+    GPU (BatchNorm2d).
+  - Pairs: the code pairs its ABF outputs (shallow first) with the teacher's levels by `zip`
+    (l. 13), which only lines up when the two lists are the same length (its SHAPES are set by
+    hand per pair); here they are paired deepest aligned, or by `layer_pairs`.
+  - The code resizes to square maps (`(shape, shape)`, `(out_shape, out_shape)`, one side length
+    a level, l. 135 and 142); here the same on the square maps of the zoo, and a non-square map is
     refused with a ValueError naming `reviewkd.layer_pairs` rather than resized to a square.
+    Pairs out of depth order (a shallower stage after a deeper one) are refused too.
 HCL is a mean over each level's elements (a per-example mean), so a local batch mean: nothing is
 gathered; the heads' batch norm reduces over the global batch. The teacher is frozen and
 pre-trained.
