@@ -45,8 +45,8 @@ jobs, load average ~5.8; FLOPs from XLA's cost analysis of each step at batch 12
   to 1.24 s (ffkd) per student step, and projects 2.14 h (mean steps) / 2.00 h (fastest).
   The table then took 1 h 46 min (benchmarks/results/acc-cpu-2026-11-23/timings.txt): the
   evaluations cost less than the 1/3-of-a-step-per-image guess.
-  This sizing predates dkd, sp, ickd, cd, ccs, dml and kdcl in METHODS (not measured here): with them the table takes
-  longer; `--methods` runs a subset.
+  This sizing predates dkd, sp, ickd, cd, ccs, reviewkd, crd, dml and kdcl in METHODS (not
+  measured here): with them the table takes longer; `--methods` runs a subset.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ METHODS = (
     'iekd',
     'cd',
     'ccs',
+    'reviewkd',
+    'crd',
     'dml',
     'kdcl',
     'fkd',
@@ -164,9 +166,10 @@ def make_config(
     steps = _total_steps(config)
     config.eval_every_steps = max(1, math.ceil(steps / EVALS_PER_RUN))
     # Step counts sized for the 240-epoch protocol keep their share of the run: IE-KD's
-    # auto-encoder 30 / 240 epochs before the student, DKD's warm-up 20 / 240 of it.
+    # auto-encoder 30 / 240 epochs before the student, DKD's and ReviewKD's warm-ups 20 / 240.
     config.iekd.ae_steps = max(1, round(steps * 30 / 240))
     config.dkd.warmup_steps = max(1, round(steps * 20 / 240))
+    config.reviewkd.warmup_steps = max(1, round(steps * 20 / 240))
   if not is_teacher and method != 'ce':
     config.teacher.checkpoint = teacher_dir
   return config

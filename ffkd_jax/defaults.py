@@ -116,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
           scores='auto',
       )
   )
+  config.reviewkd = reviewkd_config()
   # Online methods: peers trained together from scratch. `models`: comma-separated model names
   # ('' = two copies of config.model).
   # DML's update: 'synchronous' (one forward pass) or 'alternating' (one peer after the other,
@@ -196,6 +197,20 @@ def cd_config() -> ml_collections.ConfigDict:
   c.edt_factor = 0.9  # the code's cd_loss_factor
   # cd_weight x edt_factor^(boundaries passed); the code's CIFAR epochs 60 and 160 at 782 steps.
   c.edt_boundary_steps = (46920, 125120)
+  return c
+
+
+def reviewkd_config() -> ml_collections.ConfigDict:
+  """ReviewKD (ffkd_jax/methods/reviewkd.py): mdistiller's CFG.REVIEWKD and its CIFAR-100
+  configs/cifar100/reviewkd.yaml."""
+  c = ml_collections.ConfigDict()
+  c.layer_pairs = 'auto'  # 'auto': every stage after the stem, deepest aligned; then the embedding
+  c.ce_weight = 1.0  # CFG.REVIEWKD.CE_WEIGHT
+  c.reviewkd_weight = 5.0  # reviewkd.yaml's REVIEWKD_WEIGHT (cfg.py's default: 1.0)
+  # CFG.REVIEWKD.WARMUP_EPOCHS 20 as a per-step ramp of 20 x 782 steps (CIFAR-100 at batch 64).
+  c.warmup_steps = 15640
+  c.student_preact = False  # CFG.REVIEWKD.STU_PREACT: the student's post-activation stage maps
+  c.max_mid_channels = 512  # the ABFs' width: min(512, the student's embedding width)
   return c
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ffkd_jax.losses import at, cc, ccs, cd, classification, dist, dkd, ffkd, fitnet, ickd, kdcl
-from ffkd_jax.losses import iekd, mutual, rkd, sp
+from ffkd_jax.losses import iekd, mutual, reviewkd, rkd, sp
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -620,6 +620,90 @@ def test_mutual_kl_against_numpy_and_stop_gradient():
     mutual.mutual_kl(peers[:1])
 
 
+# ---- ReviewKD's HCL (megvii-research/mdistiller distillers/ReviewKD.py) ---------------------
+
+
+def np_adaptive_avg_pool2d(x, out):
+  """PyTorch's adaptive_avg_pool2d(x, (out, out)) on an NCHW array, with loops: bin i covers
+  rows floor(i h / out) .. ceil((i + 1) h / out) - 1, columns alike."""
+  n, c, h, w = x.shape
+  y = np.zeros((n, c, out, out))
+  for i in range(out):
+    r0, r1 = math.floor(i * h / out), math.ceil((i + 1) * h / out)
+    for j in range(out):
+      c0, c1 = math.floor(j * w / out), math.ceil((j + 1) * w / out)
+      y[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+  return y
+
+
+def np_hcl_loss(fstudent, fteacher):
+  """A NumPy transcription of mdistiller's hcl_loss on NCHW maps."""
+  loss_all = 0.0
+  for fs, ft in zip(fstudent, fteacher):
+    h = fs.shape[2]
+    loss = np.mean((fs - ft) ** 2)
+    cnt, tot = 1.0, 1.0
+    for l in (4, 2, 1):
+      if l >= h:
+        continue
+      cnt /= 2.0
+      loss += np.mean((np_adaptive_avg_pool2d(fs, l) - np_adaptive_avg_pool2d(ft, l)) ** 2) * cnt
+      tot += cnt
+    loss_all += loss / tot
+  return loss_all
+
+
+@pytest.mark.parametrize('sizes', [(8, 4, 2, 1), (32, 16, 8, 1), (7, 5, 3)])
+def test_hcl_against_mdistiller(sizes):
+  """Maps of several sizes (the zoo's, and sizes the pools do not divide: PyTorch's uneven
+  bins), one channel count a level, a 1x1 level as the pooled embedding."""
+  rng = rng_for(51)
+  students = [rng.normal(size=(3, 2 + k, hw, hw)) for k, hw in enumerate(sizes)]
+  teachers = [rng.normal(size=s.shape) * 1.5 + 0.3 for s in students]
+  expected = np_hcl_loss(students, teachers)
+  got = reviewkd.hcl_loss(
+      [jnp.asarray(to_nhwc(s), jnp.float32) for s in students],
+      [jnp.asarray(to_nhwc(t), jnp.float32) for t in teachers],
+  )
+  np.testing.assert_allclose(got, expected, rtol=RTOL)
+
+
+def test_hcl_pool_weights_and_adaptive_pool():
+  """One level: the weights halve with each pool taken (h = 4: 1, 1/2, 1/4), and the pool is
+  PyTorch's on an uneven size."""
+  rng = rng_for(52)
+  x = rng.normal(size=(2, 3, 7, 7))
+  for out in (4, 2, 1):
+    np.testing.assert_allclose(
+        reviewkd.adaptive_avg_pool(jnp.asarray(to_nhwc(x), jnp.float32), out),
+        to_nhwc(np_adaptive_avg_pool2d(x, out)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+  s = jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32)
+  mse = lambda a, b: jnp.mean((a - b) ** 2)
+  pool = reviewkd.adaptive_avg_pool
+  want = (mse(s, t) + 0.5 * mse(pool(s, 2), pool(t, 2)) + 0.25 * mse(pool(s, 1), pool(t, 1))) / 1.75
+  np.testing.assert_allclose(reviewkd.hcl_level(s, t), want, rtol=1e-6)
+
+
+def test_hcl_properties_and_gradients():
+  rng = rng_for(53)
+  s = [jnp.asarray(rng.normal(size=(2, hw, hw, 3)), jnp.float32) for hw in (8, 2, 1)]
+  t = [jnp.asarray(rng.normal(size=(2, hw, hw, 3)), jnp.float32) for hw in (8, 2, 1)]
+  assert float(reviewkd.hcl_loss(s, s)) == 0.0
+  assert float(reviewkd.hcl_loss(s, t)) > 0
+  g_s, g_t = jax.grad(reviewkd.hcl_loss, argnums=(0, 1))(s, t)
+  assert all(np.any(np.asarray(g) != 0) for g in g_s + g_t)
+  g_stopped = jax.grad(lambda t: reviewkd.hcl_loss(s, [jax.lax.stop_gradient(x) for x in t]))(t)
+  assert not any(np.any(np.asarray(g)) for g in g_stopped)
+  with pytest.raises(ValueError, match='one shape at every level'):
+    reviewkd.hcl_loss([s[0][..., :2]], [t[0]])
+  with pytest.raises(ValueError, match='as many teacher maps'):
+    reviewkd.hcl_loss(s, t[:2])
+
+
 # ---- every loss is jittable ---------------------------------------------------------------
 
 
@@ -642,6 +726,7 @@ def test_every_loss_jits():
       (lambda s, t: dkd.dkd_loss(s, t, labels, 1.0, 8.0, 4.0), tuple(logits)),
       (cd.channel_distillation_loss, tuple(maps)),
       (ccs.ccs_loss, tuple(maps)),
+      (lambda s, t: reviewkd.hcl_loss([s], [t]), tuple(maps)),
       (lambda s, t: cd.guided_kd_loss(s, t, labels, 4.0)[0], tuple(logits)),
       (lambda s, t: rkd.rkd_loss(s, t)[0] + rkd.rkd_loss(s, t)[1], tuple(maps)),
       (cc.cc_loss, tuple(maps)),

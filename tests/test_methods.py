@@ -37,8 +37,9 @@ def method_config(method):
   # IE: the auto-encoders train at step 0, the inheritance / exploration terms start at step 1.
   config.iekd.ae_steps = 1
   config.iedml.ae_steps = 1
-  # DKD: half its weight at step 0, all of it from step 1.
+  # DKD, ReviewKD: half its weight at step 0, all of it from step 1.
   config.dkd.warmup_steps = 2
+  config.reviewkd.warmup_steps = 2
   return config
 
 
@@ -190,7 +191,7 @@ def assert_same_runs(run_a, run_b):
       np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'kdcl', 'crd'])
+@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'reviewkd', 'crd', 'kdcl'])
 def test_four_devices_equal_one_device(method):
   """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16 (CRD:
   its memory and Z too)."""
@@ -430,6 +431,7 @@ def test_registry_lists_every_method_and_presets():
       'iekd',
       'cd',
       'ccs',
+      'reviewkd',
   }
   assert set(ONLINE) == {'dml', 'kdcl', 'iedml'}
 

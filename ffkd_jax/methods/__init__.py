@@ -21,6 +21,7 @@ from ffkd_jax.methods.iedml import IEDML
 from ffkd_jax.methods.iekd import IEKD
 from ffkd_jax.methods.kd import KD
 from ffkd_jax.methods.kdcl import KDCL
+from ffkd_jax.methods.reviewkd import ReviewKD
 from ffkd_jax.methods.rkd import RKD
 from ffkd_jax.methods.sp import SP
 
@@ -40,6 +41,7 @@ _REGISTRY = {
     'iekd': IEKD,
     'cd': CD,
     'ccs': CCS,
+    'reviewkd': ReviewKD,
     # Contrastive: a memory of every train example (method state, example indices).
     'crd': CRD,
     # Online: peers trained together from scratch.
