@@ -21,6 +21,7 @@ from ffkd_jax.methods.iekd import IEKD
 from ffkd_jax.methods.kd import KD
 from ffkd_jax.methods.kdcl import KDCL
 from ffkd_jax.methods.rkd import RKD
+from ffkd_jax.methods.sokd import SOKD
 from ffkd_jax.methods.sp import SP
 
 _REGISTRY = {
@@ -43,6 +44,8 @@ _REGISTRY = {
     'dml': DML,
     'kdcl': KDCL,
     'iedml': IEDML,
+    # Semi-online: a frozen teacher's trainable branch and the student learn from each other.
+    'sokd': SOKD,
 }
 _REGISTRY.update({preset: FFKD for preset in FFKD_PRESETS})
 
