@@ -45,7 +45,7 @@ jobs, load average ~5.8; FLOPs from XLA's cost analysis of each step at batch 12
   to 1.24 s (ffkd) per student step, and projects 2.14 h (mean steps) / 2.00 h (fastest).
   The table then took 1 h 46 min (benchmarks/results/acc-cpu-2026-11-23/timings.txt): the
   evaluations cost less than the 1/3-of-a-step-per-image guess.
-  This sizing predates dkd, sp, ickd, cd, ccs, dml and kdcl in METHODS (not measured here): with them the table takes
+  This sizing predates dkd, sp, ickd, cd, ccs, dml, kdcl and sokd in METHODS (not measured here): with them the table takes
   longer; `--methods` runs a subset.
 """
 
@@ -80,6 +80,7 @@ METHODS = (
     'ccs',
     'dml',
     'kdcl',
+    'sokd',
     'fkd',
     'fkd_cka',
     'fkd_fbkd',
