@@ -45,8 +45,8 @@ jobs, load average ~5.8; FLOPs from XLA's cost analysis of each step at batch 12
   to 1.24 s (ffkd) per student step, and projects 2.14 h (mean steps) / 2.00 h (fastest).
   The table then took 1 h 46 min (benchmarks/results/acc-cpu-2026-11-23/timings.txt): the
   evaluations cost less than the 1/3-of-a-step-per-image guess.
-  This sizing predates dkd, sp, ickd, cd, ccs, reviewkd, crd, dml and kdcl in METHODS (not
-  measured here): with them the table takes longer; `--methods` runs a subset.
+  This sizing predates dkd, sp, ickd, cd, ccs, reviewkd, crd, dml, kdcl and sokd in METHODS
+  (not measured here): with them the table takes longer; `--methods` runs a subset.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ METHODS = (
     'crd',
     'dml',
     'kdcl',
+    'sokd',
     'fkd',
     'fkd_cka',
     'fkd_fbkd',

@@ -11,9 +11,10 @@ vgg13->mobilenetv2, resnet32x4->shufflenetv1, resnet32x4->shufflenetv2.
 The student's learning rate follows the teacher protocol (0.01 for MobileNetV2 and ShuffleNets).
 
 Methods: see `ffkd_jax.methods.available_methods()` (ffkd and its presets, kd, dkd, dist, rkd,
-cc, fitnet, at, sp, ickd, iekd, cd, ccs, reviewkd, crd, dml, kdcl, iedml). The online methods
-(dml, kdcl, iedml) train the pair from scratch as peers: peer0 = the student (reported as eval/top1), peer1 = the teacher's
-architecture; they need no teacher checkpoint.
+cc, fitnet, at, sp, ickd, iekd, cd, ccs, reviewkd, crd, dml, kdcl, iedml, sokd). The online
+methods (dml, kdcl, iedml) train the pair from scratch as peers: peer0 = the student (reported as
+eval/top1), peer1 = the teacher's architecture; they need no teacher checkpoint. sokd needs a
+CIFAR ResNet or WRN teacher (its branch is the teacher's last stage), not vgg13.
 """
 
 from configs import default

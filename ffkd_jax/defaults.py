@@ -128,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.kdcl = ml_collections.ConfigDict(dict(models='', alpha=1.0, gamma=1.0, temperature=4.0))
 
   config.iedml = iedml_config()
+  config.sokd = sokd_config()
 
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
   config.dtype = 'float32'
@@ -211,6 +212,22 @@ def reviewkd_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 15640
   c.student_preact = False  # CFG.REVIEWKD.STU_PREACT: the student's post-activation stage maps
   c.max_mid_channels = 512  # the ABFs' width: min(512, the student's embedding width)
+  return c
+
+
+def sokd_config() -> ml_collections.ConfigDict:
+  """SOKD (ffkd_jax/methods/sokd.py): swlzq/Semi-Online-KD configs/sokd.yaml and trainer/sokd.py."""
+  c = ml_collections.ConfigDict()
+  c.temperature = 4.0  # SoftTarget(T=4)
+  c.ce_weight = 1.0  # lambda_ce: the student's CE
+  c.kd_weight = 1.0  # lambda_kd: the student's KL from the branch
+  c.branch_ce_weight = 1.0  # auxiliary_lambda_ce: the branch's CE
+  c.branch_kd_teacher_weight = 1.0  # auxiliary_lambda_kd_t: the branch's KL from the teacher
+  c.branch_kd_student_weight = 1.0  # auxiliary_lambda_kd_s: the branch's KL from the student
+  c.branch_lr_scale = 1.0  # the branch's learning rate / the student's (lr_auxiliary 0.1 / lr 0.1)
+  # 'random': a fresh branch, as the authors' code starts it; 'teacher': a copy of the loaded
+  # teacher's last stage and classifier (wp502/SKD-RSL, the variant FFKD's paper compared).
+  c.branch_init = 'random'
   return c
 
 

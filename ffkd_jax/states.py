@@ -83,16 +83,16 @@ def resolve(
 ) -> tuple[Method, dict[str, RoleProgram]]:
   """The resolved method and every role's program, before any state exists.
 
-  The method's roles give the backbones; their feature shapes resolve the method
-  (`methods.create_method`: layer pairs, head shapes, features checked); the method gives the
-  heads. make_optimizer(lr_scale) -> (optax direction, schedule).
+  The method's roles give the backbones; their feature shapes and `num_classes` resolve the
+  method (`methods.create_method`: layer pairs, head shapes, features checked); the method gives
+  the heads. make_optimizer(lr_scale) -> (optax direction, schedule).
   """
   roles = methods.method_roles(config)
   backbones = {
       r.name: models.create_model(r.model, num_classes, axis_name=DATA_AXIS, dtype=dtype)
       for r in roles
   }
-  method = methods.create_method(config, feature_shapes_of(backbones, image_size))
+  method = methods.create_method(config, feature_shapes_of(backbones, image_size), num_classes)
   programs = {}
   for role in method.roles():
     heads = method.heads(role.name)

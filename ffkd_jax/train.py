@@ -84,7 +84,8 @@ def _dtype(config):
 
 
 def _load_teachers(config, method, programs, state):
-  """Loads every pre-trained role's backbone from config.teacher.checkpoint."""
+  """Loads every pre-trained role's backbone from config.teacher.checkpoint; its heads, if
+  any, are then what `method.pretrained_heads` makes of them (their fresh ones by default)."""
   roles = dict(state.roles)
   for role in method.roles():
     if not role.pretrained:
@@ -100,6 +101,13 @@ def _load_teachers(config, method, programs, state):
     )
     new_params = dict(current.params, backbone=params)
     new_stats = dict(current.batch_stats, backbone=stats)
+    if programs[role.name].heads is not None:
+      heads = method.pretrained_heads(
+          role.name,
+          {'params': current.params['heads'], 'batch_stats': current.batch_stats.get('heads', {})},
+          {'params': params, 'batch_stats': stats},
+      )
+      new_params['heads'], new_stats['heads'] = heads['params'], heads['batch_stats']
     roles[role.name] = states_lib.RoleState(
         new_params, new_stats, states_lib.init_opt_state(programs[role.name], new_params)
     )

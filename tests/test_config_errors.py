@@ -166,6 +166,8 @@ def test_batch_not_divisible_by_the_device_count(tmp_path, data_path, field, val
         ('ffkd.temperature', -4.0),
         ('dist.temperature', math.inf),
         ('ffkd.teacher_lr_scale', 0.0),
+        ('sokd.temperature', 0.0),
+        ('sokd.branch_lr_scale', -1.0),
     ],
 )
 def test_values_that_must_be_positive(tmp_path, data_path, field, value):
@@ -193,6 +195,9 @@ def test_values_that_must_be_positive(tmp_path, data_path, field, value):
         ('reviewkd.reviewkd_weight', -5.0, 'a weight must be a finite number >= 0'),
         ('reviewkd.ce_weight', math.nan, 'a weight must be a finite number >= 0'),
         ('kdcl.gamma', math.inf, 'a weight must be a finite number >= 0'),
+        ('sokd.kd_weight', -1.0, 'a weight must be a finite number >= 0'),
+        ('sokd.branch_kd_teacher_weight', math.nan, 'a weight must be a finite number >= 0'),
+        ('sokd.branch_init', 'copy', "valid: ('random', 'teacher')"),
         ('ffkd.beta_fdbk', -0.1, 'a weight must be a finite number >= 0'),
         ('ffkd.feedback_batch', 'other', "valid: ('independent', 'same')"),
         ('dml.peer_updates', 'sometimes', "valid: ('alternating', 'synchronous')"),

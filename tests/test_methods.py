@@ -191,7 +191,7 @@ def assert_same_runs(run_a, run_b):
       np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'reviewkd', 'crd', 'kdcl'])
+@pytest.mark.parametrize('method', ['dkd', 'cd', 'ccs', 'reviewkd', 'crd', 'kdcl', 'sokd'])
 def test_four_devices_equal_one_device(method):
   """Local means (CE, DKD) and global-batch terms alike: 4 devices x 4 rows == 1 x 16 (CRD:
   its memory and Z too)."""
@@ -432,6 +432,7 @@ def test_registry_lists_every_method_and_presets():
       'cd',
       'ccs',
       'reviewkd',
+      'sokd',
   }
   assert set(ONLINE) == {'dml', 'kdcl', 'iedml'}
 

@@ -23,6 +23,7 @@ from ffkd_jax.methods.kd import KD
 from ffkd_jax.methods.kdcl import KDCL
 from ffkd_jax.methods.reviewkd import ReviewKD
 from ffkd_jax.methods.rkd import RKD
+from ffkd_jax.methods.sokd import SOKD
 from ffkd_jax.methods.sp import SP
 
 _REGISTRY = {
@@ -48,6 +49,8 @@ _REGISTRY = {
     'dml': DML,
     'kdcl': KDCL,
     'iedml': IEDML,
+    # Semi-online: a frozen teacher's trainable branch and the student learn from each other.
+    'sokd': SOKD,
 }
 _REGISTRY.update({preset: FFKD for preset in FFKD_PRESETS})
 
@@ -76,12 +79,14 @@ def method_roles(config) -> tuple[Role, ...]:
   return method_class(config).make_roles(config)
 
 
-def create_method(config, feature_shapes: FeatureShapes) -> Method:
+def create_method(config, feature_shapes: FeatureShapes, num_classes: int | None = None) -> Method:
   """The resolved, immutable method: its config block checked, its layer pairs chosen from the
-  roles' feature shapes, every feature it reads checked against its roles' models."""
+  roles' feature shapes, every feature it reads checked against its roles' models;
+  `num_classes` (the logits' width) becomes `Method.num_classes`."""
   cls = method_class(config)
   cls.check_config(config)
   method = cls(config, feature_shapes)
+  method.num_classes = num_classes
   check_features(method, feature_shapes)
   method.freeze()
   return method

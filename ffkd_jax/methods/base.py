@@ -149,6 +149,9 @@ class Method(abc.ABC):
   # Whether the train step needs each example's position in the train split (batch['index'],
   # stream 0): CRD's memory rows. The input pipeline supplies it where this is set.
   example_index: bool = False
+  # The run's class count (the width of every role's logits), set by `create_method` where the
+  # caller knows it (states.resolve does): for heads that classify (SOKD's auxiliary branch).
+  num_classes: int | None = None
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -233,6 +236,20 @@ class Method(abc.ABC):
     """
     del role
     return None
+
+  def pretrained_heads(
+      self, role: str, heads: Mapping[str, Any], backbone: Mapping[str, Any]
+  ) -> Mapping[str, Any]:
+    """The heads' variables of a pre-trained role once its backbone is loaded.
+
+    `heads` and `backbone` are `{'params': ..., 'batch_stats': ...}` (the heads' fresh ones and
+    the backbone's from `config.teacher.checkpoint`). The trainer calls this once, when a run
+    starts from scratch (not on resuming), for every `Role.pretrained` role with heads, and
+    builds the role's optimizer state afterwards. By default the heads keep their fresh
+    initialisation; SOKD's branch can start as a copy of the teacher's last stage and classifier.
+    """
+    del role, backbone
+    return heads
 
   def head_input(self, role: str) -> str:
     """The role whose backbone features feed `role`'s heads: by default the role itself (FFKD's

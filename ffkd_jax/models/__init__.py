@@ -86,10 +86,46 @@ def create_model(
   return build(name, num_classes, axis_name, dtype)
 
 
+# The families with a partial forward (their `first_stage` field): CIFAR ResNets and WRNs.
+_TAIL_FAMILIES = (resnet_cifar, wrn)
+
+
+def tail_models() -> list[str]:
+  """The models `create_tail` supports, sorted."""
+  return sorted(name for family in _TAIL_FAMILIES for name in family.CONFIGS)
+
+
+def create_tail(
+    name: str,
+    num_classes: int,
+    axis_name: str | None = None,
+    dtype=jnp.float32,
+    *,
+    field: str = 'config.model',
+) -> nn.Module:
+  """The last stage, pooling and classifier of model `name`, as a module of their own.
+
+  It is the model with `first_stage` = its last stage K: called as `create_model`'s models are,
+  on the output map of stage K-1 (`features[f'stage{tail.first_stage - 1}']`) instead of images,
+  it returns `(logits, {'stage{K}', 'stage{K}_preact', 'embedding'})`. Its submodules carry the
+  full model's names, so the full model's variables of that stage and the classifier, taken by
+  key, are the tail's (SOKD's auxiliary branch is initialised that way). Raises ValueError naming
+  `field` for a model without a partial forward.
+  """
+  _lookup(name, field)
+  if name not in tail_models():
+    raise ValueError(
+        f'{field}={name!r} has no partial forward (its last stage and classifier on an inner '
+        f"map); models that have one: {', '.join(tail_models())}."
+    )
+  model = create_model(name, num_classes, axis_name, dtype, field=field)
+  return model.clone(first_stage=model.num_stages)
+
+
 def model_input_size(name: str, *, field: str = 'config.model') -> int:
   """The input resolution `name` was designed for: 32 (CIFAR) or 224 (ImageNet)."""
   _, size = _lookup(name, field)
   return size
 
 
-__all__ = ['available_models', 'create_model', 'model_input_size']
+__all__ = ['available_models', 'create_model', 'create_tail', 'model_input_size', 'tail_models']

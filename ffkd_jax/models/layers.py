@@ -97,6 +97,12 @@ def channel_shuffle(x: jnp.ndarray, groups: int) -> jnp.ndarray:
   return x.reshape(n, h, w, c)
 
 
+def check_first_stage(first_stage: int, num_stages: int) -> None:
+  """Raises unless a partial forward's `first_stage` is one of the model's stages 1..K."""
+  if not 1 <= first_stage <= num_stages:
+    raise ValueError(f'first_stage={first_stage!r} is not a stage of this model (1..{num_stages})')
+
+
 def classifier_logits(x: jnp.ndarray) -> jnp.ndarray:
   """Logits leave every model as float32 whatever the compute dtype, for the losses."""
   return x.astype(jnp.float32)

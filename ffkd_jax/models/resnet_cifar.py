@@ -14,6 +14,11 @@ Features for a 32x32 input (`w` = `num_filters`, (16, 16, 32, 64) or x4 (32, 64,
   stage3: (n, 8, 8, w[3])     output of layer3
   stage{i}_preact             the same before the last block's ReLU (RepDistiller's preact)
   embedding: (n, w[3])        global average of stage3, fed to `fc`
+
+`first_stage` > 1 makes the module a partial forward: it takes stage{first_stage - 1}'s output
+map instead of images and runs stages first_stage..3, the pool and `fc` (features of those
+stages only). Its submodules are the full model's, by the same names, so the full model's
+variables of those stages and `fc` are its variables (`ffkd_jax.models.create_tail`).
 """
 
 from collections.abc import Sequence
@@ -31,6 +36,9 @@ class CifarResNet(nn.Module):
   block: str = 'basic'
   axis_name: str | None = None
   dtype: layers.Dtype = jnp.float32
+  first_stage: int = 1  # > 1: a partial forward from stage{first_stage - 1}'s output
+
+  num_stages = 3
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool):
@@ -39,13 +47,17 @@ class CifarResNet(nn.Module):
     if (self.depth - 2) % per_block:
       raise ValueError(f'depth {self.depth} is not {per_block}n+2 for {self.block} blocks')
     blocks_per_stage = (self.depth - 2) // per_block
+    layers.check_first_stage(self.first_stage, self.num_stages)
 
-    x = layers.conv2d(self.num_filters[0], 3, dtype=self.dtype, name='conv1')(x)
-    x = layers.batch_norm(train, self.axis_name, self.dtype, 'bn1')(x)
-    x = nn.relu(x)  # (n, 32, 32, w0)
+    if self.first_stage == 1:
+      x = layers.conv2d(self.num_filters[0], 3, dtype=self.dtype, name='conv1')(x)
+      x = layers.batch_norm(train, self.axis_name, self.dtype, 'bn1')(x)
+      x = nn.relu(x)  # (n, 32, 32, w0)
 
     features = {}
     for stage, (planes, stride) in enumerate(zip(self.num_filters[1:], (1, 2, 2)), start=1):
+      if stage < self.first_stage:
+        continue
       for b in range(blocks_per_stage):
         x, preact = block_cls(
             planes,

@@ -17,6 +17,13 @@ Features for a 32x32 input (`k` = widen factor):
                 final bn1 for stage3), i.e. the tensor that ReLU sees. Unlike
                 the other families, relu(stage{i}_preact) != stage{i} here.
   embedding: (n, 64k)         global average of relu(stage3_preact), fed to `fc`
+
+`first_stage` > 1 makes the module a partial forward: it takes stage{first_stage - 1}'s output
+map instead of images and runs blocks first_stage..3, the final `bn1`, the pool and `fc`
+(features of those stages only; stage{first_stage - 1}_preact, which block{first_stage}'s first
+batch norm computes, is not among them). Its submodules are the full model's, by the same
+names, so the full model's variables of those blocks, `bn1` and `fc` are its variables
+(`ffkd_jax.models.create_tail`).
 """
 
 import flax.linen as nn
@@ -84,6 +91,9 @@ class WideResNet(nn.Module):
   num_classes: int
   axis_name: str | None = None
   dtype: layers.Dtype = jnp.float32
+  first_stage: int = 1  # > 1: a partial forward from stage{first_stage - 1}'s output
+
+  num_stages = 3
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool):
@@ -91,11 +101,15 @@ class WideResNet(nn.Module):
       raise ValueError(f'WRN depth must be 6n+4, got {self.depth}')
     num_layers = (self.depth - 4) // 6
     widths = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
+    layers.check_first_stage(self.first_stage, self.num_stages)
 
-    x = layers.conv2d(16, 3, dtype=self.dtype, name='conv1')(x)  # (n, 32, 32, 16)
+    if self.first_stage == 1:
+      x = layers.conv2d(16, 3, dtype=self.dtype, name='conv1')(x)  # (n, 32, 32, 16)
     stage_outputs = []
     previous_preact = []  # preact of each stage's input = preact of the previous stage
     for stage, (planes, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
+      if stage < self.first_stage:
+        continue
       x, input_preact = NetworkBlock(
           num_layers, planes, stride, self.axis_name, self.dtype, name=f'block{stage}'
       )(x, train=train)
@@ -106,7 +120,7 @@ class WideResNet(nn.Module):
     preacts = previous_preact[1:] + [final_preact]
 
     features = {}
-    for stage, (out, preact) in enumerate(zip(stage_outputs, preacts), start=1):
+    for stage, (out, preact) in enumerate(zip(stage_outputs, preacts), start=self.first_stage):
       features[f'stage{stage}'] = out
       features[f'stage{stage}_preact'] = preact
     embedding = layers.global_avg_pool(nn.relu(final_preact))  # (n, 64k)
