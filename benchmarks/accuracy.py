@@ -20,7 +20,7 @@ Presets:
   cifar100  the standard protocol (configs/cifar100_distill.py: 240 epochs, batch 64, SGD 0.05,
             decay at 150/180/210) for resnet32x4 -> resnet8x4 and wrn_40_2 -> wrn_16_2, teachers
             from configs/cifar100_teacher.py, TFDS cifar100 (--data: a TFDS data_dir). For a GPU
-            or TPU machine: about 2 x (1 + 8 x seeds) runs of 240 epochs.
+            or TPU machine: 2 x (1 + len(METHODS) x seeds) runs of 240 epochs.
   cpu       CIFAR-10 JPEG folder (--data), resnet20 -> resnet8, batch 128, cosine lr 0.1
             (configs/cifar10_folder.py), sized so that the whole table with 3 seeds takes under
             3 hours on a 2-core CPU; sizing below.

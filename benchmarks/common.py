@@ -101,9 +101,22 @@ def ensure_cifar10(path: str) -> str:
   return path
 
 
+# The train split a benchmark pretends to have (CIFAR's 50,000), for methods with a memory of it.
+SYNTHETIC_TRAIN_EXAMPLES = 50_000
+
+
+def synthetic_train_labels(num_classes: int):
+  """Balanced labels of SYNTHETIC_TRAIN_EXAMPLES examples, for `Method.init_state` (CRD)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  return (np.arange(SYNTHETIC_TRAIN_EXAMPLES) % num_classes).astype(np.int32)
+
+
 def random_step_batch(method, batch_size: int, image_size: int, num_classes: int, seed: int = 0):
   """A host batch of random images and labels for every train stream `method` reads
-  ('image', 'label', and 'image:1', 'label:1' for FFKD's feedback stream)."""
+  ('image', 'label', and 'image:1', 'label:1' for FFKD's feedback stream), and distinct
+  example indices 'index' (with their labels from `synthetic_train_labels`) where the method
+  asks for them (CRD)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ffkd_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -116,4 +129,7 @@ def random_step_batch(method, batch_size: int, image_size: int, num_classes: int
     batch[step_lib.batch_key('label', k)] = rng.integers(0, num_classes, size=(batch_size,)).astype(
         np.int32
     )
+  if method.example_index:
+    index = rng.permutation(SYNTHETIC_TRAIN_EXAMPLES)[:batch_size].astype(np.int32)
+    batch['index'], batch['label'] = index, synthetic_train_labels(num_classes)[index]
   return batch

@@ -59,7 +59,10 @@ def main(argv=None) -> dict:
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
   method, programs = states_lib.resolve(config, 100, args.image_size, make_optimizer, dtype=dtype)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  state = parallel.replicate(mesh, states_lib.init_state(programs, args.image_size, 0))
+  state = states_lib.init_state(
+      programs, args.image_size, 0, method, common.synthetic_train_labels(100)
+  )
+  state = parallel.replicate(mesh, state)
   batch = parallel.global_batch(
       mesh, common.random_step_batch(method, args.batch, args.image_size, 100)
   )

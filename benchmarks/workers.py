@@ -40,8 +40,10 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------ jax
 
 
-def synthetic_state(programs, image_size: int, seed: int):
-  """A TrainState of the right structure with He-scaled random parameters, built on the host.
+def synthetic_state(programs, image_size: int, seed: int, method=None, num_classes: int = 100):
+  """A TrainState of the right structure with He-scaled random parameters, built on the host;
+  the method's own state (CRD's memory) as `method.init_state` makes it for
+  `common.synthetic_train_labels(num_classes)`.
 
   Flax's own `init` runs every layer op by op (or compiles a second program), which costs tens
   of seconds on a CPU for the larger ResNets; step time does not depend on the values as long as
@@ -75,7 +77,14 @@ def synthetic_state(programs, image_size: int, seed: int):
     fan_in = leaf.shape[0] if leaf.shape else 1
     return rng.uniform(-1, 1, leaf.shape).astype(dtype) / math.sqrt(max(fan_in, 1))
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  state = jax.tree_util.tree_map_with_path(fill, shapes.replace(method_state={}))
+  if method is not None:
+    from benchmarks import common  # pylint: disable=g-import-not-at-top
+
+    state = state.replace(
+        method_state=method.init_state(common.synthetic_train_labels(num_classes))
+    )
+  return state
 
 
 def _cost(compiled) -> dict:
@@ -133,7 +142,9 @@ class JaxWorker:
     method, programs = states_lib.resolve(config, num_classes, image_size, make_optimizer)
     feature_shapes = method.feature_shapes
     mesh = parallel.make_mesh()
-    state = parallel.replicate(mesh, synthetic_state(programs, image_size, config.seed))
+    state = parallel.replicate(
+        mesh, synthetic_state(programs, image_size, config.seed, method, num_classes)
+    )
     from benchmarks import common  # pylint: disable=g-import-not-at-top
 
     # Every stream the method's phases read (FFKD's feedback phase: a second one).

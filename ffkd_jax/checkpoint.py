@@ -119,6 +119,15 @@ class Checkpoints:
               f'refusing to checkpoint step {step}: {part} of role '
               f"'{name}' are not finite ({len(bad)} arrays, e.g. {bad[0]})."
           )
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_leaves_with_path(host.get('method_state', {}))
+        if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))
+    ]
+    if bad:
+      raise FloatingPointError(
+          f'refusing to checkpoint step {step}: the method state is not finite ({bad[0]}).'
+      )
     manager = self.best if best else self.latest
     if not best and step in self._unrestorable:
       logging.warning('replacing the checkpoint at step %d, which did not restore.', step)
@@ -164,7 +173,8 @@ class Checkpoints:
         )
         continue
       tree = dict(restored['state'])
-      tree.setdefault('method_state', {})  # left out of the saved tree where empty
+      # Left out of the saved tree where it has no arrays: the template's (empty) one.
+      tree.setdefault('method_state', flax.serialization.to_state_dict(template.method_state))
       return flax.serialization.from_state_dict(template, tree), dict(restored['meta'])
     if failures:
       raise RuntimeError(

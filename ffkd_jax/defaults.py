@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
       dict(ce_weight=1.0, kd_weight=1.0, ccs_weight=1.0, temperature=4.0, layer_pairs='auto')
   )
   # CRD (ffkd_jax/methods/crd.py): RepDistiller's CIFAR-100 run (`-a 0 -b 0.8`, -r 1) and its
-  # train_student.py defaults: embeddings of feat_dim, nce_k negatives a example, NCE temperature
+  # train_student.py defaults: embeddings of feat_dim, nce_k negatives per example, NCE temperature
   # nce_t, memory momentum nce_m; kd_weight 1 is its CRD+KD row. scores: how the memory scores
   # are computed ('auto', 'dense', 'gather': the same numbers, ffkd_jax/losses/crd.py).
   config.crd = ml_collections.ConfigDict(

@@ -228,6 +228,7 @@ def _jitted_train_step(method, programs, mesh, updated: frozenset[str]):
       )(trainable)
       if phase.stateful:
         method_state = jax.lax.stop_gradient(new_method_state)
+        finite = jnp.logical_and(finite, _all_finite(method_state))
       for name in sorted(trained):
         program, role_state, part = programs[name], roles[name], trainable[name]
         direction, opt_state = program.optimizer.update(grads[name], role_state.opt_state, part)

@@ -177,8 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     labels = data.train_labels(source) if method.example_index else None
     if method.example_index and labels is None:
       raise ValueError(
-          f'config.method={config.method!r} keeps a memory of every train example, which needs '
-          f"the train split's labels and indices; {info.name} is streamed: cache it "
+          f"config.method={config.method!r} reads each train example's index and label (a "
+          f'memory of the train set); {info.name} is streamed: cache it '
           '(config.dataset.cache=True with enough config.dataset.cache_budget_gib) or use an '
           'image folder.'
       )

@@ -122,10 +122,12 @@ def _config():
 
 
 def _one_device_step(config):
-  """(state before, state after, metrics, embeddings {role: (b, d)}, batch) of one step."""
+  """(state before, state after, metrics, embeddings {role: (b, d)}, batch) of one step, on a
+  batch whose labels are those of its indices (as the input pipeline gives them)."""
   method, programs, state = helpers.build(config)
   mesh = helpers.mesh_of(1)
   batch = helpers.random_batch(0, 16)
+  batch['label'] = helpers.TRAIN_LABELS[batch['index']]
 
   @functools.partial(
       jax.shard_map, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False
@@ -153,13 +155,16 @@ def test_one_step_of_the_method_against_repdistiller():
   ms = before.method_state
   n = ms['memory_student'].shape[0]
   assert n == helpers.TRAIN_EXAMPLES
+  method, _, _ = helpers.build(config)
   negatives = crd.sample_negatives(
-      jax.random.fold_in(jax.random.key(config.seed), 0),
+      method.negatives_key(0),
       jnp.asarray(batch['label']),
       ms['classes'],
       config.crd.nce_k,
   )
   idx = np.concatenate([batch['index'][:, None], np.asarray(negatives)], axis=1)
+  # Column 0 the example itself; every negative of another class than the example's.
+  assert np.all(helpers.TRAIN_LABELS[idx[:, 1:]] != batch['label'][:, None])
   out_s, out_t, new_s, new_t, z_s, z_t = np_contrast_memory(
       ms['memory_student'],
       ms['memory_teacher'],
@@ -218,7 +223,7 @@ def test_a_non_finite_step_keeps_the_memory():
 
   _, states, history = test_methods.run(config, 1, num_steps=1)
   assert history[0]['nonfinite'] == 1.0
-  for key in ('memory_student', 'memory_teacher', 'z_student'):
+  for key in ('memory_student', 'memory_teacher', 'z_student', 'z_teacher'):
     np.testing.assert_array_equal(states[1].method_state[key], states[0].method_state[key])
 
 
@@ -241,3 +246,42 @@ def test_config_errors_name_the_field():
     method.init_state(np.zeros(8, np.int32))
   with pytest.raises(ValueError, match="train split's labels"):
     method.init_state(None)
+
+
+def test_the_gather_scores_give_the_dense_ones_through_the_step():
+  dense, gathered = _config(), _config()
+  dense.crd.scores, gathered.crd.scores = 'dense', 'gather'
+  _, after_d, metrics_d, _, _ = _one_device_step(dense)
+  _, after_g, metrics_g, _, _ = _one_device_step(gathered)
+  for key in ('loss/student_crd', 'loss/teacher_crd', 'crd/z_student', 'loss/student'):
+    np.testing.assert_allclose(metrics_g[key], metrics_d[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(after_g), jax.tree.leaves(after_d)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoints_hold_the_memory_and_stateless_ones_leave_the_field_out(tmp_path):
+  """A CRD state round-trips with its memory; a CE state is saved without `method_state` (the
+  layout of checkpoints written before the field existed) and restores with it empty."""
+  from ffkd_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
+  for method, field_saved in (('crd', True), ('ce', False)):
+    config = _config()
+    config.method = method
+    _, _, state = helpers.build(config)
+    state = state.replace(step=jnp.int32(3))
+    checkpoints = checkpoint_lib.Checkpoints(str(tmp_path / method), keep=1)
+    checkpoints.save(state, {})
+    checkpoints.wait()
+    saved = checkpoint_lib.restore_state_tree(
+        str(tmp_path / method / 'checkpoints' / '3' / 'state')
+    )
+    assert ('method_state' in saved) == field_saved
+    restored, _ = checkpoints.restore_latest(state)
+    checkpoints.close()
+    jax.tree.map(np.testing.assert_array_equal, restored.method_state, state.method_state)
+    if method == 'crd':
+      bad = state.replace(
+          method_state=dict(state.method_state, z_student=jnp.float32(float('nan')))
+      )
+      with pytest.raises(FloatingPointError, match='method state is not finite'):
+        checkpoint_lib.Checkpoints(str(tmp_path / 'bad'), keep=1).save(bad, {})

@@ -50,8 +50,9 @@ cache), `transforms` (decoding, augmentation, normalisation), `iterators` (the b
   shuffle_buffer  TFDS without the cache: examples (still encoded) in the shuffle buffer.
   prefetch      batches prepared ahead (-1: tf.data.AUTOTUNE).
 
-Train batches are {'image': float32 (b, s, s, 3), 'label': int32 (b,)}, the remainder of an
-epoch dropped; the stream is a pure function of (seed, start_step) (see `iterators`). Eval
+Train batches are {'image': float32 (b, s, s, 3), 'label': int32 (b,)} (with_index=True adds
+'index', int32 (b,): each example's position in the train split, whose labels
+`train_labels(source)` gives in that order), the remainder of an epoch dropped; the stream is a pure function of (seed, start_step) (see `iterators`). Eval
 batches add 'mask', float32 (b,): 1.0 on real rows, the last batch padded with zeros.
 """
 

@@ -26,7 +26,16 @@ Departures from that code, and why:
     N = 49,500 negatives about 15% of the draws repeat an earlier one.
   - `contrast_scores` computes all N dot products per example and picks the sampled ones
     ('dense') where that is cheaper than gathering b x (K + 1) memory rows ('gather', the code's
-    index_select + bmm); both give the same numbers up to float summation order.
+    index_select + bmm); both give the same numbers up to float summation order (in full
+    float32 precision on every platform).
+  - The memory is updated for the examples of the full batches only: the train stream drops an
+    epoch's remainder (16 CIFAR-100 examples at batch 64), which the code's last, short batch
+    updates.
+  - `l2_normalize` has no epsilon, as Normalize(2): an all-zero embedding gives NaN, and the
+    step is then skipped (config.nonfinite_policy), never written into the memory.
+These helpers are the CRD objective's pieces: the scores and the loss (scalars), and the memory
+(`momentum_update`) and negatives (`class_table`, `sample_negatives`) that feed them, pure
+functions all.
 """
 
 from __future__ import annotations
@@ -69,11 +78,14 @@ def contrast_scores(
     impl = 'dense' if n <= 16 * k1 else 'gather'
   dtype = jnp.promote_types(embeddings.dtype, jnp.float32)
   embeddings, memory = embeddings.astype(dtype), memory.astype(dtype)
+  # Full float32 dot products: the scores are divided by tau = 0.07, which would magnify the
+  # error of a one-pass bfloat16 (TPU) or TF32 (GPU) matmul about 14 times.
+  highest = jax.lax.Precision.HIGHEST
   if impl == 'dense':
-    all_scores = embeddings @ memory.T  # (b, N)
+    all_scores = jnp.matmul(embeddings, memory.T, precision=highest)  # (b, N)
     dots = jnp.take_along_axis(all_scores, sample_idx, axis=1)
   else:
-    dots = jnp.einsum('bkd,bd->bk', memory[sample_idx], embeddings)
+    dots = jnp.einsum('bkd,bd->bk', memory[sample_idx], embeddings, precision=highest)
   return jnp.exp(dots / temperature)
 
 
@@ -120,14 +132,14 @@ def sample_negatives(key: jax.Array, labels: jax.Array, table, num_negatives: in
   """(b, K) int32 train indices, each uniform over the examples of the other classes than the
   row's label, independently (with replacement): CIFAR100InstanceSample's 'exact' mode negatives.
 
-  A draw u in [0, N - count[c]) skips class c's run of `by_class`: u itself before it, u +
-  count[c] after it.
+  An integer draw u, uniform in [0, N - count[c]), skips class c's run of `by_class`: u itself
+  before it, u + count[c] after it. (Integers, not a scaled float: a float32 uniform has 2^23
+  levels, which would favour some of ImageNet's 1.28M examples over others.)
   """
   by_class, start, count = table['by_class'], table['class_start'], table['class_count']
   n = by_class.shape[0]
   start_c, count_c = start[labels][:, None], count[labels][:, None]  # (b, 1)
-  u = jax.random.uniform(key, (labels.shape[0], num_negatives))
-  draw = jnp.floor(u * (n - count_c)).astype(jnp.int32)
-  draw = jnp.minimum(draw, n - count_c - 1)  # u < 1, but float rounding could reach the bound
+  shape = (labels.shape[0], num_negatives)
+  draw = jax.random.randint(key, shape, 0, jnp.broadcast_to(n - count_c, shape), jnp.int32)
   position = jnp.where(draw < start_c, draw, draw + count_c)
   return by_class[position]

@@ -87,7 +87,9 @@ class RoleOutput:
   heads: Mapping[str, Any]  # outputs of the role's heads, {} without heads
 
 
-LossFn = Callable[[Mapping[str, 'RoleOutput'], Array, Array], tuple[dict[str, Array], Metrics]]
+# (outputs, labels, step) -> (per-role losses, metrics); a stateful phase's loss also takes
+# StepInputs and returns the new method state third (`Phase.stateful`).
+LossFn = Callable[..., tuple]
 
 
 @dataclasses.dataclass(frozen=True)

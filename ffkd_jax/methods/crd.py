@@ -34,7 +34,7 @@ Departures, and why:
   - Z is set from the global batch's mean score (every device's rows), the reference's from its
     one GPU's batch; the same with one device.
   - Embed's linear layer starts from Flax's LeCun-normal weights and zero bias, not PyTorch's
-    Linear initialisation.
+    Linear initialisation; it computes in float32 whatever config.dtype is.
   - mode 'relax' (positives drawn from the same class) is not implemented: the CIFAR runs use
     'exact'.
 """
@@ -52,11 +52,13 @@ from ffkd_jax.methods.base import Phase, gather, gather_replicated
 from ffkd_jax.methods.common import (
     TeacherStudent,
     check_at_least,
-    check_positive,
     check_temperatures,
     check_weights,
 )
 from ffkd_jax.parallel import DATA_AXIS
+
+# Key domains: fold_in(key(seed), _CRD_KEYS), then the memory's initialisation or the negatives.
+_CRD_KEYS, _MEMORY_INIT, _NEGATIVES = 0x435244, 0, 1
 
 
 class Embed(nn.Module):
@@ -83,8 +85,7 @@ class CRD(TeacherStudent):
     check_temperatures(config, 'crd.temperature', 'crd.nce_t')
     check_at_least(config, 'crd.feat_dim', 1)
     check_at_least(config, 'crd.nce_k', 1)
-    check_positive(config, 'crd.nce_m', what='the memory momentum must be in (0, 1)')
-    if not 0 < c.nce_m < 1:
+    if not isinstance(c.nce_m, (int, float)) or not 0 < c.nce_m < 1:
       raise ValueError(
           f'config.crd.nce_m={c.nce_m!r} is not valid: the memory momentum must be in (0, 1).'
       )
@@ -100,6 +101,14 @@ class CRD(TeacherStudent):
     self.temperature, self.nce_t, self.nce_m = c.temperature, c.nce_t, c.nce_m
     self.feat_dim, self.nce_k, self.scores = int(c.feat_dim), int(c.nce_k), c.scores
     self.seed = int(config.seed)
+
+  def _key(self):
+    """CRD's own keys: (seed, a tag of CRD's), apart from the roles' initialisation keys."""
+    return jax.random.fold_in(jax.random.key(self.seed), _CRD_KEYS)
+
+  def negatives_key(self, step):
+    """The key of step `step`'s negatives: the same on every device and after a resume."""
+    return jax.random.fold_in(jax.random.fold_in(self._key(), _NEGATIVES), step)
 
   def required_features(self):
     return {'teacher': ('embedding',), 'student': ('embedding',)}
@@ -122,10 +131,12 @@ class CRD(TeacherStudent):
       )
     n = len(labels)
     bound = 1.0 / math.sqrt(self.feat_dim / 3.0)
-    key_s, key_t = jax.random.split(jax.random.fold_in(jax.random.key(self.seed), n))
+    key_s, key_t = jax.random.split(jax.random.fold_in(self._key(), _MEMORY_INIT))
     uniform = lambda key: jax.random.uniform(
         key, (n, self.feat_dim), jnp.float32, minval=-bound, maxval=bound
     )
+    # ContrastMemory's memory_v1 (student embeddings) and memory_v2 (teacher); z_student is its
+    # Z_v1, the constant of the student-anchored scores (read against memory_teacher).
     return {
         'memory_student': uniform(key_s),
         'memory_teacher': uniform(key_t),
@@ -148,7 +159,7 @@ class CRD(TeacherStudent):
 
     # The global batch's negatives, from (seed, step): the same on every device; this device's
     # rows after the example's own index.
-    key = jax.random.fold_in(jax.random.key(self.seed), step)
+    key = self.negatives_key(step)
     negatives = crd_lib.sample_negatives(key, gather(labels), state['classes'], self.nce_k)
     mine = jax.lax.dynamic_slice_in_dim(negatives, jax.lax.axis_index(DATA_AXIS) * b, b, axis=0)
     sample_idx = jnp.concatenate([index[:, None].astype(jnp.int32), mine], axis=1)
