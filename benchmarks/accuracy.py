@@ -22,8 +22,9 @@ Presets:
             from configs/cifar100_teacher.py, TFDS cifar100 (--data: a TFDS data_dir). For a GPU
             or TPU machine: 2 x (1 + len(METHODS) x seeds) runs of 240 epochs.
   cpu       CIFAR-10 JPEG folder (--data), resnet20 -> resnet8, batch 128, cosine lr 0.1
-            (configs/cifar10_folder.py), sized so that the whole table with 3 seeds takes under
-            3 hours on a 2-core CPU; sizing below.
+            (configs/cifar10_folder.py); sized (below) when METHODS had 8 methods so that 3
+            seeds took under 3 hours on a 2-core CPU; one seed of today's 22 took 1 h 29 min
+            on 2 shared cores on 2026-12-01 (benchmarks/README.md), 6 of its runs reused.
   tiny      resnet8 -> resnet8 for a few steps on any small image folder: a smoke test.
 
 Sizing of `cpu` (`--estimate --assume-gflops 35` on 2026-11-23: 2-core AMD EPYC shared with other
@@ -468,7 +469,9 @@ def write_plot(path: str, pairs: dict) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, len(pairs), figsize=(7 * len(pairs), 4.5), squeeze=False)
+  most = max((len(pair['methods']) for pair in pairs.values()), default=1)
+  width = max(7.0, 0.45 * most + 2)  # room for every method's label
+  fig, axes = plt.subplots(1, len(pairs), figsize=(width * len(pairs), 4.5), squeeze=False)
   for ax, (name, pair) in zip(axes[0], pairs.items()):
     methods = list(pair['methods'])
     xs = range(len(methods))
@@ -502,7 +505,7 @@ def write_plot(path: str, pairs: dict) -> None:
     if finite:
       low = min(finite + ([teacher_ce] if teacher_ce is not None else []))
       ax.set_ylim(max(0.0, low - 5.0), None)
-    ax.set_xticks(list(xs), methods, rotation=30)
+    ax.set_xticks(list(xs), methods, rotation=45, ha='right')
     ax.set_ylabel('test top-1 (%)')
     ax.set_title(name)
     ax.legend(fontsize=8)
