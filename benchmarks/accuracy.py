@@ -24,7 +24,7 @@ Presets:
   cpu       CIFAR-10 JPEG folder (--data), resnet20 -> resnet8, batch 128, cosine lr 0.1
             (configs/cifar10_folder.py); sized (below) when METHODS had 8 methods so that 3
             seeds took under 3 hours on a 2-core CPU; one seed of today's 22 took 1 h 29 min
-            on 2 shared cores on 2026-12-01 (benchmarks/README.md), 6 of its runs reused.
+            on 2 shared cores on 2026-12-01 (benchmarks/README.md), the teacher and 6 runs reused.
   tiny      resnet8 -> resnet8 for a few steps on any small image folder: a smoke test.
 
 Sizing of `cpu` (`--estimate --assume-gflops 35` on 2026-11-23: 2-core AMD EPYC shared with other
