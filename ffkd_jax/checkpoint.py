@@ -174,7 +174,9 @@ class Checkpoints:
         continue
       tree = dict(restored['state'])
       # Left out of the saved tree where it has no arrays: the template's (empty) one.
-      tree.setdefault('method_state', flax.serialization.to_state_dict(template.method_state))
+      template_tree = flax.serialization.to_state_dict(template)
+      if 'method_state' in template_tree:
+        tree.setdefault('method_state', template_tree['method_state'])
       return flax.serialization.from_state_dict(template, tree), dict(restored['meta'])
     if failures:
       raise RuntimeError(
