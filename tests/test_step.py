@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from ffkd_jax import parallel
 from ffkd_jax import step as step_lib
 from ffkd_jax.methods import ffkd as ffkd_method
+from ffkd_jax.methods.base import Phase
 from tests import helpers
 
 
@@ -257,3 +258,60 @@ def test_a_late_role_follows_the_global_schedule_and_is_not_updated_before():
     return train_step.jitted(step).lower(state, batch).compile().cost_analysis()['flops']
 
   assert flops(0) < 0.8 * flops(k)
+
+
+class _Counting:
+  """A stand-in method of two stateful phases on KD's roles: each adds 1 to a counter in the
+  method state (the second one's loss optionally NaN), and one phase on stream 1."""
+
+  def __init__(self, kd, nan_second=False, second_stream=0):
+    self._kd, self._nan, self._stream = kd, nan_second, second_stream
+
+  def phases(self):
+    def phase_loss(bump_nan):
+      def loss(outputs, labels, step, inputs):
+        losses, metrics = self._kd.loss(outputs, labels, step)
+        if bump_nan:
+          losses = {k: v * jnp.nan for k, v in losses.items()}
+        count = inputs.method_state['count']
+        metrics = dict(metrics, seen=count)
+        return losses, metrics, {'count': count + 1.0}
+
+      return loss
+
+    return (
+        Phase('first', ('teacher', 'student'), phase_loss(False), stateful=True),
+        Phase(
+            'second',
+            ('teacher', 'student'),
+            phase_loss(self._nan),
+            stream=self._stream,
+            stateful=True,
+        ),
+    )
+
+
+def _counting_step(nan_second=False, second_stream=0):
+  method, programs, state = helpers.build(helpers.tiny_config('kd'))
+  mesh = helpers.mesh_of(2)
+  counting = _Counting(method, nan_second, second_stream)
+  state = state.replace(method_state={'count': jnp.float32(0.0)})
+  train_step = step_lib.make_train_step(counting, programs, mesh)
+  batch = parallel.global_batch(mesh, helpers.random_batch(0, 8))
+  return train_step(parallel.replicate(mesh, state), batch, 0)
+
+
+def test_stateful_phases_chain_the_method_state_and_a_non_finite_step_keeps_it():
+  """The second phase reads the state the first left (seen == 1); both bumps are kept; a NaN in
+  the second phase keeps the state of before the step, as it keeps the roles."""
+  state, metrics = _counting_step()
+  assert float(parallel.fetch(state.method_state)['count']) == 2.0
+  assert float(metrics['seen']) == 1.0 and float(metrics['nonfinite']) == 0.0
+  state, metrics = _counting_step(nan_second=True)
+  assert float(metrics['nonfinite']) == 1.0
+  assert float(parallel.fetch(state.method_state)['count']) == 0.0
+
+
+def test_example_indices_come_with_stream_0_only():
+  with pytest.raises(ValueError, match=r"phase 'second' reads stream 1.*stream 0 only"):
+    _counting_step(second_stream=1)
