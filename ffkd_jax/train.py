@@ -174,14 +174,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     method, programs = states_lib.resolve(
         config, info.num_classes, info.image_size, make_optimizer, dtype=_dtype(config)
     )
-    labels = data.train_labels(source) if method.example_index else None
-    if method.example_index and labels is None:
-      raise ValueError(
-          f"config.method={config.method!r} reads each train example's index and label (a "
-          f'memory of the train set); {info.name} is streamed: cache it '
-          '(config.dataset.cache=True with enough config.dataset.cache_budget_gib) or use an '
-          'image folder.'
-      )
+    labels = None
+    if method.example_index:
+      data.check_example_index(source)
+      labels = data.train_labels(source)
     state = states_lib.init_state(programs, info.image_size, config.seed, method, labels)
     for name, role_state in state.roles.items():
       logging.info(

@@ -67,6 +67,7 @@ except RuntimeError:  # TF had already started its devices.
 from ffkd_jax.data.catalog import IMAGE_FOLDER
 from ffkd_jax.data.image_folder import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS
 from ffkd_jax.data.iterators import (
+    check_example_index,
     class_mixed_indices,
     eval_iterator,
     steps_per_epoch,
@@ -99,6 +100,7 @@ __all__ = [
     'MEAN_STD',
     'Source',
     'check_config',
+    'check_example_index',
     'class_mixed_indices',
     'eval_iterator',
     'open_source',

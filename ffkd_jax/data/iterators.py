@@ -69,13 +69,8 @@ def train_iterator(
   if stream < 0:
     raise ValueError(f'stream={stream} must be >= 0.')
   words = lambda epoch, purpose: _seed_words(seed, epoch, process, purpose, stream)
-  if with_index and split.streamed:
-    raise ValueError(
-        f"{info.name}: this method needs each train example's index (a memory of the train "
-        'set), which a streamed TFDS split does not have; cache the train split '
-        '(config.dataset.cache=True with enough config.dataset.cache_budget_gib) or use an '
-        'image folder.'
-    )
+  if with_index:
+    check_example_index(source)
 
   def epoch_examples(epoch: int, skip: int) -> tuple[tf.data.Dataset, np.ndarray | None]:
     """This epoch's (float32 image, label) after `skip` examples, and their local indices."""
@@ -182,6 +177,18 @@ def eval_iterator(
       yield _pad(*empty, local_batch_size)
 
   return batches()
+
+
+def check_example_index(source: Source) -> None:
+  """Raises ValueError unless the train split has example indices and labels (`with_index`,
+  `train_labels`): a streamed TFDS split has neither."""
+  if source.split('train').streamed:
+    raise ValueError(
+        f"{source.info.name}: this method needs each train example's index and label (a memory "
+        'of the train set), which a streamed TFDS split does not have; cache the train split '
+        '(config.dataset.cache=True with enough config.dataset.cache_budget_gib) or use an '
+        'image folder.'
+    )
 
 
 def train_labels(source: Source) -> np.ndarray | None:

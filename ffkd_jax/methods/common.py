@@ -80,6 +80,13 @@ def prediction_agreement(
   return {key: jnp.mean(top_k_correct(gather(student_logits), teacher_top1, 1))}
 
 
+def linear_warmup(step: jax.Array, warmup_steps: int) -> jax.Array:
+  """min((step + 1) / warmup_steps, 1): a loss weight's per-step ramp (DKD's and ReviewKD's
+  warm-up epochs as steps); warmup_steps = 1: no ramp."""
+  ramp = (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps
+  return jnp.minimum(ramp, 1.0)
+
+
 def check_positive(config, *fields: str, what: str = 'must be a finite number > 0') -> None:
   """Raises for the first of the dotted `fields` of config that is not a finite number > 0."""
   for field in fields:

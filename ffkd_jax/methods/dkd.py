@@ -21,11 +21,16 @@ step 0 it is 1/15640 where mdistiller's first epoch uses 1/20). warmup_steps = 1
 """
 
 import jax
-import jax.numpy as jnp
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.dkd import dkd_loss
-from ffkd_jax.methods.common import TeacherStudent, check_at_least, check_temperatures, check_weights
+from ffkd_jax.methods.common import (
+    TeacherStudent,
+    check_at_least,
+    check_temperatures,
+    check_weights,
+    linear_warmup,
+)
 
 
 class DKD(TeacherStudent):
@@ -46,8 +51,7 @@ class DKD(TeacherStudent):
 
   def warmup(self, step: jax.Array) -> jax.Array:
     """min((step + 1) / warmup_steps, 1): the weight of the DKD term at global step `step`."""
-    ramp = (jnp.asarray(step, jnp.float32) + 1.0) / self.warmup_steps
-    return jnp.minimum(ramp, 1.0)
+    return linear_warmup(step, self.warmup_steps)
 
   def loss(self, outputs, labels, step):
     teacher, student = outputs['teacher'], outputs['student']

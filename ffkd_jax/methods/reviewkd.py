@@ -97,8 +97,9 @@ import numpy as np
 
 from ffkd_jax.losses.classification import cross_entropy
 from ffkd_jax.losses.reviewkd import hcl_loss
-from ffkd_jax.methods.common import TeacherStudent, check_at_least, check_weights
-from ffkd_jax.methods.pairs import aligned_stage_pairs, pair_key, resolve_pairs
+from ffkd_jax.methods.common import TeacherStudent, check_at_least, check_weights, linear_warmup
+from ffkd_jax.methods.pairs import aligned_stage_pairs, check_names, pair_key, resolve_pairs
+from ffkd_jax.models.layers import batch_norm
 from ffkd_jax.parallel import DATA_AXIS
 
 EMBEDDING = 'embedding'
@@ -132,12 +133,6 @@ def _torch_conv_bias_init(fan_in: int):
   return init
 
 
-def _batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name
-  )
-
-
 # kaiming_uniform_(a=1): gain sqrt(2 / (1 + a^2)) = 1, bound sqrt(3 / fan_in): LeCun uniform.
 _KAIMING_UNIFORM_A1 = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 # PyTorch's Conv2d default, kaiming_uniform_(a=sqrt(5)): bound 1 / sqrt(fan_in).
@@ -164,7 +159,7 @@ class ABF(nn.Module):
     x = nn.Conv(
         self.mid_channels, (1, 1), use_bias=False, kernel_init=_KAIMING_UNIFORM_A1, name='conv1'
     )(x)
-    x = _batch_norm(train, self.axis_name, 'bn1')(x)
+    x = batch_norm(train, self.axis_name, name='bn1')(x)
     if self.fuse:
       y = nearest_resize(residual, (h, w))
       z = jnp.concatenate([x, y], axis=-1)  # (n, h, w, 2 mid)
@@ -186,7 +181,7 @@ class ABF(nn.Module):
         kernel_init=_KAIMING_UNIFORM_A1,
         name='conv2',
     )(x)
-    return _batch_norm(train, self.axis_name, 'bn2')(out), x
+    return batch_norm(train, self.axis_name, name='bn2')(out), x
 
 
 class ReviewKDHeads(nn.Module):
@@ -261,11 +256,7 @@ class ReviewKD(TeacherStudent):
       source = f'{s_name}_preact' if self.student_preact else s_name
       target = f'{t_name}_preact'
       for role, shapes, name in (('teacher', teacher, target), ('student', student, source)):
-        if name not in shapes:
-          raise ValueError(
-              f"config.{field} {t_name}:{s_name}: the {role}'s model has no feature '{name}'; "
-              f"it has: {', '.join(sorted(shapes))}."
-          )
+        check_names(shapes, role, [name], f'{field} {t_name}:{s_name}')
         h, w = shapes[name].shape[1:3]
         if h != w:
           raise ValueError(
@@ -276,11 +267,7 @@ class ReviewKD(TeacherStudent):
       target_shape = tuple(teacher[target].shape[1:4])  # (h_t, w_t, c_t)
       levels.append((pair_key((t_name, s_name)), source, target, target_shape))
     for role, shapes in (('teacher', teacher), ('student', student)):
-      if EMBEDDING not in shapes:
-        raise ValueError(
-            f"config.method='reviewkd': the {role}'s model has no '{EMBEDDING}' (its deepest "
-            f"level); it has: {', '.join(sorted(shapes))}."
-        )
+      check_names(shapes, role, [EMBEDDING], "method='reviewkd' (its deepest level)")
     levels.append((EMBEDDING_KEY, EMBEDDING, EMBEDDING, (1, 1, teacher[EMBEDDING].shape[-1])))
     self.levels = tuple(levels)
     # mdistiller: mid_channel = min(512, in_channels[-1]), the student's embedding width.
@@ -303,8 +290,7 @@ class ReviewKD(TeacherStudent):
 
   def warmup(self, step: jax.Array) -> jax.Array:
     """min((step + 1) / warmup_steps, 1): the weight of HCL at global step `step`."""
-    ramp = (jnp.asarray(step, jnp.float32) + 1.0) / self.warmup_steps
-    return jnp.minimum(ramp, 1.0)
+    return linear_warmup(step, self.warmup_steps)
 
   def _hcl(self, outputs):
     fused = outputs['student'].heads
