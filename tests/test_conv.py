@@ -1,4 +1,5 @@
-"""The CPU convolution path ('matmul' weight gradient) against XLA's, on every conv the zoo has."""
+"""The CPU convolution paths ('auto': barriers in the VJP; 'matmul': a tap-matmul weight gradient)
+against XLA's own, on every kind of convolution the zoo has."""
 
 import functools
 import os
@@ -83,8 +84,9 @@ def _grads(impl, x, w, strides, padding, groups, cotangent):
     return (y, *vjp(cotangent))
 
 
+@pytest.mark.parametrize('impl', ['auto', 'matmul'])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_matmul_path_gives_xla_outputs_and_gradients(dtype):
+def test_cpu_paths_give_xla_outputs_and_gradients(impl, dtype):
   dtype = jnp.dtype(dtype)
   tolerance = {'float32': 2e-5, 'bfloat16': 2e-2}[dtype.name]
   rng = np.random.default_rng(0)
@@ -102,13 +104,13 @@ def test_matmul_path_gives_xla_outputs_and_gradients(dtype):
       ).shape
     cotangent = jnp.asarray(rng.normal(size=out_shape), dtype)
     want = _grads('xla', x, w, strides, padding, groups, cotangent)
-    got = _grads('matmul', x, w, strides, padding, groups, cotangent)
+    got = _grads(impl, x, w, strides, padding, groups, cotangent)
     for name, a, b in zip(('output', 'input gradient', 'weight gradient'), got, want):
       assert a.dtype == b.dtype and a.shape == b.shape, name
       a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
       scale = max(float(np.abs(b).max()), 1e-6)
       err = float(np.abs(a - b).max()) / scale
-      assert err < tolerance, (name, kernel, strides, groups, dtype.name, err)
+      assert err < tolerance, (impl, name, kernel, strides, groups, dtype.name, err)
 
 
 def test_weight_gradient_against_a_numpy_loop():
@@ -130,46 +132,79 @@ def test_weight_gradient_against_a_numpy_loop():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_choice_is_checked_and_auto_sets_the_cpu_flag_before_the_backend(monkeypatch):
+def test_the_choice_is_checked_and_auto_sets_the_cpu_flags_before_the_backend(monkeypatch):
   with pytest.raises(ValueError, match=r"config.conv_impl='fast' is not valid"):
     conv.set_implementation('fast')
+  kernels, passes = conv.CPU_XLA_FLAGS
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
   monkeypatch.setattr(conv, '_backends_started', lambda: False)
-  assert not conv.prepare_backend('xla') and conv.CPU_XLA_FLAG not in os.environ['XLA_FLAGS']
+  assert not conv.prepare_backend('xla') and kernels not in os.environ['XLA_FLAGS']
+  assert conv.prepare_backend('auto')
+  assert os.environ['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {kernels} {passes}'
+  assert conv.cpu_flag_active() and conv.barriers_kept()
+  assert conv.prepare_backend('auto')  # a second call changes nothing
+  assert os.environ['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {kernels} {passes}'
+  # A user's own choice of kernels is kept; a user's own disabled passes are kept and extended.
+  monkeypatch.setenv(
+      'XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot --xla_disable_hlo_passes=foo'
+  )
   assert conv.prepare_backend('auto')
   assert os.environ['XLA_FLAGS'] == (
-      '--xla_force_host_platform_device_count=2 ' + conv.CPU_XLA_FLAG
+      '--xla_cpu_experimental_ynn_fusion_type=dot --xla_disable_hlo_passes=foo,cse_barrier_expander'
   )
-  # A user's own choice of that XLA option is kept.
-  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
-  assert conv.prepare_backend('auto')
-  assert os.environ['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=dot'
-  # Too late (the backend started without it): a warning, and False.
+  # Too late (the backend started without them): a warning, and False.
   monkeypatch.setenv('XLA_FLAGS', '')
   monkeypatch.setattr(conv, '_backends_started', lambda: True)
   assert not conv.prepare_backend('auto') and os.environ['XLA_FLAGS'] == ''
+  assert not conv.barriers_kept()
 
 
-def test_auto_and_xla_trace_xla_convolutions_and_matmul_its_own():
+def _weight_grad_program(impl, platform):
+  """The StableHLO of a conv's weight gradient under `impl`, lowered for `platform` (no device
+  of that platform is needed to lower)."""
   x = jnp.ones((2, 6, 6, 4))
   w = jnp.ones((3, 3, 4, 5))
 
-  def hlo(impl):
-    with conv.using(impl):
-      grad = jax.grad(
-          lambda w: jnp.sum(
-              conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
-              ** 2
-          )
-      )
-      return jax.jit(grad).lower(w).as_text()
+  def grad(w):
+    def loss(w):
+      y = conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+      return jnp.sum(conv.materialize(y) ** 2)
 
+    return jax.grad(loss)(w)
+
+  with conv.using(impl):
+    return jax.export.export(jax.jit(grad), platforms=[platform])(w).mlir_module()
+
+
+def test_what_each_choice_traces_on_each_platform():
   # XLA's weight gradient is a convolution; the matmul path's is dot products (9 taps).
-  assert hlo('auto') == hlo('xla')
-  assert 'dot_general' not in hlo('auto') and hlo('matmul').count('dot_general') == 9
+  cpu = {impl: _weight_grad_program(impl, 'cpu') for impl in conv.IMPLEMENTATIONS}
+  assert 'stablehlo.dot_general' not in cpu['auto']
+  assert cpu['matmul'].count('stablehlo.dot_general') == 9
+  # 'auto' puts barriers on the CPU only: one on the conv's input and output gradient in the
+  # backward pass, one on materialize's output and one on its cotangent (a barrier's transpose);
+  # 'xla' never; on GPU and TPU 'auto' is XLA's program.
+  assert cpu['auto'].count('stablehlo.optimization_barrier') == 3
+  assert 'stablehlo.optimization_barrier' not in cpu['xla']
+  for platform in ('cuda', 'tpu'):
+    assert 'stablehlo.optimization_barrier' not in _weight_grad_program('auto', platform)
 
 
-def test_matmul_path_under_shard_map_sums_the_kernel_gradient_over_devices():
+def test_materialize_is_the_identity_for_values_and_gradients():
+  rng = np.random.default_rng(4)
+  tree = {'a': jnp.asarray(rng.normal(size=(3, 4))), 'b': (jnp.asarray(rng.normal(size=2)),)}
+  f = lambda t: jnp.sum(jnp.sin(t['a'])) * jnp.sum(t['b'][0] ** 2)
+  with conv.using('auto'):
+    out = jax.jit(conv.materialize)(tree)
+    grads = jax.jit(jax.grad(lambda t: f(conv.materialize(t))))(tree)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(f)(tree))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize('impl', ['auto', 'matmul'])
+def test_cpu_paths_under_shard_map_sum_the_kernel_gradient_over_devices(impl):
   """Inside the data-parallel step a replicated kernel's gradient is summed over devices; the
   custom VJP's must equal XLA's (the psum over the axes the cotangent varies over)."""
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
@@ -195,4 +230,4 @@ def test_matmul_path_under_shard_map_sums_the_kernel_gradient_over_devices():
       fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))
       return np.asarray(fn(w, x))
 
-  np.testing.assert_allclose(grad_of('matmul'), grad_of('xla'), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_of(impl), grad_of('xla'), rtol=1e-5, atol=1e-5)

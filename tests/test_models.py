@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ffkd_jax.models import available_models, create_model, layers, model_input_size
+from ffkd_jax.models import available_models, create_model, layers, model_input_size, norm
 
 # Parameter counts in millions, for 100 classes (CIFAR models) or 1000 (ImageNet models).
 # Published: the figures the KD papers built on the RepDistiller zoo quote for resnet8x4,
@@ -122,7 +122,7 @@ def test_parameter_count_and_batch_norm_settings(name):
   batch_norms = []
 
   def record_batch_norms(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+    if isinstance(context.module, norm.BatchNorm) and context.method_name == '__call__':
       batch_norms.append(context.module)
     return next_fun(*args, **kwargs)
 

@@ -2,20 +2,31 @@
 
 Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `config.conv_impl`:
 
-  'auto'    (default) XLA's convolutions everywhere; on the CPU, XLA runs them with its own
-            (Eigen) convolution kernels instead of YNNPACK's convolution fusion, which the CPU
-            backend of JAX 0.10 uses by default and which is 1.3-1.7x slower on a ResNet train
-            step here (benchmarks/README.md). This is the XLA flag `CPU_XLA_FLAG`, set in
-            XLA_FLAGS before the CPU backend starts (`prepare_backend`); GPU and TPU backends
-            ignore it and keep XLA's native convolutions.
-  'xla'     XLA's defaults, no flag.
+  'auto'    (default) XLA's convolutions everywhere. On the CPU three more things, each
+            measured on the 2-core machine (benchmarks/README.md):
+            - XLA runs convolutions with its own (Eigen) kernels instead of YNNPACK's
+              convolution fusion, the CPU default of JAX 0.10, which is 1.3-1.7x slower on a
+              ResNet train step here;
+            - the backward pass reads the convolution's input and output gradient through an
+              optimization barrier (a custom VJP: XLA's own input and weight gradients of the
+              barrier's outputs). Without it XLA's CPU fusion recomputes, inside the transpose
+              that feeds each weight gradient, the whole elementwise chain that produced the
+              input: batch norm, residual add and ReLU back to the stage's first block, so a
+              stage of L blocks costs O(L^2) (67% of a resnet56 step's op time);
+            - `materialize` (a barrier on each residual block's outputs) cuts the same chain in
+              the forward pass.
+            The barriers are `lax.platform_dependent`: on GPU and TPU the traced program is
+            XLA's plain convolution. XLA's CPU pipeline removes optimization barriers before
+            fusion unless its `cse_barrier_expander` pass is off, so 'auto' sets both XLA flags
+            of `CPU_XLA_FLAGS` in XLA_FLAGS before the CPU backend starts (`prepare_backend`).
+  'xla'     XLA's defaults: no flag, no custom VJP, no barrier.
   'matmul'  XLA's forward and input gradient, and the weight gradient as one matrix product per
             kernel tap: dW[i, j] = sum_{n, h, w} x_pad[n, s h + i, s w + j, :]^T dy[n, h, w, :]
             (per group), accumulated in float32 (a custom VJP). Measured here it beats XLA's
             YNNPACK weight gradient (1.39x on resnet32x4) but not its Eigen one: kept as an
             option and for other CPUs, not the default.
 
-The choice is process-wide, like the XLA flag it may set: `train_and_evaluate` and the CLI set
+The choice is process-wide, like the XLA flags it may set: `train_and_evaluate` and the CLI set
 it from `config.conv_impl` (`configure`) before anything is traced, and it applies to functions
 traced after it is set. Dilated convolutions (none in the zoo) always take XLA's path.
 """
@@ -33,8 +44,13 @@ from absl import logging
 from jax import lax
 
 IMPLEMENTATIONS = ('auto', 'xla', 'matmul')
-CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
-_FLAG_NAME = CPU_XLA_FLAG.split('=')[0]
+# Eigen's convolutions instead of YNNPACK's; keep optimization barriers through fusion.
+CPU_XLA_FLAGS = (
+    '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
+    '--xla_disable_hlo_passes=cse_barrier_expander',
+)
+_YNN_FLAG, _PASSES_FLAG = CPU_XLA_FLAGS
+_PASS = _PASSES_FLAG.split('=')[1]
 NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 _state = {'implementation': 'auto'}
 
@@ -76,36 +92,71 @@ def _jaxlib_version() -> tuple[int, ...]:
   return tuple(int(p) for p in jaxlib.__version__.split('.')[:2] if p.isdigit())
 
 
+def _flag_value(flags: str, name: str) -> str | None:
+  """The value of the last `name=...` in an XLA_FLAGS string, or None."""
+  value = None
+  for token in flags.split():
+    key, _, rest = token.partition('=')
+    if key == name:
+      value = rest
+  return value
+
+
 def cpu_flag_active() -> bool:
-  """Whether XLA_FLAGS holds CPU_XLA_FLAG (or any choice of that XLA option by the user)."""
-  return _FLAG_NAME in os.environ.get('XLA_FLAGS', '')
+  """Whether XLA_FLAGS chooses the convolution kernels (ours, Eigen, or a user's own choice)."""
+  return _flag_value(os.environ.get('XLA_FLAGS', ''), _YNN_FLAG.split('=')[0]) is not None
+
+
+def barriers_kept() -> bool:
+  """Whether XLA_FLAGS turns off the CPU pass that removes optimization barriers."""
+  passes = _flag_value(os.environ.get('XLA_FLAGS', ''), _PASSES_FLAG.split('=')[0])
+  return passes is not None and _PASS in passes.split(',')
+
+
+def _with_cpu_flags(flags: str) -> str:
+  """`flags` plus CPU_XLA_FLAGS, keeping a user's own choice of kernels and adding our pass to a
+  user's own list of disabled passes."""
+  tokens = flags.split()
+  if _flag_value(flags, _YNN_FLAG.split('=')[0]) is None:
+    tokens.append(_YNN_FLAG)
+  name = _PASSES_FLAG.split('=')[0]
+  passes = _flag_value(flags, name)
+  if passes is None:
+    tokens.append(_PASSES_FLAG)
+  elif _PASS not in passes.split(','):
+    tokens = [t for t in tokens if t.partition('=')[0] != name]
+    tokens.append(f'{name}={passes},{_PASS}' if passes else _PASSES_FLAG)
+  return ' '.join(tokens)
 
 
 def prepare_backend(name: str) -> bool:
-  """For 'auto', adds CPU_XLA_FLAG to XLA_FLAGS unless the user chose that option already.
+  """For 'auto', adds CPU_XLA_FLAGS to XLA_FLAGS (keeping a user's own choices, see
+  `_with_cpu_flags`).
 
-  Only takes effect before JAX starts its backends; returns whether the flag is in force (a
-  warning says so when it came too late, e.g. in a notebook that ran JAX first).
+  Only takes effect before JAX starts its backends; returns whether both flags are in force (a
+  warning says so when they came too late, e.g. in a notebook that ran JAX first).
   """
   if name != 'auto':
-    return cpu_flag_active()
-  if cpu_flag_active():
+    return cpu_flag_active() and barriers_kept()
+  flags = os.environ.get('XLA_FLAGS', '')
+  if _with_cpu_flags(flags) == flags:
     return True
-  if _jaxlib_version() < (0, 10):  # the flag was verified on jaxlib 0.10; XLA aborts on unknown
+  if _jaxlib_version() < (0, 10):  # the flags were verified on jaxlib 0.10; XLA aborts on unknown
     logging.warning(
-        "config.conv_impl='auto': jaxlib %s predates the XLA flag; not set.",
+        "config.conv_impl='auto': jaxlib %s predates the XLA flags; not set.",
         '.'.join(map(str, _jaxlib_version())),
     )
     return False
   if _backends_started():
     logging.warning(
         "config.conv_impl='auto': JAX's backends are already started, so the CPU keeps "
-        "YNNPACK's (slower) convolutions; set XLA_FLAGS=%s before JAX starts, or call "
+        "YNNPACK's (slower) convolutions and drops the optimization barriers; set "
+        "XLA_FLAGS='%s' before JAX starts, or call "
         "ffkd_jax.models.conv.prepare_backend('auto') first.",
-        CPU_XLA_FLAG,
+        ' '.join(CPU_XLA_FLAGS),
     )
     return False
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {CPU_XLA_FLAG}'.strip()
+  os.environ['XLA_FLAGS'] = _with_cpu_flags(flags)
   return True
 
 
@@ -123,7 +174,29 @@ def describe() -> str:
   if jax.default_backend() != 'cpu':
     return f"{name} (XLA's {jax.default_backend()} convolutions)"
   eigen = cpu_flag_active()
-  return f"{name} (XLA's CPU convolutions, {'Eigen' if eigen else 'YNNPACK'} kernels)"
+  kernels = 'Eigen' if eigen else 'YNNPACK'
+  if name == 'auto':
+    barriers = 'kept' if barriers_kept() else 'removed by XLA'
+    return f"auto (XLA's CPU convolutions, {kernels} kernels, backward barriers {barriers})"
+  return f"{name} (XLA's CPU convolutions, {kernels} kernels)"
+
+
+def _cpu_barrier(*tree):
+  """An optimization barrier on the CPU, nothing elsewhere (decided when lowering)."""
+
+  def barrier(*tree):
+    return lax.optimization_barrier(tree)
+
+  return lax.platform_dependent(*tree, cpu=barrier, default=lambda *tree: tree)
+
+
+def materialize(tree):
+  """Under 'auto', `tree`'s arrays computed once, in memory, on the CPU: XLA may not fuse their
+  computation into what reads them (see the module docstring). Identity otherwise."""
+  if implementation() != 'auto':
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, list(_cpu_barrier(*leaves)))
 
 
 def _xla_conv(x, w, strides, padding, groups):
@@ -169,7 +242,7 @@ def _forward(x, w, strides, padding, groups):
   return _xla_conv(x, w, strides, padding, groups), (x, w)
 
 
-def _like(cotangent, primal):
+def match_cotangent(cotangent, primal):
   """The cotangent summed over the mapped axes it varies over and its primal does not (inside
   shard_map: a replicated kernel's gradient is the sum over devices, as XLA's transpose gives)."""
   extra = _varying(cotangent) - _varying(primal)
@@ -190,10 +263,26 @@ def _backward(strides, padding, groups, residuals, dy):
   _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, groups), x)
   (dx,) = input_vjp(dy)
   dw = weight_gradient(x, dy, w.shape, strides, padding, groups).astype(w.dtype)
-  return _like(dx, x), _like(dw, w)
+  return match_cotangent(dx, x), match_cotangent(dw, w)
 
 
 _matmul_grad_conv.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _barrier_grad_conv(x, w, strides, padding, groups):
+  return _xla_conv(x, w, strides, padding, groups)
+
+
+def _barrier_backward(strides, padding, groups, residuals, dy):
+  x, w = residuals
+  x, dy = _cpu_barrier(x, dy)
+  _, vjp = jax.vjp(lambda x, w: _xla_conv(x, w, strides, padding, groups), x, w)
+  dx, dw = vjp(dy)
+  return match_cotangent(dx, x), match_cotangent(dw, w)
+
+
+_barrier_grad_conv.defvjp(_forward, _barrier_backward)
 
 
 def conv_general_dilated(
@@ -221,7 +310,7 @@ def conv_general_dilated(
       and dimension_numbers is not None
       and tuple(dimension_numbers) == tuple(NHWC)
   )
-  if not standard or implementation() != 'matmul':
+  if not standard or implementation() == 'xla':
     return lax.conv_general_dilated(
         lhs,
         rhs,
@@ -237,4 +326,6 @@ def conv_general_dilated(
     )
   strides = tuple(int(s) for s in window_strides)
   pads = tuple((int(a), int(b)) for a, b in padding)
-  return _matmul_grad_conv(lhs, rhs, strides, pads, feature_group_count)
+  if implementation() == 'matmul':
+    return _matmul_grad_conv(lhs, rhs, strides, pads, feature_group_count)
+  return _barrier_grad_conv(lhs, rhs, strides, pads, feature_group_count)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ffkd_jax.models import conv
+from ffkd_jax.models import norm
 
 Dtype = Any
 
@@ -61,13 +62,14 @@ def conv2d(
 
 def batch_norm(
     train: bool, axis_name: str | None, dtype: Dtype = jnp.float32, name: str | None = None
-) -> nn.BatchNorm:
+) -> norm.BatchNorm:
   """PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
 
   With `axis_name` set, batch statistics in training are averaged over that mapped axis, so
-  that inside the data-parallel step they are the statistics of the global batch.
+  that inside the data-parallel step they are the statistics of the global batch. `norm.BatchNorm`
+  is Flax's `nn.BatchNorm` with its training gradient written out (ffkd_jax/models/norm.py).
   """
-  return nn.BatchNorm(
+  return norm.BatchNorm(
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
@@ -129,7 +131,7 @@ class BasicBlock(nn.Module):
     out = batch_norm(train, self.axis_name, self.dtype, 'bn2')(out)
     residual = _shortcut(self, x, out_channels, train)
     preact = out + residual
-    return nn.relu(preact), preact
+    return conv.materialize((nn.relu(preact), preact))
 
 
 class Bottleneck(nn.Module):
@@ -156,7 +158,7 @@ class Bottleneck(nn.Module):
     out = batch_norm(train, self.axis_name, self.dtype, 'bn3')(out)
     residual = _shortcut(self, x, out_channels, train)
     preact = out + residual
-    return nn.relu(preact), preact
+    return conv.materialize((nn.relu(preact), preact))
 
 
 def _shortcut(block: nn.Module, x: jnp.ndarray, out_channels: int, train: bool) -> jnp.ndarray:
