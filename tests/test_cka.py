@@ -135,6 +135,22 @@ def test_gram_and_feature_forms_agree():
   )
 
 
+def test_gram_form_of_features_far_from_zero_and_of_tiny_ones():
+  """The Gram form centres the columns once and corrects the rounding residue on the n x n
+  Gram (`_normalised_gram`): post-ReLU-like maps with a large offset, or a tiny scale, give
+  float64 Kornblith's value."""
+  rng = np.random.default_rng(11)
+  x = np.abs(rng.normal(size=(8, 300)))
+  y = np.abs(x[:, :100] + 0.5 * rng.normal(size=(8, 100)))
+  assert cka_module._use_gram_form(8, 300, 100)
+  expected = np_kornblith_cka(x, y)
+  for shift, scale in [(0.0, 1.0), (1e3, 1.0), (0.0, 1e-6), (-40.0, 1e4)]:
+    got = linear_cka(
+        jnp.asarray(x * scale + shift, jnp.float32), jnp.asarray(y * scale, jnp.float32)
+    )
+    np.testing.assert_allclose(got, expected, atol=5e-4 if shift else ATOL, err_msg=str(shift))
+
+
 def test_unbiased_cka_against_song_loops():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(8, 5))
