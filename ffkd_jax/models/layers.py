@@ -131,7 +131,7 @@ class BasicBlock(nn.Module):
     out = batch_norm(train, self.axis_name, self.dtype, 'bn2')(out)
     residual = _shortcut(self, x, out_channels, train)
     preact = out + residual
-    return conv.materialize((nn.relu(preact), preact))
+    return conv.materialize(nn.relu(preact)), preact
 
 
 class Bottleneck(nn.Module):
@@ -158,7 +158,7 @@ class Bottleneck(nn.Module):
     out = batch_norm(train, self.axis_name, self.dtype, 'bn3')(out)
     residual = _shortcut(self, x, out_channels, train)
     preact = out + residual
-    return conv.materialize((nn.relu(preact), preact))
+    return conv.materialize(nn.relu(preact)), preact
 
 
 def _shortcut(block: nn.Module, x: jnp.ndarray, out_channels: int, train: bool) -> jnp.ndarray:
