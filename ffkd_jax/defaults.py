@@ -133,8 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Mixed precision: 'float32' or 'bfloat16' (activations; parameters stay float32).
   config.dtype = 'float32'
   # How the models' convolutions run (ffkd_jax/models/conv.py): 'auto' (XLA's; on the CPU on its
-  # Eigen kernels instead of YNNPACK's, an XLA flag), 'xla' (XLA's defaults) or 'matmul' (a
-  # tap-matmul weight gradient).
+  # Eigen kernels instead of YNNPACK's, with optimization barriers in the backward pass: two XLA
+  # flags), 'xla' (XLA's defaults) or 'matmul' (a tap-matmul weight gradient).
   config.conv_impl = 'auto'
   # What to do when a loss or gradient is not finite: 'skip' the update (and count it), or 'stop'.
   config.nonfinite_policy = 'skip'

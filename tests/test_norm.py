@@ -165,3 +165,52 @@ def test_global_statistics_and_gradients_under_shard_map_equal_flax():
   for reference in (flax_bn, whole):
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('name', ['resnet8', 'wrn_16_2'])
+def test_a_whole_models_training_gradients_equal_flax_and_xla(name, monkeypatch):
+  """The zoo's train path (norm.BatchNorm, conv_impl='auto') against the plain one (Flax's
+  nn.BatchNorm, XLA's convolutions): the same loss, gradients and batch statistics."""
+  from ffkd_jax import models  # pylint: disable=g-import-not-at-top
+  from ffkd_jax.models import conv, layers  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(6, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 6))
+
+  def run(plain):
+    if plain:
+      monkeypatch.setattr(
+          layers,
+          'batch_norm',
+          lambda train, axis_name, dtype=jnp.float32, name=None: nn.BatchNorm(
+              use_running_average=not train,
+              axis_name=axis_name,
+              dtype=dtype,
+              name=name,
+              **_SETTINGS,
+          ),
+      )
+    model = models.create_model(name, 10)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params):
+      (logits, _), updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']},
+          x,
+          train=True,
+          mutable=['batch_stats'],
+      )
+      one_hot = jax.nn.one_hot(labels, 10)
+      return -jnp.mean(jnp.sum(one_hot * jax.nn.log_softmax(logits), -1)), updates
+
+    with conv.using('xla' if plain else 'auto'):
+      return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+
+  (value, stats), grads = run(plain=False)
+  (value_f, stats_f), grads_f = run(plain=True)
+  np.testing.assert_allclose(value, value_f, rtol=1e-5)
+  assert jax.tree.structure(grads) == jax.tree.structure(grads_f)
+  for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((grads_f, stats_f))):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(float(np.abs(b).max()), 1e-6))
