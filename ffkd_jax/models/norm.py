@@ -91,11 +91,7 @@ def _backward(axis_name, epsilon, dtype, residuals, cotangents):
   )
 
 
-def _forward_rule(x, scale, bias, axis_name, epsilon, dtype):
-  return _forward(x, scale, bias, axis_name, epsilon, dtype)
-
-
-batch_norm_train.defvjp(_forward_rule, _backward)
+batch_norm_train.defvjp(_forward, _backward)
 
 
 class BatchNorm(nn.Module):
