@@ -12,7 +12,7 @@ Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `co
               barrier's outputs). Without it XLA's CPU fusion recomputes, inside the transpose
               that feeds each weight gradient, the whole elementwise chain that produced the
               input: batch norm, residual add and ReLU back to the stage's first block, so a
-              stage of L blocks costs O(L^2) (67% of a resnet56 step's op time);
+              stage of L blocks costs O(L^2) (without them, 67% of a resnet56 step's op time);
             - `materialize` (a barrier on each residual block's outputs) cuts the same chain in
               the forward pass.
             The barriers are `lax.platform_dependent`: on GPU and TPU the traced program is
