@@ -3,6 +3,7 @@ against XLA's own, on every kind of convolution the zoo has."""
 
 import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from ffkd_jax import models
-from ffkd_jax.models import conv
+from ffkd_jax.models import conv, conv_kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,3 +232,102 @@ def test_cpu_paths_under_shard_map_sum_the_kernel_gradient_over_devices(impl):
       return np.asarray(fn(w, x))
 
   np.testing.assert_allclose(grad_of(impl), grad_of('xla'), rtol=1e-5, atol=1e-5)
+
+
+# ---- the CPU weight-gradient kernel (conv_kernel.py, kernels/conv_weight_grad.cc) -----------
+
+
+def test_the_cpu_kernel_builds_here():
+  """CI machines have a C++ compiler; without one the kernel is off and XLA's path runs."""
+  assert conv_kernel.available()
+
+
+@pytest.mark.parametrize(
+    'in_shape,kernel,strides,padding',
+    [
+        ((3, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+        ((3, 9, 7, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),  # odd sides, stride 2
+        ((2, 8, 8, 24), (1, 1, 24, 16), (2, 2), ((0, 0), (0, 0))),  # projection shortcut
+        ((2, 6, 5, 8), (3, 3, 8, 16), (1, 2), ((1, 1), (0, 2))),  # uneven strides and pads
+    ],
+)
+def test_the_cpu_kernel_against_a_numpy_loop_and_xla(in_shape, kernel, strides, padding):
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=in_shape).astype(np.float32)
+  w = np.zeros(kernel, np.float32)
+  conv_fn = lambda x, w: conv._xla_conv(x, w, strides, padding, 1)
+  out_shape = jax.eval_shape(conv_fn, x, w).shape
+  dy = rng.normal(size=out_shape).astype(np.float32)
+  got = np.asarray(
+      jax.jit(lambda x, dy: conv_kernel.weight_gradient(x, dy, kernel, strides, padding))(x, dy)
+  )
+  xla = np.asarray(jax.vjp(lambda w: conv_fn(x, w), w)[1](dy)[0])
+  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
+  want = np.zeros(kernel)
+  (sh, sw), (ho, wo) = strides, out_shape[1:3]
+  for i in range(kernel[0]):
+    for j in range(kernel[1]):
+      patch = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+      want[i, j] = np.einsum('nhwc,nhwo->co', patch, dy)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-4)
+
+
+def _weight_grad_hlo(kernel_shape, monkeypatch=None):
+  x = jnp.ones((2, 6, 6, kernel_shape[2]))
+  loss = lambda w: jnp.sum(
+      conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC) ** 2
+  )
+  with conv.using('auto'):
+    return jax.jit(jax.grad(loss)).lower(jnp.ones(kernel_shape)).compile().as_text()
+
+
+def test_auto_uses_the_kernel_where_it_applies_and_xla_elsewhere(monkeypatch):
+  assert conv_kernel.TARGET in _weight_grad_hlo((3, 3, 16, 16))
+  assert conv_kernel.TARGET not in _weight_grad_hlo((3, 3, 3, 16))  # the stem: 3 channels
+  assert conv_kernel.TARGET not in _weight_grad_program('auto', 'cuda')
+  monkeypatch.setattr(conv_kernel, 'available', lambda: False)  # no compiler: XLA's
+  assert conv_kernel.TARGET not in _weight_grad_hlo((3, 3, 16, 16))
+
+
+def test_the_kernel_under_shard_map_sums_the_per_device_gradients():
+  """Each device's custom call sees its own examples; the kernel gradient must be marked as a
+  per-device partial sum so that match_cotangent adds the devices' (different) parts."""
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
+  rng = np.random.default_rng(9)
+  x = jax.device_put(
+      jnp.asarray(rng.normal(size=(4, 6, 6, 16)), jnp.float32), NamedSharding(mesh, P('data'))
+  )
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)
+
+  def grad_of(impl):
+    def per_device(w, x):
+      loss = lambda w: jnp.sum(
+          conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+          ** 2
+      )
+      return jax.grad(loss)(w)
+
+    with conv.using(impl):
+      fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))
+      assert (conv_kernel.TARGET in fn.lower(w, x).as_text()) == (impl == 'auto')
+      return np.asarray(fn(w, x))
+
+  np.testing.assert_allclose(grad_of('auto'), grad_of('xla'), rtol=1e-5, atol=1e-4)
+
+
+def test_without_a_compiler_or_with_a_failing_build_the_kernel_is_off(monkeypatch, tmp_path):
+  monkeypatch.setenv('FFKD_JAX_CACHE', str(tmp_path))
+  try:
+    for compiler in (None, shutil.which('false')):
+      monkeypatch.setattr(conv_kernel, '_compiler', lambda compiler=compiler: compiler)
+      conv_kernel.available.cache_clear()
+      assert not conv_kernel.available()
+      assert not list(tmp_path.iterdir())  # no partial library left behind
+  finally:
+    monkeypatch.undo()
+    conv_kernel.available.cache_clear()
+  assert conv_kernel.available()  # the real one again (from its cache)
