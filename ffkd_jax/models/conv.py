@@ -183,7 +183,11 @@ def describe() -> str:
   kernels = 'Eigen' if eigen else 'YNNPACK'
   if name == 'auto':
     barriers = 'kept' if barriers_kept() else 'removed by XLA'
-    return f"auto (XLA's CPU convolutions, {kernels} kernels, backward barriers {barriers})"
+    ours = 'ours' if conv_kernel.available() else "XLA's (no C++ compiler)"
+    return (
+        f"auto (XLA's CPU convolutions, {kernels} kernels, backward barriers {barriers}, "
+        f'weight gradients {ours} where faster)'
+    )
   return f"{name} (XLA's CPU convolutions, {kernels} kernels)"
 
 

@@ -8,7 +8,11 @@ on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++
 -march=native`) against jaxlib's FFI headers into a cache directory
 (`$FFKD_JAX_CACHE`, else `~/.cache/ffkd_jax/kernels`) keyed by the source, jaxlib's version and
 the host's CPU flags, so a second process loads it. Without a compiler, or when the build
-fails, `available()` is False (logged once) and the caller uses XLA's weight gradient.
+fails, or with FFKD_JAX_CPU_KERNEL=0 in the environment, `available()` is False (logged once)
+and the caller uses XLA's weight gradient. Each call splits the batch over as many threads as
+the process may use (FFKD_JAX_KERNEL_THREADS=k sets k; inside the step XLA may run the input
+gradient's Eigen convolution at the same time, and 1 and 2 threads measured within noise of
+each other on the 2-core machine).
 
 `supports` says which convolutions it takes: float32, ungrouped, input channels a multiple of
 8 and output channels of 16, and shapes where it is faster than XLA's (in the CIFAR ResNets
@@ -90,7 +94,11 @@ def _build(compiler: str, path: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-  """Builds (once per host) and registers the kernel; False where that is not possible."""
+  """Builds (once per host) and registers the kernel; False where that is not possible, or
+  where the environment variable FFKD_JAX_CPU_KERNEL=0 turns it off."""
+  if os.environ.get('FFKD_JAX_CPU_KERNEL', '1') == '0':
+    logging.info("FFKD_JAX_CPU_KERNEL=0: the CPU convolutions use XLA's weight gradient.")
+    return False
   compiler = _compiler()
   if compiler is None:
     logging.warning("No C++ compiler found: the CPU convolutions use XLA's weight gradient.")
@@ -126,6 +134,8 @@ def supports(x, dy, kernel_shape, groups: int) -> bool:
 
 
 def _threads() -> int:
+  if os.environ.get('FFKD_JAX_KERNEL_THREADS'):
+    return int(os.environ['FFKD_JAX_KERNEL_THREADS'])
   try:
     return max(1, len(os.sched_getaffinity(0)))
   except AttributeError:
