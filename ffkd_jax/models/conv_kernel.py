@@ -2,8 +2,10 @@
 
 `kernels/conv_weight_grad.cc` computes a float32 NHWC convolution's weight gradient in place,
 where XLA's CPU backend first transposes the input to (C, H, W, N) for an Eigen convolution
-(measured in benchmarks/README.md: 1.05 against 4.3 ms for a 16-channel 3x3 convolution at
-32x32, batch 64; 15.9 against 34.4 ms at 64 channels). It is an XLA FFI custom call, compiled
+(measured in benchmarks/README.md, a 3x3 convolution at 32x32, batch 64: 16 channels 1.1
+against 4.4 ms on two threads, 2.8 against 5.9 ms on the one the step uses; at 64 channels
+two threads 18.4 against 34.9 ms, one 43.5 against 40.8: it gains in the step by running beside
+XLA's input-gradient convolution). It is an XLA FFI custom call, compiled
 on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++`, `-O3
 -march=native`) against jaxlib's FFI headers into a cache directory
 (`$FFKD_JAX_CACHE`, else `~/.cache/ffkd_jax/kernels`) keyed by the source, jaxlib's version and
