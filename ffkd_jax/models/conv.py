@@ -18,7 +18,7 @@ Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `co
             - where `conv_kernel.supports` it, the weight gradient is our own kernel (an XLA FFI
               custom call, `conv_kernel.py`), which reads the NHWC input in place where XLA
               transposes it for Eigen (isolated, 16 channels at 32x32: 2.8 against 5.9 ms on one
-              thread; in the whole step 3-7% here, benchmarks/README.md).
+              thread; in the whole step 1-6% here, benchmarks/README.md).
               Without a C++ compiler XLA's weight gradient runs.
             The barriers are `lax.platform_dependent`: on GPU and TPU the traced program is
             XLA's plain convolution. XLA's CPU pipeline removes optimization barriers before
