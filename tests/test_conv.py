@@ -204,34 +204,38 @@ def test_materialize_is_the_identity_for_values_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['auto', 'matmul'])
-def test_cpu_paths_under_shard_map_sum_the_kernel_gradient_over_devices(impl):
-  """Inside the data-parallel step a replicated kernel's gradient is summed over devices; the
-  custom VJP's must equal XLA's (the psum over the axes the cotangent varies over)."""
+def _sharded_kernel_gradient(impl, x_shape, kernel_shape, strides, seed):
+  """The kernel gradient of sum(conv(x, w)^2) inside shard_map over 2 devices (x split over
+  them, w replicated), under `impl`: (gradient, the lowered program's text)."""
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
-  rng = np.random.default_rng(3)
+  rng = np.random.default_rng(seed)
   x = jax.device_put(
-      jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32), NamedSharding(mesh, P('data'))
+      jnp.asarray(rng.normal(size=x_shape), jnp.float32), NamedSharding(mesh, P('data'))
   )
-  w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
 
-  def grad_of(impl):
-    def per_device(w, x):
-      with conv.using(impl):
-        loss = lambda w: jnp.sum(
-            conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
-            ** 2
-        )
-        return jax.grad(loss)(w)
+  def per_device(w, x):
+    loss = lambda w: jnp.sum(
+        conv.conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=conv.NHWC) ** 2
+    )
+    return jax.grad(loss)(w)
 
-    with conv.using(impl):
-      fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))
-      return np.asarray(fn(w, x))
+  with conv.using(impl):
+    fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))
+    return np.asarray(fn(w, x)), fn.lower(w, x).as_text()
 
-  np.testing.assert_allclose(grad_of(impl), grad_of('xla'), rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize('impl', ['auto', 'matmul'])
+def test_cpu_paths_under_shard_map_sum_the_kernel_gradient_over_devices(impl):
+  """Inside the data-parallel step a replicated kernel's gradient is summed over devices; the
+  custom VJP's must equal XLA's (the psum over the axes the cotangent varies over)."""
+  args = ((4, 6, 6, 3), (3, 3, 3, 5), (2, 2), 3)
+  got, _ = _sharded_kernel_gradient(impl, *args)
+  want, _ = _sharded_kernel_gradient('xla', *args)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---- the CPU weight-gradient kernel (conv_kernel.py, kernels/conv_weight_grad.cc) -----------
@@ -293,30 +297,11 @@ def test_auto_uses_the_kernel_where_it_applies_and_xla_elsewhere(monkeypatch):
 def test_the_kernel_under_shard_map_sums_the_per_device_gradients():
   """Each device's custom call sees its own examples; the kernel gradient must be marked as a
   per-device partial sum so that match_cotangent adds the devices' (different) parts."""
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
-  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
-  rng = np.random.default_rng(9)
-  x = jax.device_put(
-      jnp.asarray(rng.normal(size=(4, 6, 6, 16)), jnp.float32), NamedSharding(mesh, P('data'))
-  )
-  w = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)
-
-  def grad_of(impl):
-    def per_device(w, x):
-      loss = lambda w: jnp.sum(
-          conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
-          ** 2
-      )
-      return jax.grad(loss)(w)
-
-    with conv.using(impl):
-      fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')), out_specs=P()))
-      assert (conv_kernel.TARGET in fn.lower(w, x).as_text()) == (impl == 'auto')
-      return np.asarray(fn(w, x))
-
-  np.testing.assert_allclose(grad_of('auto'), grad_of('xla'), rtol=1e-5, atol=1e-4)
+  args = ((4, 6, 6, 16), (3, 3, 16, 16), (1, 1), 9)
+  got, program = _sharded_kernel_gradient('auto', *args)
+  want, xla_program = _sharded_kernel_gradient('xla', *args)
+  assert conv_kernel.TARGET in program and conv_kernel.TARGET not in xla_program
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_without_a_compiler_or_with_a_failing_build_the_kernel_is_off(monkeypatch, tmp_path):
