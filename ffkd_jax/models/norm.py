@@ -15,7 +15,8 @@ passes: one reading (dy, x) for the per-channel sums
 
     db = sum(dy),  ds = sum(dy * xhat),  xhat = (x - mean) * rsqrt(var + eps)
 
-(summed over `axis_name` too: the statistics are the global batch's), and one writing
+(summed over `axis_name` too: the statistics are the global batch's; ds is computed as
+(sum(dy * x) - mean * db) * rsqrt(var + eps), see below), and one writing
 
     dx = scale * rsqrt(var + eps) * (dy - db / M - xhat * ds / M)
          + (dmean + 2 * dvar * (x - mean)) / M
@@ -25,6 +26,14 @@ statistics (zero in training, where those only feed the running averages; kept s
 exact). The clip of a negative variance at 0 is treated as inactive in the gradient.
 On the 2-core CPU this took a 9-block CIFAR stage's forward + backward from 279 to 232 ms
 (benchmarks/README.md). The same formula is correct on every backend, so it is used everywhere.
+
+Why sum(dy * x) - mean * sum(dy) rather than sum(dy * (x - mean)): XLA merges the backward's
+x - mean with the forward's (common subexpressions), and since its CPU reduction kernels (YNN)
+cannot take a broadcast subtraction into the reduction, it then wrote x - mean out as a whole
+tensor in the forward pass, one more pass over every activation. Without it the resnet56 CE step
+went from 428-443 to 389-406 ms (`benchmarks/step_time.py --method teacher_ce`, 2-core CPU,
+2026-12-01). The price is cancellation when the mean is large against the spread; tested against
+float64 with the mean 10 standard deviations from 0 (tests/test_norm.py).
 """
 
 from __future__ import annotations
@@ -76,9 +85,9 @@ def _backward(axis_name, epsilon, dtype, residuals, cotangents):
   dy, dmean, dvar = cotangents
   xf = x.astype(jnp.float32)
   g = dy.astype(jnp.float32)
-  centred = xf - mean
   db = jnp.sum(g, _AXES)
-  ds = jnp.sum(g * centred, _AXES) * inv  # sum(dy * xhat), the scaling outside the reduction
+  ds = (jnp.sum(g * xf, _AXES) - mean * db) * inv  # sum(dy * xhat); see the module docstring
+  centred = xf - mean
   if axis_name is not None:
     db, ds = lax.psum(jnp.stack([db, ds]), axis_name)
   count = _count(x, axis_name)
