@@ -2,10 +2,11 @@
 
 `kernels/conv_weight_grad.cc` computes a float32 NHWC convolution's weight gradient in place,
 where XLA's CPU backend first transposes the input to (C, H, W, N) for an Eigen convolution
-(measured in benchmarks/README.md, a 3x3 convolution at 32x32, batch 64: 16 channels 1.1
-against 4.4 ms on two threads, 2.8 against 5.9 ms on the one the step uses; at 64 channels
-two threads 18.4 against 34.9 ms, one 43.5 against 40.8: it gains in the step by running beside
-XLA's input-gradient convolution). It is an XLA FFI custom call, compiled
+(benchmarks/README.md, a 3x3 convolution at batch 64, ours on the one thread the step gives it
+against XLA's on two: 16 channels at 32x32 2.8 against 6.9 ms, 64 at 8x8 2.0 against 2.0, 64 at
+32x32 36.8 against 38.2; at 128 channels, 16x16, 37.3 against 23.3, which is why `supports`
+leaves those to XLA; in the step it gains by running beside XLA's input-gradient convolution).
+It is an XLA FFI custom call, compiled
 on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++`, `-O3
 -march=native`) against jaxlib's FFI headers into a cache directory
 (`$FFKD_JAX_CACHE`, else `~/.cache/ffkd_jax/kernels`) keyed by the source, jaxlib's version and
@@ -119,9 +120,9 @@ def available() -> bool:
 def supports(x, dy, kernel_shape, groups: int) -> bool:
   """Whether the kernel takes this convolution's weight gradient: float32, ungrouped, channels
   multiples of 8 (in) and 16 (out), and where it was measured faster than XLA's (batch 64, 3x3,
-  benchmarks/README.md): at most 64 x 64 channels, or output rows of at least 32 pixels. It
-  loses on short rows with many channels (24.7 against 16.3 ms at 256 channels, 8x8), where its
-  accumulators are reloaded every 8 pixels."""
+  benchmarks/README.md): at most 64 x 64 channels, or output rows of at least 32 pixels. At 128
+  and 256 channels on 16x16 and 8x8 maps XLA's Eigen kernel on two threads is faster than ours
+  on one (23.3 against 37.3 ms at 128 channels, 16x16; 19.3 against 37.5 at 256, 8x8)."""
   return (
       groups == 1
       and x.dtype == jnp.float32
@@ -136,7 +137,8 @@ def supports(x, dy, kernel_shape, groups: int) -> bool:
 def _threads() -> int:
   """One: with two threads per call, the two-process FFKD run of tests/test_multihost.py ended 1%
   away from the one-process run (one thread: 6e-6, as XLA's weight gradient), for a reason not
-  yet found; in the step one thread measured within noise of two (benchmarks/README.md)."""
+  yet found; in the step two threads were slower anyway (resnet56 CE step 449-460 against
+  417-423 ms, 2026-12-01: beside XLA's own two-thread work they contend for the two cores)."""
   return 1
 
 

@@ -4,88 +4,131 @@
 //
 // XLA's CPU backend computes this as an Eigen convolution whose input must first be transposed
 // to (C, H, W, N); XLA's CPU transpose is slow and Eigen's kernel is at its worst at 32x32 maps.
-// Here each output row (n, ho), each tap (kh, kw) and each block of 8 input x 16 output channels
-// keeps 8 accumulators of 16 floats in registers across the row, reading x and dy in place.
-// The batch is split over `threads` threads, each with its own partial sum. Needs C % 8 == 0 and
-// O % 16 == 0 (ffkd_jax/models/conv_kernel.py checks and otherwise uses XLA's path).
-// Built by conv_kernel.py with the host's compiler (-O3 -march=native) on first use.
+// Here x and dy are read in place. For each tap (kh, kw) and each block of CB input x OV vectors
+// of output channels, CB * OV vector accumulators stay in registers while the block runs along
+// output rows: on AVX-512 CB = 8 and OV = 2 (8 x 32 channels; OV = 1 where O % 32 != 0), on
+// AVX2 CB = 4, OV = 2 (4 x 16), each pixel one vector load of dy per OV, CB broadcasts of x and
+// CB * OV fused multiply-adds.
+//
+// The images go in chunks whose x and dy take about 256 KB (at least one image; within L2):
+// each block's accumulators are loaded and stored once per chunk and tap, not once per output
+// row, which at short rows with many channels (256 at 8x8) cost more than the arithmetic
+// (52.9 -> 38.4 ms there; a 1 MB chunk was slower on a strided 1x1 convolution, 6.1 against
+// 2.5 ms; benchmarks/README.md).
+//
+// The batch is split over `threads` threads, each with its own partial sum, added at the end in
+// a fixed order. Needs C % CB == 0 and O % 16 == 0 (ffkd_jax/models/conv_kernel.py checks them
+// and otherwise uses XLA's path). Built by conv_kernel.py with the host's compiler
+// (-O3 -march=native) on first use.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <thread>
 #include <vector>
-#include <algorithm>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-typedef float v16 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int VL = 16;  // floats per vector
+#else
+constexpr int VL = 8;
+#endif
+constexpr int64_t CHUNK_BYTES = 256 * 1024;
 
-static inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
-static inline void store16(float* p, v16 v) { std::memcpy(p, &v, 64); }
+typedef float vec __attribute__((vector_size(VL * 4)));
+static inline vec loadv(const float* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
+static inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
-static void accumulate(const float* x, const float* dy, float* acc, int64_t n0, int64_t n1,
-                       int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t O,
-                       int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+struct Shape {
+  int64_t H, W, C, Ho, Wo, O, KH, KW, sh, sw, pt, pl;
+};
+
+// Adds to a = dW[kh, kw] the block of channels [cb, cb + CB) x [ob, ob + OV * VL) summed over
+// images [n0, n1), output rows [ho0, ho1) and columns [wo0, wo1), all inside the input.
+template <int CB, int OV>
+static inline void block(const float* x, const float* dy, float* a, const Shape& s, int64_t n0,
+                         int64_t n1, int64_t kh, int64_t kw, int64_t cb, int64_t ob, int64_t ho0,
+                         int64_t ho1, int64_t wo0, int64_t wo1) {
+  vec r[CB][OV];
+  for (int i = 0; i < CB; ++i)
+    for (int j = 0; j < OV; ++j) r[i][j] = loadv(a + (cb + i) * s.O + ob + j * VL);
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t ho = 0; ho < Ho; ++ho) {
-      const float* dyrow = dy + ((n * Ho + ho) * Wo) * O;
-      for (int64_t kh = 0; kh < KH; ++kh) {
-        const int64_t hi = ho * sh + kh - pt;
-        if (hi < 0 || hi >= H) continue;
-        const float* xrow = x + ((n * H + hi) * W) * C;
-        for (int64_t kw = 0; kw < KW; ++kw) {
-          float* a = acc + (kh * KW + kw) * C * O;
-          int64_t wo0 = 0;
-          while (wo0 < Wo && wo0 * sw + kw - pl < 0) ++wo0;
-          int64_t wo1 = Wo;
-          while (wo1 > wo0 && (wo1 - 1) * sw + kw - pl >= W) --wo1;
-          for (int64_t cb = 0; cb < C; cb += 8) {
-            for (int64_t ob = 0; ob < O; ob += 16) {
-              v16 r0 = load16(a + (cb + 0) * O + ob), r1 = load16(a + (cb + 1) * O + ob);
-              v16 r2 = load16(a + (cb + 2) * O + ob), r3 = load16(a + (cb + 3) * O + ob);
-              v16 r4 = load16(a + (cb + 4) * O + ob), r5 = load16(a + (cb + 5) * O + ob);
-              v16 r6 = load16(a + (cb + 6) * O + ob), r7 = load16(a + (cb + 7) * O + ob);
-              for (int64_t wo = wo0; wo < wo1; ++wo) {
-                const float* xv = xrow + (wo * sw + kw - pl) * C + cb;
-                const v16 d = load16(dyrow + wo * O + ob);
-                r0 += xv[0] * d; r1 += xv[1] * d; r2 += xv[2] * d; r3 += xv[3] * d;
-                r4 += xv[4] * d; r5 += xv[5] * d; r6 += xv[6] * d; r7 += xv[7] * d;
-              }
-              store16(a + (cb + 0) * O + ob, r0); store16(a + (cb + 1) * O + ob, r1);
-              store16(a + (cb + 2) * O + ob, r2); store16(a + (cb + 3) * O + ob, r3);
-              store16(a + (cb + 4) * O + ob, r4); store16(a + (cb + 5) * O + ob, r5);
-              store16(a + (cb + 6) * O + ob, r6); store16(a + (cb + 7) * O + ob, r7);
-            }
-          }
+    for (int64_t ho = ho0; ho < ho1; ++ho) {
+      const int64_t hi = ho * s.sh + kh - s.pt;
+      const float* xrow = x + ((n * s.H + hi) * s.W + kw - s.pl) * s.C + cb;
+      const float* dyrow = dy + ((n * s.Ho + ho) * s.Wo) * s.O + ob;
+      for (int64_t wo = wo0; wo < wo1; ++wo) {
+        const float* xv = xrow + wo * s.sw * s.C;
+        vec d[OV];
+        for (int j = 0; j < OV; ++j) d[j] = loadv(dyrow + wo * s.O + j * VL);
+        for (int i = 0; i < CB; ++i) {
+          const float xi = xv[i];
+          for (int j = 0; j < OV; ++j) r[i][j] += xi * d[j];
         }
+      }
+    }
+  }
+  for (int i = 0; i < CB; ++i)
+    for (int j = 0; j < OV; ++j) storev(a + (cb + i) * s.O + ob + j * VL, r[i][j]);
+}
+
+// acc += dW summed over the images [n0, n1).
+template <int CB, int OV>
+static void accumulate(const float* x, const float* dy, float* acc, int64_t n0, int64_t n1,
+                       const Shape& s) {
+  const int64_t per_image = (s.H * s.W * s.C + s.Ho * s.Wo * s.O) * 4;
+  const int64_t images = std::max<int64_t>(1, CHUNK_BYTES / per_image);
+  for (int64_t c0 = n0; c0 < n1; c0 += images) {
+    const int64_t c1 = std::min(n1, c0 + images);
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      int64_t ho0 = 0, ho1 = s.Ho;
+      while (ho0 < ho1 && ho0 * s.sh + kh - s.pt < 0) ++ho0;
+      while (ho1 > ho0 && (ho1 - 1) * s.sh + kh - s.pt >= s.H) --ho1;
+      if (ho0 == ho1) continue;
+      for (int64_t kw = 0; kw < s.KW; ++kw) {
+        int64_t wo0 = 0, wo1 = s.Wo;
+        while (wo0 < wo1 && wo0 * s.sw + kw - s.pl < 0) ++wo0;
+        while (wo1 > wo0 && (wo1 - 1) * s.sw + kw - s.pl >= s.W) --wo1;
+        if (wo0 == wo1) continue;
+        float* a = acc + (kh * s.KW + kw) * s.C * s.O;
+        for (int64_t cb = 0; cb < s.C; cb += CB)
+          for (int64_t ob = 0; ob < s.O; ob += OV * VL)
+            block<CB, OV>(x, dy, a, s, c0, c1, kh, kw, cb, ob, ho0, ho1, wo0, wo1);
       }
     }
   }
 }
 
 static ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                             ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
-                             int64_t pl, int64_t threads) {
+                                     ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
+                                     int64_t pt, int64_t pl, int64_t threads) {
   auto xd = x.dimensions();
   auto dd = dy.dimensions();
   auto wd = dw->dimensions();
-  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
-  const int64_t Ho = dd[1], Wo = dd[2], O = dd[3];
-  const int64_t KH = wd[0], KW = wd[1];
-  const int64_t size = KH * KW * C * O;
+  const int64_t N = xd[0];
+  const Shape s{xd[1], xd[2], xd[3], dd[1], dd[2], dd[3], wd[0], wd[1], sh, sw, pt, pl};
+  const int64_t size = s.KH * s.KW * s.C * s.O;
+#if defined(__AVX512F__)
+  auto run = (s.O % 32 == 0) ? accumulate<8, 2> : accumulate<8, 1>;
+#else
+  auto run = accumulate<4, 2>;
+#endif
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, N));
   float* out = dw->typed_data();
   std::memset(out, 0, size * sizeof(float));
-  // Thread t sums the examples [N t / threads, N (t + 1) / threads); thread 0 (this one) into
-  // the output, the others into their own buffers, added at the end.
+  // Thread t sums the images [N t / threads, N (t + 1) / threads); thread 0 (this one) into the
+  // output, the others into their own buffers, added at the end.
   std::vector<std::vector<float>> parts(threads - 1, std::vector<float>(size, 0.0f));
-  auto run = [&](int64_t t, float* acc) {
-    accumulate(x.typed_data(), dy.typed_data(), acc, N * t / threads, N * (t + 1) / threads, H, W,
-               C, Ho, Wo, O, KH, KW, sh, sw, pt, pl);
-  };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, t, parts[t - 1].data());
-  run(0, out);
+  for (int64_t t = 1; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      run(x.typed_data(), dy.typed_data(), parts[t - 1].data(), N * t / threads,
+          N * (t + 1) / threads, s);
+    });
+  }
+  run(x.typed_data(), dy.typed_data(), out, 0, N / threads, s);
   for (auto& thread : pool) thread.join();
   for (const auto& part : parts)
     for (int64_t i = 0; i < size; ++i) out[i] += part[i];
