@@ -5,7 +5,8 @@
 
 Builds the step as benchmarks/workers.py does (random data, batch 64, 32x32, 100 classes, one
 device), AOT-compiles the program of step 0, runs one warm-up step and then --steps timed steps,
-and prints one line: compile seconds, the minimum and median step in ms, XLA's GFLOPs. Unlike
+and prints one line: compile seconds, the minimum and median step in ms, XLA's GFLOPs, the
+minor page faults a timed step costs (memory mapped afresh and touched). Unlike
 throughput.py it runs one configuration in one process, so a flag set in XLA_FLAGS applies to
 exactly what is timed; compare lines of one host and one sitting only.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -73,11 +75,13 @@ def main(argv=None) -> dict:
   state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   times = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(args.steps):
     start = time.perf_counter()
     state, _ = compiled(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
   result = {
       'conv': conv.describe(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -85,11 +89,13 @@ def main(argv=None) -> dict:
       'min_ms': 1e3 * min(times),
       'median_ms': 1e3 * statistics.median(times),
       'gflop': compiled.cost_analysis()['flops'] / 1e9,
+      'page_faults_per_step': faults,
   }
   print(
       f'{args.method} {args.teacher} -> {args.student} {args.dtype}, {result["conv"]}, '
       f'XLA_FLAGS={result["xla_flags"]!r}: compile {compile_s:.1f} s, step min '
-      f'{result["min_ms"]:.0f} ms, median {result["median_ms"]:.0f} ms, {result["gflop"]:.2f} GFLOP'
+      f'{result["min_ms"]:.0f} ms, median {result["median_ms"]:.0f} ms, {result["gflop"]:.2f} GFLOP, '
+      f'{faults:.0f} page faults a step'
   )
   return result
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax import lax
 
+from ffkd_jax import host_memory
 from ffkd_jax.models import conv_kernel
 
 IMPLEMENTATIONS = ('auto', 'xla', 'matmul')
@@ -138,13 +139,14 @@ def _with_cpu_flags(flags: str) -> str:
 
 def prepare_backend(name: str) -> bool:
   """For 'auto', adds CPU_XLA_FLAGS to XLA_FLAGS (keeping a user's own choices, see
-  `_with_cpu_flags`).
+  `_with_cpu_flags`), and tells glibc to keep freed memory (`host_memory.keep_freed_memory`).
 
   Only takes effect before JAX starts its backends; returns whether both flags are in force (a
   warning says so when they came too late, e.g. in a notebook that ran JAX first).
   """
   if name != 'auto':
     return cpu_flag_active() and barriers_kept()
+  host_memory.keep_freed_memory()
   flags = os.environ.get('XLA_FLAGS', '')
   if _with_cpu_flags(flags) == flags:
     return True
@@ -187,7 +189,7 @@ def describe() -> str:
     ours = 'ours' if conv_kernel.available() else "XLA's (no C++ compiler)"
     return (
         f"auto (XLA's CPU convolutions, {kernels} kernels, backward barriers {barriers}, "
-        f'weight gradients {ours} where faster)'
+        f'weight gradients {ours} where faster; {host_memory.describe()})'
     )
   return f"{name} (XLA's CPU convolutions, {kernels} kernels)"
 
