@@ -1,8 +1,10 @@
 """The CPU convolution paths ('auto': barriers in the VJP; 'matmul': a tap-matmul weight gradient)
 against XLA's own, on every kind of convolution the zoo has."""
 
+import ctypes
 import functools
 import os
+import platform as platform_lib
 import shutil
 
 import jax
@@ -246,6 +248,19 @@ def test_the_cpu_kernel_builds_here():
   assert conv_kernel.available()
 
 
+@pytest.fixture(scope='module')
+def avx2_target(tmp_path_factory) -> str:
+  """The kernel built without AVX-512 and registered under its own name (once per process)."""
+  if platform_lib.machine() not in ('x86_64', 'AMD64'):
+    pytest.skip('the AVX2 build is an x86-64 one')
+  path = str(tmp_path_factory.mktemp('kernel') / 'conv_weight_grad_avx2.so')
+  conv_kernel._build(conv_kernel._compiler(), path, ('-mno-avx512f',))
+  library = ctypes.cdll.LoadLibrary(path)
+  target = conv_kernel.TARGET + '_avx2'
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.FfkdConvWeightGrad), 'cpu')
+  return target
+
+
 @pytest.mark.parametrize(
     'in_shape,kernel,strides,padding',
     [
@@ -253,9 +268,16 @@ def test_the_cpu_kernel_builds_here():
         ((3, 9, 7, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),  # odd sides, stride 2
         ((2, 8, 8, 24), (1, 1, 24, 16), (2, 2), ((0, 0), (0, 0))),  # projection shortcut
         ((2, 6, 5, 8), (3, 3, 8, 16), (1, 2), ((1, 1), (0, 2))),  # uneven strides and pads
+        ((3, 32, 32, 48), (3, 3, 48, 32), (1, 1), ((1, 1), (1, 1))),  # one image per chunk
     ],
 )
-def test_the_cpu_kernel_against_a_numpy_loop_and_xla(in_shape, kernel, strides, padding):
+@pytest.mark.parametrize('build', ['native', 'avx2'])
+def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
+    in_shape, kernel, strides, padding, build, request
+):
+  """Both vector widths of the C++: this host's (-march=native) and, on x86-64, the AVX2 one
+  (built with -mno-avx512f, what an AVX2 host compiles; the same where the host is AVX2)."""
+  target = conv_kernel.TARGET if build == 'native' else request.getfixturevalue('avx2_target')
   rng = np.random.default_rng(8)
   x = rng.normal(size=in_shape).astype(np.float32)
   w = np.zeros(kernel, np.float32)
@@ -263,7 +285,9 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(in_shape, kernel, strides, 
   out_shape = jax.eval_shape(conv_fn, x, w).shape
   dy = rng.normal(size=out_shape).astype(np.float32)
   got = np.asarray(
-      jax.jit(lambda x, dy: conv_kernel.weight_gradient(x, dy, kernel, strides, padding))(x, dy)
+      jax.jit(lambda x, dy: conv_kernel.weight_gradient(x, dy, kernel, strides, padding, target))(
+          x, dy
+      )
   )
   xla = np.asarray(jax.vjp(lambda w: conv_fn(x, w), w)[1](dy)[0])
   xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
@@ -273,8 +297,9 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(in_shape, kernel, strides, 
     for j in range(kernel[1]):
       patch = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
       want[i, j] = np.einsum('nhwc,nhwo->co', patch, dy)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-4)
+  atol = 1e-5 * np.abs(want).max()  # float32 sums of up to 3,072 products
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+  np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
 
 
 def _weight_grad_hlo(kernel_shape, monkeypatch=None):

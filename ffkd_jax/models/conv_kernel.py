@@ -74,14 +74,15 @@ def _library_path(compiler: str) -> str:
   return os.path.join(cache, f'conv_weight_grad-{key}.so')
 
 
-def _build(compiler: str, path: str) -> None:
+def _build(compiler: str, path: str, extra_flags: tuple[str, ...] = ()) -> None:
   """Compiles the kernel to `path` atomically (a temporary file, then a rename), so that
-  concurrent first uses (test workers, data-parallel processes) never load a partial file."""
+  concurrent first uses (test workers, data-parallel processes) never load a partial file.
+  `extra_flags` go after `-march=native` (the tests build the AVX2 variant with them)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   handle, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
   os.close(handle)
   command = [
-      compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w',
+      compiler, '-O3', '-march=native', *extra_flags, '-std=c++17', '-shared', '-fPIC', '-w',
       f'-I{jax.ffi.include_dir()}', _SOURCE, '-o', tmp,
   ]  # fmt: skip
   try:
@@ -142,12 +143,13 @@ def _threads() -> int:
   return 1
 
 
-def weight_gradient(x, dy, kernel_shape, strides, padding) -> jax.Array:
+def weight_gradient(x, dy, kernel_shape, strides, padding, target: str = TARGET) -> jax.Array:
   """dW (kernel_shape, HWIO) of an NHWC convolution with `strides` and `padding` ((top,
-  bottom), (left, right)), from its input `x` and output gradient `dy`: the custom call."""
-  if not available():
+  bottom), (left, right)), from its input `x` and output gradient `dy`: the custom call
+  (`target`: another registered build of the same source, in the tests)."""
+  if target == TARGET and not available():
     raise RuntimeError('the CPU weight-gradient kernel is not available here (see the log)')
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
   return call(
       x,
       dy,
