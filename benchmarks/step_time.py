@@ -94,8 +94,8 @@ def main(argv=None) -> dict:
   print(
       f'{args.method} {args.teacher} -> {args.student} {args.dtype}, {result["conv"]}, '
       f'XLA_FLAGS={result["xla_flags"]!r}: compile {compile_s:.1f} s, step min '
-      f'{result["min_ms"]:.0f} ms, median {result["median_ms"]:.0f} ms, {result["gflop"]:.2f} GFLOP, '
-      f'{faults:.0f} page faults a step'
+      f'{result["min_ms"]:.0f} ms, median {result["median_ms"]:.0f} ms, '
+      f'{result["gflop"]:.2f} GFLOP, {faults:.0f} page faults a step'
   )
   return result
 

@@ -84,8 +84,8 @@ def test_training_forward_statistics_and_gradients_equal_flax(dtype, shape):
 def test_the_gradient_against_a_numpy_formula_in_float64(shape, offset):
   """dx = scale / sigma (dy - mean(dy) - xhat mean(dy xhat)), from the definition (Ioffe &
   Szegedy 2015), independently of both implementations; also for activations whose mean is 10
-  standard deviations from 0 over 2048 positions, where the one-pass sum(dy x) - mean sum(dy) of
-  `norm._backward` loses the most to cancellation."""
+  standard deviations from 0 over 2048 positions (where a one-pass sum(dy x) - mean sum(dy)
+  would lose to cancellation; `norm._backward` centres first, see its module docstring)."""
   rng = np.random.default_rng(1)
   x = offset + rng.normal(size=shape)
   dy = rng.normal(size=x.shape)

@@ -138,9 +138,9 @@ def supports(x, dy, kernel_shape, groups: int) -> bool:
 def _threads() -> int:
   """One. Two threads per call were slower in the step (resnet56 CE 449-460 against 417-423 ms,
   2026-12-01: beside XLA's own two-thread work they contend for the two cores). With two, one
-  run of tests/test_multihost.py (before commit ce3f7bd) once ended 1% away from the one-process run; four later
-  runs with two threads, of both kernel versions (22:10-22:20), matched as one thread does
-  (6e-6), so that was not reproduced, and its cause is not known."""
+  run of tests/test_multihost.py (before commit ce3f7bd) ended 1% away from the one-process
+  run; four later runs with two threads, of both kernel versions (22:10-22:20), matched as one
+  thread does (6e-6), so that was not reproduced, and its cause is not known."""
   return 1
 
 

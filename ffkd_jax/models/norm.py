@@ -15,8 +15,7 @@ passes: one reading (dy, x) for the per-channel sums
 
     db = sum(dy),  ds = sum(dy * xhat),  xhat = (x - mean) * rsqrt(var + eps)
 
-(summed over `axis_name` too: the statistics are the global batch's; ds is computed as
-(sum(dy * x) - mean * db) * rsqrt(var + eps), see below), and one writing
+(summed over `axis_name` too: the statistics are the global batch's), and one writing
 
     dx = scale * rsqrt(var + eps) * (dy - db / M - xhat * ds / M)
          + (dmean + 2 * dvar * (x - mean)) / M
@@ -27,13 +26,12 @@ exact). The clip of a negative variance at 0 is treated as inactive in the gradi
 On the 2-core CPU this took a 9-block CIFAR stage's forward + backward from 279 to 232 ms
 (benchmarks/README.md). The same formula is correct on every backend, so it is used everywhere.
 
-Why sum(dy * x) - mean * sum(dy) rather than sum(dy * (x - mean)): XLA merges the backward's
-x - mean with the forward's (common subexpressions), and since its CPU reduction kernels (YNN)
-cannot take a broadcast subtraction into the reduction, it then wrote x - mean out as a whole
-tensor in the forward pass, one more pass over every activation. Without it the resnet56 CE step
-went from 428-443 to 389-406 ms (`benchmarks/step_time.py --method teacher_ce`, 2-core CPU,
-2026-12-01). The price is cancellation when the mean is large against the spread; tested against
-float64 with the mean 10 standard deviations from 0 (tests/test_norm.py).
+ds is summed over dy * (x - mean), not as sum(dy * x) - mean * sum(dy). That one-pass form was
+5-10% faster on the CPU (XLA merges this x - mean with the forward's and writes it out as a
+whole tensor, since its YNNPACK reductions cannot take a broadcast subtraction in), but it
+loses to cancellation: with it, tests/test_multihost.py's one- and two-process FFKD runs, which
+differ only in the order of float32 sums, ended 2.6e-4 apart after two steps instead of 6e-6
+(2026-12-01), so it was reverted.
 """
 
 from __future__ import annotations
@@ -85,9 +83,9 @@ def _backward(axis_name, epsilon, dtype, residuals, cotangents):
   dy, dmean, dvar = cotangents
   xf = x.astype(jnp.float32)
   g = dy.astype(jnp.float32)
-  db = jnp.sum(g, _AXES)
-  ds = (jnp.sum(g * xf, _AXES) - mean * db) * inv  # sum(dy * xhat); see the module docstring
   centred = xf - mean
+  db = jnp.sum(g, _AXES)
+  ds = jnp.sum(g * centred, _AXES) * inv  # sum(dy * xhat), the scaling outside the reduction
   if axis_name is not None:
     db, ds = lax.psum(jnp.stack([db, ds]), axis_name)
   count = _count(x, axis_name)
