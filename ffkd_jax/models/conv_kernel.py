@@ -12,8 +12,13 @@ on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++
 (`$FFKD_JAX_CACHE`, else `~/.cache/ffkd_jax/kernels`) keyed by the source, jaxlib's version and
 the host's CPU flags, so a second process loads it. Without a compiler, or when the build
 fails, or with FFKD_JAX_CPU_KERNEL=0 in the environment, `available()` is False (logged once)
-and the caller uses XLA's weight gradient. It runs on one thread (`_threads`): the C++ can split
-the batch over threads, but see `_threads` for why it does not.
+and the caller uses XLA's weight gradient.
+
+It runs on one thread. Two threads per call (an earlier version of the C++ split the batch)
+were slower in the step (resnet56 CE 449-460 against 417-423 ms, 2026-12-01): beside XLA's own
+two-thread work they contend for the two cores. With two, one run of tests/test_multihost.py
+(before commit ce3f7bd) ended 1% away from the one-process run; four later runs with two
+threads (22:10-22:20) matched as one thread does (6e-6), so that was not reproduced.
 
 `supports` says which convolutions it takes: float32, ungrouped, input channels a multiple of
 8 and output channels of 16, and shapes where it is faster than XLA's (in the CIFAR ResNets
@@ -135,15 +140,6 @@ def supports(x, dy, kernel_shape, groups: int) -> bool:
   )
 
 
-def _threads() -> int:
-  """One. Two threads per call were slower in the step (resnet56 CE 449-460 against 417-423 ms,
-  2026-12-01: beside XLA's own two-thread work they contend for the two cores). With two, one
-  run of tests/test_multihost.py (before commit ce3f7bd) ended 1% away from the one-process
-  run; four later runs with two threads, of both kernel versions (22:10-22:20), matched as one
-  thread does (6e-6), so that was not reproduced, and its cause is not known."""
-  return 1
-
-
 def weight_gradient(x, dy, kernel_shape, strides, padding, target: str = TARGET) -> jax.Array:
   """dW (kernel_shape, HWIO) of an NHWC convolution with `strides` and `padding` ((top,
   bottom), (left, right)), from its input `x` and output gradient `dy`: the custom call
@@ -158,5 +154,4 @@ def weight_gradient(x, dy, kernel_shape, strides, padding, target: str = TARGET)
       sw=np.int64(strides[1]),
       pt=np.int64(padding[0][0]),
       pl=np.int64(padding[1][0]),
-      threads=np.int64(_threads()),
   )

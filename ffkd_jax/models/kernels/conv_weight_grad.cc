@@ -16,15 +16,13 @@
 // (52.9 -> 38.4 ms there; a 1 MB chunk was slower on a strided 1x1 convolution, 6.1 against
 // 2.5 ms; benchmarks/README.md).
 //
-// The batch is split over `threads` threads, each with its own partial sum, added at the end in
-// a fixed order. Needs C % CB == 0 and O % 16 == 0 (ffkd_jax/models/conv_kernel.py checks them
+// One thread: the step runs it beside XLA's own two-thread work, and two threads per call were
+// slower there (ffkd_jax/models/conv_kernel.py). Needs C % CB == 0 and O % 16 == 0 (ffkd_jax/models/conv_kernel.py checks them
 // and otherwise uses XLA's path). Built by conv_kernel.py with the host's compiler
 // (-O3 -march=native) on first use.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -103,35 +101,19 @@ static void accumulate(const float* x, const float* dy, float* acc, int64_t n0, 
 
 static ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                      ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
-                                     int64_t pt, int64_t pl, int64_t threads) {
+                                     int64_t pt, int64_t pl) {
   auto xd = x.dimensions();
   auto dd = dy.dimensions();
   auto wd = dw->dimensions();
-  const int64_t N = xd[0];
   const Shape s{xd[1], xd[2], xd[3], dd[1], dd[2], dd[3], wd[0], wd[1], sh, sw, pt, pl};
-  const int64_t size = s.KH * s.KW * s.C * s.O;
+  float* out = dw->typed_data();
+  std::memset(out, 0, s.KH * s.KW * s.C * s.O * sizeof(float));
 #if defined(__AVX512F__)
   auto run = (s.O % 32 == 0) ? accumulate<8, 2> : accumulate<8, 1>;
 #else
   auto run = accumulate<4, 2>;
 #endif
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, N));
-  float* out = dw->typed_data();
-  std::memset(out, 0, size * sizeof(float));
-  // Thread t sums the images [N t / threads, N (t + 1) / threads); thread 0 (this one) into the
-  // output, the others into their own buffers, added at the end.
-  std::vector<std::vector<float>> parts(threads - 1, std::vector<float>(size, 0.0f));
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      run(x.typed_data(), dy.typed_data(), parts[t - 1].data(), N * t / threads,
-          N * (t + 1) / threads, s);
-    });
-  }
-  run(x.typed_data(), dy.typed_data(), out, 0, N / threads, s);
-  for (auto& thread : pool) thread.join();
-  for (const auto& part : parts)
-    for (int64_t i = 0; i < size; ++i) out[i] += part[i];
+  run(x.typed_data(), dy.typed_data(), out, 0, xd[0], s);
   return ffi::Error::Success();
 }
 
@@ -143,5 +125,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FfkdConvWeightGrad, ConvWeightGradImpl,
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("pl"));
