@@ -75,13 +75,16 @@ def main(argv=None) -> dict:
   state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   times = []
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  faults, cpu_s = usage.ru_minflt, usage.ru_utime + usage.ru_stime
   for _ in range(args.steps):
     start = time.perf_counter()
     state, _ = compiled(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
-  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  faults = (usage.ru_minflt - faults) / args.steps
+  busy = (usage.ru_utime + usage.ru_stime - cpu_s) / sum(times)
   result = {
       'conv': conv.describe(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -90,12 +93,13 @@ def main(argv=None) -> dict:
       'median_ms': 1e3 * statistics.median(times),
       'gflop': compiled.cost_analysis()['flops'] / 1e9,
       'page_faults_per_step': faults,
+      'cores_busy': busy,
   }
   print(
       f'{args.method} {args.teacher} -> {args.student} {args.dtype}, {result["conv"]}, '
       f'XLA_FLAGS={result["xla_flags"]!r}: compile {compile_s:.1f} s, step min '
       f'{result["min_ms"]:.0f} ms, median {result["median_ms"]:.0f} ms, '
-      f'{result["gflop"]:.2f} GFLOP, {faults:.0f} page faults a step'
+      f'{result["gflop"]:.2f} GFLOP, {faults:.0f} page faults a step, {busy:.2f} cores busy'
   )
   return result
 

@@ -779,6 +779,48 @@ def test_channel_kl_matches_our_1(is_feedback, temperature):
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_channel_kl_gradients_match_finite_differences_of_our_1(temperature):
+  """channel_kl's written-out VJP against central differences of the float64 NumPy transcription
+  of Our_1.py, for both arguments, along random directions and at single entries."""
+  rng = np.random.default_rng(13)
+  teacher = rng.normal(size=(3, 4, 3, 5)) * 2.0  # NCHW
+  student = rng.normal(size=(3, 4, 3, 5)) * 2.0
+
+  def loss(t_nchw, s_nchw):  # channel_kl(target=t, source=s), as the forward call
+    return np_our_loss_channel_kl(t_nchw, s_nchw, temperature, is_feedback=False)
+
+  to_nhwc = lambda x: jnp.asarray(np.transpose(x, (0, 2, 3, 1)), jnp.float32)
+  g_target, g_source = jax.grad(lambda a, b: ffkd.channel_kl(a, b, temperature), argnums=(0, 1))(
+      to_nhwc(teacher), to_nhwc(student)
+  )
+  grads = [np.transpose(np.asarray(g), (0, 3, 1, 2)) for g in (g_target, g_source)]
+  h = 1e-6
+  for which, grad in enumerate(grads):
+    for trial in range(3):
+      direction = rng.normal(size=teacher.shape)
+      shifted = [[teacher, student], [teacher, student]]
+      shifted[0][which] = shifted[0][which] + h * direction
+      shifted[1][which] = shifted[1][which] - h * direction
+      numeric = (loss(*shifted[0]) - loss(*shifted[1])) / (2 * h)
+      np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-4, atol=1e-7)
+    index = (1, 2, 0, 3)
+    bump = np.zeros(teacher.shape)
+    bump[index] = h
+    args_plus, args_minus = [teacher, student], [teacher, student]
+    args_plus[which], args_minus[which] = args_plus[which] + bump, args_minus[which] - bump
+    numeric = (loss(*args_plus) - loss(*args_minus)) / (2 * h)
+    np.testing.assert_allclose(grad[index], numeric, rtol=1e-4, atol=1e-7)
+
+
+def test_channel_kl_keeps_the_input_dtype_in_its_gradients():
+  rng = np.random.default_rng(15)
+  u, v = (jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.bfloat16) for _ in range(2))
+  g_u, g_v = jax.grad(lambda a, b: ffkd.channel_kl(a, b, 4.0), argnums=(0, 1))(u, v)
+  assert g_u.dtype == g_v.dtype == jnp.bfloat16
+  assert ffkd.channel_kl(u, v, 4.0).dtype == jnp.float32
+
+
 def test_channel_kl_properties_and_gradients():
   rng = np.random.default_rng(12)
   u = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)

@@ -16,6 +16,8 @@ Each is a pure function of its arrays; the caller places the stop-gradients.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -34,27 +36,65 @@ def channel_kl(target: jax.Array, source: jax.Array, temperature: float) -> jax.
   teacher, target = the feedback-regressed student (`channel_kl(R_fb(sg(V)), U, T)`). Both
   arguments are used as given, gradients flowing into both: the caller places the stop-gradients.
 
+  Departures from that code, in how and not what it computes: the softmaxes run over axes 1, 2 of
+  the NHWC maps instead of on a (N, C, H*W) transpose, and the gradient is written out (a custom
+  VJP) instead of autodiff's, per distribution with p_t = q(target), p_s = q(source) and
+  KL_ic = sum_j p_t (log p_t - log p_s):
+
+    d/d target = T / (n C) * p_t (log p_t - log p_s - KL_ic),   d/d source = T / (n C) (p_s - p_t)
+
+  On the 2-core CPU, at FFKD's first-stage map (64, 32, 32, 64), the transpose form took 16 ms
+  forward and 51 ms for both gradients, this one 4 and 23 ms (2026-12-01). Tested against a
+  NumPy transcription of Our_1.py and, for the gradients, against its finite differences.
+
   Args:
     target: (n, h, w, c) NHWC map whose distribution is the KL's reference.
     source: (n, h, w, c) map of the same shape.
     temperature: T > 0.
   Returns:
-    A scalar.
+    A float32 scalar.
   """
   if target.shape != source.shape or target.ndim != 4:
     raise ValueError(
         'channel_kl needs two NHWC maps of the same shape; got '
         f'{target.shape} and {source.shape}'
     )
-  n, h, w, c = target.shape
+  return _channel_kl(target, source, float(temperature))
 
-  def log_q(x):  # (n, h, w, c) -> (n, c, h*w) log-probabilities over positions
-    x = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)).reshape(n, c, h * w)
-    return jax.nn.log_softmax(x / temperature, axis=-1)
 
-  log_target, log_source = log_q(target), log_q(source)
-  kl = jnp.sum(jnp.exp(log_target) * (log_target - log_source))
-  return kl * (temperature * temperature) / (n * c)
+def _spatial_log_softmax(x: jax.Array, temperature: float) -> jax.Array:
+  """log q(x) of NHWC `x` in float32: the log-softmax over axes 1, 2 (positions) of x / T."""
+  z = x.astype(jnp.float32) / temperature
+  z = z - jnp.max(z, axis=(1, 2), keepdims=True)
+  return z - jnp.log(jnp.sum(jnp.exp(z), axis=(1, 2), keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _channel_kl(target, source, temperature):
+  return _channel_kl_forward(target, source, temperature)[0]
+
+
+def _channel_kl_forward(target, source, temperature):
+  n, _, _, c = target.shape
+  log_target = _spatial_log_softmax(target, temperature)
+  log_source = _spatial_log_softmax(source, temperature)
+  p_target = jnp.exp(log_target)
+  log_ratio = log_target - log_source
+  per_channel = jnp.sum(p_target * log_ratio, axis=(1, 2), keepdims=True)  # KL_ic, (n, 1, 1, c)
+  value = jnp.sum(per_channel) * (temperature * temperature / (n * c))
+  return value, (target, source, p_target, log_source, log_ratio, per_channel)
+
+
+def _channel_kl_backward(temperature, residuals, cotangent):
+  target, source, p_target, log_source, log_ratio, per_channel = residuals
+  n, _, _, c = target.shape
+  k = cotangent * (temperature / (n * c))
+  d_target = k * p_target * (log_ratio - per_channel)
+  d_source = k * (jnp.exp(log_source) - p_target)
+  return d_target.astype(target.dtype), d_source.astype(source.dtype)
+
+
+_channel_kl.defvjp(_channel_kl_forward, _channel_kl_backward)
 
 
 def _check_stage_values(name: str, cka: jax.Array, losses: jax.Array) -> None:
