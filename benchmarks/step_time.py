@@ -35,7 +35,10 @@ def main(argv=None) -> dict:
   parser.add_argument('--image-size', type=int, default=32)
   parser.add_argument('--steps', type=int, default=4)
   args = parser.parse_args(argv)
+  from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
 
+  if argv is None:  # run as a script: as `python -m ffkd_jax.main` does
+    host_memory.restart_with_huge_pages()
   from ffkd_jax.models import conv  # pylint: disable=g-import-not-at-top
 
   conv.configure(args.conv_impl)  # before JAX starts its backend

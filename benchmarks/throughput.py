@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # the configs import TensorFlow
 
 from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from ffkd_jax import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'workers.py')
 PAIRS = (('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20'))
@@ -104,6 +105,8 @@ class Worker:
 
   def start(self):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1')
+    if self.spec['kind'] == 'jax':  # as `python -m ffkd_jax.main` starts (ffkd_jax/host_memory.py)
+      env = host_memory.with_huge_pages(env)
     with open(self.log_path, 'w', encoding='utf-8') as log:
       self.process = subprocess.Popen(
           [sys.executable, WORKER, json.dumps(self.spec)],

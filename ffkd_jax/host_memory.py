@@ -1,4 +1,4 @@
-"""Host memory for the CPU train step: glibc's malloc told to keep freed memory (opt-in).
+"""Host memory for the CPU train step: huge pages from process start, or freed memory kept.
 
 XLA's CPU runtime allocates each execution's temporaries afresh: for the resnet56 CE step at
 batch 64 one buffer of 280 MB and some 37 MB ones (Eigen's packed convolution inputs) per step.
@@ -28,6 +28,20 @@ The process's memory then stays at its peak instead of shrinking between steps. 
 So it is off unless asked for: FFKD_JAX_MALLOC=keep in the environment turns it on (for long CE
 runs on a CPU, teacher training for instance); `conv.prepare_backend('auto')` applies it, once
 per process, on Linux with glibc, before JAX starts where it is called that early.
+
+Huge pages alone (the default at the entry points, FFKD_JAX_MALLOC unset or 'huge') keep the
+faults' cost without that compile-time price: glibc's tunable `glibc.malloc.hugetlb=1` makes it
+`madvise(MADV_HUGEPAGE)` the memory it maps, so a 280 MB buffer faults in as 140 pages of 2 MB
+instead of 70,000 of 4 KB. glibc reads GLIBC_TUNABLES only when a process starts, so
+`restart_with_huge_pages` re-executes the process once with it set, at the start of
+`python -m ffkd_jax.main` and of `benchmarks/step_time.py`, and `with_huge_pages` adds it to
+the environment of the JAX workers `benchmarks/throughput.py` starts (not to PyTorch's, which
+runs as its users run it). Measured 2026-12-01 (`benchmarks/step_time.py --method ffkd
+--teacher resnet56 --student resnet20 --steps 5`, three alternations, min): 661-709 -> 611-681
+ms, faults a step 117,000 -> 1,800-4,200, compile time unchanged (12.2-13.0 s); with 'keep' as
+well, no better (624-697 ms). It needs glibc >= 2.35 and transparent huge pages in 'madvise'
+or 'always' mode (/sys/kernel/mm/transparent_hugepage/enabled); elsewhere nothing is done.
+FFKD_JAX_MALLOC=default leaves glibc entirely alone.
 """
 
 from __future__ import annotations
@@ -37,6 +51,8 @@ import ctypes.util
 import functools
 import os
 import platform
+import sys
+from typing import Mapping
 
 from absl import logging
 
@@ -46,6 +62,23 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 SETTINGS = ((M_MMAP_MAX, 0), (M_ARENA_MAX, 1), (M_TRIM_THRESHOLD, 2**31 - 1))
 _OFF = 'default'
+_HUGE = 'huge'
+_KEEP = 'keep'
+HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+_THP_MODES = '/sys/kernel/mm/transparent_hugepage/enabled'
+_RESTARTED = '_FFKD_JAX_RESTARTED_WITH_HUGE_PAGES'  # set in the re-executed process
+
+
+def setting() -> str:
+  """FFKD_JAX_MALLOC, checked: 'huge' (also what an unset variable means), 'keep' or 'default'."""
+  value = os.environ.get('FFKD_JAX_MALLOC', _HUGE)
+  if value not in (_HUGE, _KEEP, _OFF):
+    raise ValueError(
+        f"FFKD_JAX_MALLOC={value!r}: expected 'huge' (huge pages from process start at the "
+        "entry points, also what an unset variable means), 'keep' (freed memory kept for reuse) "
+        "or 'default' (glibc's own settings)."
+    )
+  return value
 
 
 def _libc():
@@ -62,13 +95,7 @@ def _libc():
 def keep_freed_memory() -> bool:
   """Applies `SETTINGS` with mallopt (once per process) where FFKD_JAX_MALLOC=keep; returns
   whether they are in force."""
-  setting = os.environ.get('FFKD_JAX_MALLOC', _OFF)
-  if setting not in ('keep', _OFF):
-    raise ValueError(
-        f"FFKD_JAX_MALLOC={setting!r}: expected 'keep' (freed memory kept for reuse) or "
-        "'default' (glibc's own settings, also what an unset variable means)."
-    )
-  if setting == _OFF:
+  if setting() != _KEEP:
     return False
   libc = _libc()
   if libc is None:
@@ -85,5 +112,53 @@ def describe() -> str:
   asked for (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)."""
   kept = keep_freed_memory.cache_info().currsize and keep_freed_memory()
   text = 'host memory: freed memory kept' if kept else "host memory: glibc's defaults"
-  huge = 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')
-  return text + (', huge pages' if huge else '')
+  return text + (', huge pages' if huge_pages_active() else '')
+
+
+def _huge_pages_available() -> bool:
+  """Linux, glibc >= 2.35 (the tunable's first release) and transparent huge pages not 'never'."""
+  if _libc() is None:
+    return False
+  version = tuple(int(p) for p in platform.libc_ver()[1].split('.')[:2] if p.isdigit())
+  if version < (2, 35):
+    return False
+  try:
+    with open(_THP_MODES, encoding='ascii') as modes:
+      return '[never]' not in modes.read()
+  except OSError:
+    return False
+
+
+def huge_pages_active() -> bool:
+  """Whether this process started with glibc's huge-page tunable set."""
+  return HUGE_PAGES_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':')
+
+
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
+  """`env` with glibc's huge-page tunable added to GLIBC_TUNABLES, where `setting()` is 'huge'
+  and the host supports it (for a process about to be started); otherwise a copy of `env`."""
+  env = dict(env)
+  tunables = env.get('GLIBC_TUNABLES', '')
+  if (
+      env.get('FFKD_JAX_MALLOC', _HUGE) == _HUGE
+      and HUGE_PAGES_TUNABLE not in tunables.split(':')
+      and _huge_pages_available()
+  ):
+    env['GLIBC_TUNABLES'] = f'{tunables}:{HUGE_PAGES_TUNABLE}' if tunables else HUGE_PAGES_TUNABLE
+  return env
+
+
+def restart_with_huge_pages() -> None:
+  """At an entry point's very start: re-executes this process, once, with glibc's huge-page
+  tunable set (see the module docstring), where `setting()` is 'huge', the host supports it and
+  it is not set already. Returns (doing nothing) otherwise; on success it does not return."""
+  setting()  # a bad value fails here, before any work
+  if os.environ.pop(_RESTARTED, None) or huge_pages_active():
+    return
+  env = with_huge_pages(os.environ)
+  if not env.get('GLIBC_TUNABLES', '') or env == dict(os.environ):
+    return
+  env[_RESTARTED] = '1'
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
