@@ -284,7 +284,12 @@ class Method(abc.ABC):
 
 
 def gather(x: Array) -> Array:
-  """This device's rows -> the global batch's rows (concatenated over the `data` axis)."""
+  """This device's rows -> the global batch's rows (concatenated over the `data` axis).
+
+  On one device that is `x` itself, returned as is: XLA's CPU backend would copy it (FFKD's
+  stage maps, 12 of up to 16 MB a resnet32x4 step: 23 ms, 2026-12-01)."""
+  if jax.lax.axis_size(DATA_AXIS) == 1:
+    return x
   return jax.lax.all_gather(x, DATA_AXIS, tiled=True)
 
 
