@@ -8,8 +8,8 @@ device), AOT-compiles the program of step 0, runs one warm-up step and then --st
 and prints one line: compile seconds, the minimum and median step in ms, XLA's GFLOPs, the
 minor page faults a timed step costs (memory mapped afresh and touched), and the process's CPU
 seconds per second of the timed steps ("cores busy"; spinning threads count as busy). Run as a
-script it first restarts itself with huge pages, as `python -m ffkd_jax.main` does
-(ffkd_jax/host_memory.py; FFKD_JAX_MALLOC=default: not). Unlike
+script under FFKD_JAX_MALLOC=huge it first restarts itself with huge pages, as
+`python -m ffkd_jax.main` does (ffkd_jax/host_memory.py). Unlike
 throughput.py it runs one configuration in one process, so a flag set in XLA_FLAGS applies to
 exactly what is timed; compare lines of one host and one sitting only.
 """

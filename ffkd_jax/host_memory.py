@@ -1,4 +1,5 @@
-"""Host memory for the CPU train step: huge pages from process start, or freed memory kept.
+"""Host memory for the CPU train step: huge pages from process start, or freed memory kept
+(both opt-in).
 
 XLA's CPU runtime allocates each execution's temporaries afresh: for the resnet56 CE step at
 batch 64 one buffer of 280 MB and some 37 MB ones (Eigen's packed convolution inputs) per step.
@@ -29,8 +30,8 @@ So it is off unless asked for: FFKD_JAX_MALLOC=keep in the environment turns it 
 runs on a CPU, teacher training for instance); `conv.prepare_backend('auto')` applies it, once
 per process, on Linux with glibc, before JAX starts where it is called that early.
 
-Huge pages alone (the default at the entry points, FFKD_JAX_MALLOC unset or 'huge') keep the
-faults' cost without that compile-time price: glibc's tunable `glibc.malloc.hugetlb=1` makes it
+Huge pages alone (FFKD_JAX_MALLOC=huge) cut the faults without that compile-time price: glibc's
+tunable `glibc.malloc.hugetlb=1` makes it
 `madvise(MADV_HUGEPAGE)` the memory it maps, so a 280 MB buffer faults in as 140 pages of 2 MB
 instead of 70,000 of 4 KB. glibc reads GLIBC_TUNABLES only when a process starts, so
 `restart_with_huge_pages` re-executes the process once with it set, at the start of
@@ -39,9 +40,15 @@ the environment of the JAX workers `benchmarks/throughput.py` starts (not to PyT
 runs as its users run it). Measured 2026-12-01 (`benchmarks/step_time.py --method ffkd
 --teacher resnet56 --student resnet20 --steps 5`, three alternations, min): 661-709 -> 611-681
 ms, faults a step 117,000 -> 1,800-4,200, compile time unchanged (12.2-13.0 s); with 'keep' as
-well, no better (624-697 ms). It needs glibc >= 2.35 and transparent huge pages in 'madvise'
-or 'always' mode (/sys/kernel/mm/transparent_hugepage/enabled); elsewhere nothing is done.
-FFKD_JAX_MALLOC=default leaves glibc entirely alone.
+well, no better (624-697 ms); the next sitting (00:15) 755-763 -> 657-683 ms. But with 4 s of
+idle before each step (step_time.py with a `time.sleep(4)` added, 4 steps) it was slower, 713 ->
+814 ms, cores busy 1.90 -> 1.83 (my guess, not measured: faulting huge pages in after idle time
+waits in the kernel, for compaction), and in `benchmarks/throughput.py --quick`, whose
+workers run one step a round between the other workers' turns, it changed nothing (torch_ratio
+0.901 / 0.801 without, 0.880 / 0.802 with, 00:12-00:16). So it is opt-in too, for runs whose
+steps follow each other without pauses. It needs glibc >= 2.35 and transparent huge pages in
+'madvise' or 'always' mode (/sys/kernel/mm/transparent_hugepage/enabled); elsewhere nothing is
+done. FFKD_JAX_MALLOC=default, or unset, leaves glibc alone.
 """
 
 from __future__ import annotations
@@ -70,13 +77,13 @@ _RESTARTED = '_FFKD_JAX_RESTARTED_WITH_HUGE_PAGES'  # set in the re-executed pro
 
 
 def setting() -> str:
-  """FFKD_JAX_MALLOC, checked: 'huge' (also what an unset variable means), 'keep' or 'default'."""
-  value = os.environ.get('FFKD_JAX_MALLOC', _HUGE)
+  """FFKD_JAX_MALLOC, checked: 'default' (also what an unset variable means), 'huge' or 'keep'."""
+  value = os.environ.get('FFKD_JAX_MALLOC', _OFF)
   if value not in (_HUGE, _KEEP, _OFF):
     raise ValueError(
         f"FFKD_JAX_MALLOC={value!r}: expected 'huge' (huge pages from process start at the "
-        "entry points, also what an unset variable means), 'keep' (freed memory kept for reuse) "
-        "or 'default' (glibc's own settings)."
+        "entry points), 'keep' (freed memory kept for reuse) or 'default' (glibc's own "
+        'settings, also what an unset variable means).'
     )
   return value
 
@@ -140,7 +147,7 @@ def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
   env = dict(env)
   tunables = env.get('GLIBC_TUNABLES', '')
   if (
-      env.get('FFKD_JAX_MALLOC', _HUGE) == _HUGE
+      env.get('FFKD_JAX_MALLOC', _OFF) == _HUGE
       and HUGE_PAGES_TUNABLE not in tunables.split(':')
       and _huge_pages_available()
   ):

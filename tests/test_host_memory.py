@@ -1,7 +1,7 @@
 """ffkd_jax.host_memory: with FFKD_JAX_MALLOC=keep, memory freed by one XLA execution serves the
 next without new page faults; without it, each large buffer is mapped and faulted afresh. With
-huge pages (the entry points' default), it is faulted in 2 MB pages, and the entry points
-re-execute themselves once to get them."""
+FFKD_JAX_MALLOC=huge, it is faulted in 2 MB pages, and the entry points re-execute themselves
+once to get them."""
 
 import json
 import os
@@ -80,10 +80,13 @@ def test_huge_pages_fault_large_buffers_in_2mb_pages():
   assert max(huge['faults']) < pages // 4, huge
   assert huge['describe'] == "host memory: glibc's defaults, huge pages"
   # added to a caller's own tunables, never twice, and never under 'default'
-  both = host_memory.with_huge_pages({'GLIBC_TUNABLES': 'glibc.malloc.check=0'})
+  both = host_memory.with_huge_pages(
+      {'FFKD_JAX_MALLOC': 'huge', 'GLIBC_TUNABLES': 'glibc.malloc.check=0'}
+  )
   assert both['GLIBC_TUNABLES'] == 'glibc.malloc.check=0:' + host_memory.HUGE_PAGES_TUNABLE
   assert host_memory.with_huge_pages(both) == both
-  assert 'GLIBC_TUNABLES' not in host_memory.with_huge_pages({'FFKD_JAX_MALLOC': 'default'})
+  for off in ({'FFKD_JAX_MALLOC': 'default'}, {}, {'FFKD_JAX_MALLOC': 'keep'}):
+    assert 'GLIBC_TUNABLES' not in host_memory.with_huge_pages(off), off
 
 
 _RESTART = r"""
@@ -96,10 +99,13 @@ print(json.dumps({'tunables': os.environ.get('GLIBC_TUNABLES'), 'argv': sys.argv
 """
 
 
-@pytest.mark.parametrize('setting', ['huge', 'default'])
+@pytest.mark.parametrize('setting', ['huge', 'default', None])
 def test_an_entry_point_restarts_once_with_huge_pages(setting):
-  env = dict(os.environ, FFKD_JAX_MALLOC=setting)
+  env = dict(os.environ)
   env.pop('GLIBC_TUNABLES', None)
+  env.pop('FFKD_JAX_MALLOC', None)
+  if setting is not None:
+    env['FFKD_JAX_MALLOC'] = setting
   out = subprocess.run(
       [sys.executable, '-c', _RESTART, '--flag', 'x'],
       env=env,
