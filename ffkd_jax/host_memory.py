@@ -39,8 +39,8 @@ instead of 70,000 of 4 KB. glibc reads GLIBC_TUNABLES only when a process starts
 the environment of the JAX workers `benchmarks/throughput.py` starts (not to PyTorch's, which
 runs as its users run it). Measured 2026-12-01 (`benchmarks/step_time.py --method ffkd
 --teacher resnet56 --student resnet20 --steps 5`, three alternations, min): 661-709 -> 611-681
-ms, faults a step 117,000 -> 1,800-4,200, compile time unchanged (12.2-13.0 s); with 'keep' as
-well, no better (624-697 ms); the next sitting (00:15) 755-763 -> 657-683 ms. But with 4 s of
+ms, compile time unchanged (12.2-13.0 s); with 'keep' as well, no better (624-697 ms); the next
+sitting (00:15) 755-763 -> 657-683 ms; faults a step 117,000-119,000 -> 1,800-7,500. But with 4 s of
 idle before each step (step_time.py with a `time.sleep(4)` added, 4 steps) it was slower, 713 ->
 814 ms, cores busy 1.90 -> 1.83 (my guess, not measured: faulting huge pages in after idle time
 waits in the kernel, for compaction), and in `benchmarks/throughput.py --quick`, whose
@@ -76,9 +76,10 @@ _THP_MODES = '/sys/kernel/mm/transparent_hugepage/enabled'
 _RESTARTED = '_FFKD_JAX_RESTARTED_WITH_HUGE_PAGES'  # set in the re-executed process
 
 
-def setting() -> str:
-  """FFKD_JAX_MALLOC, checked: 'default' (also what an unset variable means), 'huge' or 'keep'."""
-  value = os.environ.get('FFKD_JAX_MALLOC', _OFF)
+def setting(env: Mapping[str, str] | None = None) -> str:
+  """FFKD_JAX_MALLOC of `env` (default: this process's), checked: 'default' (also what an unset
+  variable means), 'huge' or 'keep'."""
+  value = (os.environ if env is None else env).get('FFKD_JAX_MALLOC', _OFF)
   if value not in (_HUGE, _KEEP, _OFF):
     raise ValueError(
         f"FFKD_JAX_MALLOC={value!r}: expected 'huge' (huge pages from process start at the "
@@ -137,17 +138,19 @@ def _huge_pages_available() -> bool:
 
 
 def huge_pages_active() -> bool:
-  """Whether this process started with glibc's huge-page tunable set."""
+  """Whether this process started with glibc's huge-page tunable set (glibc before 2.35 ignores
+  it; `with_huge_pages` sets it only where it is known)."""
   return HUGE_PAGES_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':')
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
-  """`env` with glibc's huge-page tunable added to GLIBC_TUNABLES, where `setting()` is 'huge'
-  and the host supports it (for a process about to be started); otherwise a copy of `env`."""
+  """`env` with glibc's huge-page tunable added to GLIBC_TUNABLES, where `env`'s FFKD_JAX_MALLOC
+  is 'huge' (checked, as by `setting`) and the host supports it (for a process about to be
+  started); otherwise a copy of `env`."""
   env = dict(env)
   tunables = env.get('GLIBC_TUNABLES', '')
   if (
-      env.get('FFKD_JAX_MALLOC', _OFF) == _HUGE
+      setting(env) == _HUGE
       and HUGE_PAGES_TUNABLE not in tunables.split(':')
       and _huge_pages_available()
   ):
@@ -159,11 +162,17 @@ def restart_with_huge_pages() -> None:
   """At an entry point's very start: re-executes this process, once, with glibc's huge-page
   tunable set (see the module docstring), where `setting()` is 'huge', the host supports it and
   it is not set already. Returns (doing nothing) otherwise; on success it does not return."""
-  setting()  # a bad value fails here, before any work
+  if setting() != _HUGE:  # a bad value fails here, before any work
+    return
   if os.environ.pop(_RESTARTED, None) or huge_pages_active():
     return
   env = with_huge_pages(os.environ)
-  if not env.get('GLIBC_TUNABLES', '') or env == dict(os.environ):
+  if env == dict(os.environ):
+    logging.warning(
+        'FFKD_JAX_MALLOC=huge: this host cannot give huge pages on request (needs Linux, glibc '
+        '>= 2.35 and transparent huge pages not "never" in %s); running without.',
+        _THP_MODES,
+    )
     return
   env[_RESTARTED] = '1'
   sys.stdout.flush()

@@ -54,9 +54,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
-
-  host_memory.restart_with_huge_pages()  # once, before any work (see ffkd_jax/host_memory.py)
   from ffkd_jax.models import conv  # pylint: disable=g-import-not-at-top
 
   if FLAGS.config.get('conv_impl') in conv.IMPLEMENTATIONS:  # before JAX starts its backends
@@ -85,4 +82,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+  host_memory.restart_with_huge_pages()  # once, before any work (see ffkd_jax/host_memory.py)
   app.run(main, flags_parser=parse_flags)

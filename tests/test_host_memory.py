@@ -64,6 +64,8 @@ def test_a_bad_setting_names_the_variable_and_the_valid_values(monkeypatch):
   host_memory.keep_freed_memory.cache_clear()
   with pytest.raises(ValueError, match=r"FFKD_JAX_MALLOC='yes'"):
     host_memory.restart_with_huge_pages()
+  with pytest.raises(ValueError, match=r"FFKD_JAX_MALLOC='no'"):
+    host_memory.with_huge_pages({'FFKD_JAX_MALLOC': 'no'})
 
 
 def test_huge_pages_fault_large_buffers_in_2mb_pages():
@@ -99,7 +101,7 @@ print(json.dumps({'tunables': os.environ.get('GLIBC_TUNABLES'), 'argv': sys.argv
 """
 
 
-@pytest.mark.parametrize('setting', ['huge', 'default', None])
+@pytest.mark.parametrize('setting', ['huge', 'default', 'keep', None])
 def test_an_entry_point_restarts_once_with_huge_pages(setting):
   env = dict(os.environ)
   env.pop('GLIBC_TUNABLES', None)

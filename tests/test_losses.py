@@ -791,10 +791,13 @@ def test_channel_kl_gradients_match_finite_differences_of_our_1(temperature):
     return np_our_loss_channel_kl(t_nchw, s_nchw, temperature, is_feedback=False)
 
   to_nhwc = lambda x: jnp.asarray(np.transpose(x, (0, 2, 3, 1)), jnp.float32)
-  g_target, g_source = jax.grad(lambda a, b: ffkd.channel_kl(a, b, temperature), argnums=(0, 1))(
-      to_nhwc(teacher), to_nhwc(student)
+  cotangent = 2.5  # not 1, so that a VJP ignoring its cotangent fails
+  _, vjp = jax.vjp(
+      lambda a, b: ffkd.channel_kl(a, b, temperature), to_nhwc(teacher), to_nhwc(student)
   )
-  grads = [np.transpose(np.asarray(g), (0, 3, 1, 2)) for g in (g_target, g_source)]
+  grads = [
+      np.transpose(np.asarray(g), (0, 3, 1, 2)) / cotangent for g in vjp(jnp.float32(cotangent))
+  ]
   h = 1e-6
   for which, grad in enumerate(grads):
     for trial in range(3):
@@ -816,9 +819,17 @@ def test_channel_kl_gradients_match_finite_differences_of_our_1(temperature):
 def test_channel_kl_keeps_the_input_dtype_in_its_gradients():
   rng = np.random.default_rng(15)
   u, v = (jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.bfloat16) for _ in range(2))
-  g_u, g_v = jax.grad(lambda a, b: ffkd.channel_kl(a, b, 4.0), argnums=(0, 1))(u, v)
+  grad = jax.grad(lambda a, b: ffkd.channel_kl(a, b, 4.0), argnums=(0, 1))
+  g_u, g_v = grad(u, v)
   assert g_u.dtype == g_v.dtype == jnp.bfloat16
   assert ffkd.channel_kl(u, v, 4.0).dtype == jnp.float32
+  # the float32 computation on the same (bfloat16-representable) values, rounded once
+  for got, want in zip((g_u, g_v), grad(u.astype(jnp.float32), v.astype(jnp.float32))):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2 * np.abs(want).max()
+    )
+  with pytest.raises(ValueError, match='temperature must be a Python number'):
+    jax.jit(lambda t: ffkd.channel_kl(u, v, t))(4.0)
 
 
 def test_channel_kl_properties_and_gradients():

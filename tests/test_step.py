@@ -315,3 +315,23 @@ def test_stateful_phases_chain_the_method_state_and_a_non_finite_step_keeps_it()
 def test_example_indices_come_with_stream_0_only():
   with pytest.raises(ValueError, match=r"phase 'second' reads stream 1.*stream 0 only"):
     _counting_step(second_stream=1)
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_gather_concatenates_the_devices_rows_and_is_no_collective_on_one(devices):
+  from ffkd_jax.methods import base  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh(jax.devices()[:devices])
+  x = jnp.arange(4 * devices * 3, dtype=jnp.float32).reshape(4 * devices, 3)
+  fn = jax.jit(
+      jax.shard_map(
+          lambda rows: base.gather(rows) * 1.0,
+          mesh=mesh,
+          in_specs=P('data'),
+          out_specs=P('data'),
+      )
+  )
+  out = fn(x)  # every device holds the whole batch: (devices * 4 * devices, 3) in all
+  np.testing.assert_array_equal(np.asarray(out), np.tile(np.asarray(x), (devices, 1)))
+  hlo = fn.lower(x).as_text()
+  assert ('all_gather' in hlo or 'all-gather' in hlo) == (devices > 1)

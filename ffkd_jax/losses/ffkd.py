@@ -50,7 +50,7 @@ def channel_kl(target: jax.Array, source: jax.Array, temperature: float) -> jax.
   Args:
     target: (n, h, w, c) NHWC map whose distribution is the KL's reference.
     source: (n, h, w, c) map of the same shape.
-    temperature: T > 0.
+    temperature: T > 0, a Python number (it is static in the compiled step).
   Returns:
     A float32 scalar.
   """
@@ -59,12 +59,20 @@ def channel_kl(target: jax.Array, source: jax.Array, temperature: float) -> jax.
         'channel_kl needs two NHWC maps of the same shape; got '
         f'{target.shape} and {source.shape}'
     )
-  return _channel_kl(target, source, float(temperature))
+  try:
+    temperature = float(temperature)
+  except TypeError as error:  # a traced value: the custom VJP takes T as a static argument
+    raise ValueError(
+        f'channel_kl: temperature must be a Python number, got {type(temperature).__name__}'
+    ) from error
+  # float32 in, so that the VJP saves no input; autodiff casts the gradients back to each
+  # input's dtype
+  return _channel_kl(target.astype(jnp.float32), source.astype(jnp.float32), temperature)
 
 
 def _spatial_log_softmax(x: jax.Array, temperature: float) -> jax.Array:
-  """log q(x) of NHWC `x` in float32: the log-softmax over axes 1, 2 (positions) of x / T."""
-  z = x.astype(jnp.float32) / temperature
+  """log q(x) of float32 NHWC `x`: the log-softmax over axes 1, 2 (positions) of x / T."""
+  z = x / temperature
   z = z - jnp.max(z, axis=(1, 2), keepdims=True)
   return z - jnp.log(jnp.sum(jnp.exp(z), axis=(1, 2), keepdims=True))
 
@@ -82,16 +90,16 @@ def _channel_kl_forward(target, source, temperature):
   log_ratio = log_target - log_source
   per_channel = jnp.sum(p_target * log_ratio, axis=(1, 2), keepdims=True)  # KL_ic, (n, 1, 1, c)
   value = jnp.sum(per_channel) * (temperature * temperature / (n * c))
-  return value, (target, source, p_target, log_source, log_ratio, per_channel)
+  return value, (p_target, log_source, log_ratio, per_channel)
 
 
 def _channel_kl_backward(temperature, residuals, cotangent):
-  target, source, p_target, log_source, log_ratio, per_channel = residuals
-  n, _, _, c = target.shape
+  p_target, log_source, log_ratio, per_channel = residuals
+  n, _, _, c = p_target.shape
   k = cotangent * (temperature / (n * c))
   d_target = k * p_target * (log_ratio - per_channel)
   d_source = k * (jnp.exp(log_source) - p_target)
-  return d_target.astype(target.dtype), d_source.astype(source.dtype)
+  return d_target, d_source
 
 
 _channel_kl.defvjp(_channel_kl_forward, _channel_kl_backward)
