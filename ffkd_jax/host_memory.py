@@ -73,7 +73,6 @@ _HUGE = 'huge'
 _KEEP = 'keep'
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 _THP_MODES = '/sys/kernel/mm/transparent_hugepage/enabled'
-_RESTARTED = '_FFKD_JAX_RESTARTED_WITH_HUGE_PAGES'  # set in the re-executed process
 
 
 def setting(env: Mapping[str, str] | None = None) -> str:
@@ -161,10 +160,11 @@ def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
 def restart_with_huge_pages() -> None:
   """At an entry point's very start: re-executes this process, once, with glibc's huge-page
   tunable set (see the module docstring), where `setting()` is 'huge', the host supports it and
-  it is not set already. Returns (doing nothing) otherwise; on success it does not return."""
+  it is not set already. Returns (doing nothing) otherwise; on success it does not return. The
+  re-executed process has the tunable set, so it returns there: no marker is needed."""
   if setting() != _HUGE:  # a bad value fails here, before any work
     return
-  if os.environ.pop(_RESTARTED, None) or huge_pages_active():
+  if huge_pages_active():
     return
   env = with_huge_pages(os.environ)
   if env == dict(os.environ):
@@ -174,7 +174,6 @@ def restart_with_huge_pages() -> None:
         _THP_MODES,
     )
     return
-  env[_RESTARTED] = '1'
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -17,9 +17,9 @@
 // 2.5 ms; benchmarks/README.md).
 //
 // One thread: the step runs it beside XLA's own two-thread work, and two threads per call were
-// slower there (ffkd_jax/models/conv_kernel.py). Needs C % CB == 0 and O % 16 == 0 (ffkd_jax/models/conv_kernel.py checks them
-// and otherwise uses XLA's path). Built by conv_kernel.py with the host's compiler
-// (-O3 -march=native) on first use.
+// slower there. Needs C % CB == 0 and O % 16 == 0. ffkd_jax/models/conv_kernel.py checks both
+// (otherwise XLA's path runs) and builds this file with the host's compiler (-O3 -march=native)
+// on first use.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
