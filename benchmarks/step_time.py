@@ -8,8 +8,8 @@ device), AOT-compiles the program of step 0, runs one warm-up step and then --st
 and prints one line: compile seconds, the minimum and median step in ms, XLA's GFLOPs, the
 minor page faults a timed step costs (memory mapped afresh and touched), and the process's CPU
 seconds per second of the timed steps ("cores busy"; spinning threads count as busy). Run as a
-script under FFKD_JAX_MALLOC=huge it first restarts itself with huge pages, as
-`python -m ffkd_jax.main` does (ffkd_jax/host_memory.py). Unlike
+script it first restarts itself with the allocator FFKD_JAX_MALLOC asks for (tcmalloc where
+installed, by default), as `python -m ffkd_jax.main` does (ffkd_jax/host_memory.py). Unlike
 throughput.py it runs one configuration in one process, so a flag set in XLA_FLAGS applies to
 exactly what is timed; compare lines of one host and one sitting only.
 """
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
   from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
 
   if argv is None:  # run as a script: as `python -m ffkd_jax.main` does
-    host_memory.restart_with_huge_pages()
+    host_memory.restart_with_allocator()
   from ffkd_jax.models import conv  # pylint: disable=g-import-not-at-top
 
   conv.configure(args.conv_impl)  # before JAX starts its backend

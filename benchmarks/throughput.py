@@ -105,8 +105,9 @@ class Worker:
 
   def start(self):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1')
-    if self.spec['kind'] == 'jax':  # as `python -m ffkd_jax.main` starts (ffkd_jax/host_memory.py)
-      env = host_memory.with_huge_pages(env)
+    # Every worker, PyTorch's too, on the allocator `python -m ffkd_jax.main` would start with
+    # (FFKD_JAX_MALLOC, ffkd_jax/host_memory.py): both sides of a ratio run on the same one.
+    env = host_memory.for_new_process(env)
     with open(self.log_path, 'w', encoding='utf-8') as log:
       self.process = subprocess.Popen(
           [sys.executable, WORKER, json.dumps(self.spec)],
@@ -443,7 +444,8 @@ def markdown(result: dict) -> str:
       f'- batch {result["batch"]}, {result["image_size"]}x{result["image_size"]}, '
       f'{result["num_classes"]} classes, {result.get("dtype", "float32")}, convolutions '
       f'{result.get("conv_description") or result.get("conv_impl", "xla")}; '
-      f'{result["rounds"]} rounds. "median": median over '
+      f'{result["rounds"]} rounds; PyTorch\'s worker: '
+      f'{result.get("torch_host_memory") or "not run"}. "median": median over '
       'rounds of the within-round ratio; "fastest": ratio of the fastest steps seen.',
       '',
       '| figure (worst pair) | median | fastest | target | met (median) |',
@@ -606,6 +608,9 @@ def main(argv=None) -> dict:
       'device': device,
       'load_average': {'start': load_start, 'end': common.load_average()},
       'torch_threads': args.threads,
+      'torch_host_memory': results[0]['configs'].get('torch_ffkd', {}).get('torch', {}).get(
+          'host_memory'
+      ),
       'ffkd_images_per_s': results[0]['configs']['ffkd']['images_per_s'],
       **headline(results),
       'fastest': {

@@ -284,6 +284,7 @@ class TorchWorker:
   def __init__(self, spec):
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+    from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
 
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
@@ -321,6 +322,7 @@ class TorchWorker:
             'threads': torch.get_num_threads(),
             'device': device,
             'mkldnn': torch.backends.mkldnn.is_available(),
+            'host_memory': host_memory.describe(),
         },
     }
 

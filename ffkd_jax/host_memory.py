@@ -1,54 +1,53 @@
-"""Host memory for the CPU train step: huge pages from process start, or freed memory kept
-(both opt-in).
+"""Host memory for the CPU train step: which allocator serves XLA's buffers (FFKD_JAX_MALLOC).
 
 XLA's CPU runtime allocates each execution's temporaries afresh: for the resnet56 CE step at
 batch 64 one buffer of 280 MB and some 37 MB ones (Eigen's packed convolution inputs) per step.
 glibc serves every allocation above 32 MB (its largest mmap threshold) with a new `mmap` and
 returns it with `munmap` when freed, so every step touches all of that memory for the first time
-again: 68,000 minor page faults a step, each a trap and a zeroed 4 KB page
-(`benchmarks/step_time.py` prints the count). `keep_freed_memory` sets three `mallopt`
-parameters so that this memory stays in the process and is reused:
+again: 68,000-118,000 minor page faults a step, each a trap and a zeroed 4 KB page, 11-20% of
+the step's CPU time in the kernel (`perf`; `benchmarks/step_time.py` prints the count).
+FFKD_JAX_MALLOC says what to do about it:
 
-- M_MMAP_MAX = 0: no allocation is served by its own mmap (glibc still falls back to mmap where
-  the heap cannot grow);
-- M_ARENA_MAX = 1: one heap for all threads (a thread's own arena cannot hold more than 64 MB,
-  and freed memory there is unmapped again);
-- M_TRIM_THRESHOLD = 2 GiB - 1: free memory at the top of the heap is kept, not returned.
+  'auto'     (default, also what an unset variable means) 'tcmalloc' where its library is
+             installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`), else 'default';
+  'tcmalloc' gperftools' tcmalloc serves every allocation: it keeps freed spans for reuse (and
+             hands them back to the kernel gradually), so a step reuses the last step's memory;
+  'huge'     glibc with its tunable `glibc.malloc.hugetlb=1`: large buffers faulted in 2 MB pages;
+  'keep'     glibc with `mallopt` set so that freed memory stays in the process (below);
+  'default'  glibc as it is.
 
-The process's memory then stays at its peak instead of shrinking between steps. Measured on the
-2-core CPU (`benchmarks/step_time.py`, 2026-12-01, three alternations each, min of 5-8 steps):
+'tcmalloc' and 'huge' must be in place when the process starts: an entry point (`python -m
+ffkd_jax.main`, `benchmarks/step_time.py`) calls `restart_with_allocator()` first, which
+re-executes the process once with LD_PRELOAD (or GLIBC_TUNABLES) set, and a launcher of JAX
+processes (`benchmarks/throughput.py`) passes `for_new_process(env)` to them. A notebook or a
+test process never re-executes itself: it keeps the allocator it started with.
 
-- resnet56 CE step: 449-492 -> 410-419 ms, faults a step 68,500 -> 0-17,000; with
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 also set at process start (transparent huge pages for
-  the heap where the kernel gives them on request) 402-406 ms and no faults left;
-- resnet56 -> resnet20 FFKD step: 822-835 -> 811-835 ms, no gain, although the faults went from
-  84,000 to 0: that step leaves a core idle much of the time and the faults hide there;
-- compilation 10-20% slower (14-15 -> 17-18 s for that FFKD step): one arena serialises XLA's
-  compiler threads' allocations.
+Measured on the 2-core CPU (`benchmarks/step_time.py`, min of 4-5 steps, alternated, one sitting
+each; the host's speed moves by 10-30% between sittings):
 
-So it is off unless asked for: FFKD_JAX_MALLOC=keep in the environment turns it on (for long CE
-runs on a CPU, teacher training for instance); `conv.prepare_backend('auto')` applies it, once
-per process, on Linux with glibc, before JAX starts where it is called that early.
-
-Huge pages alone (FFKD_JAX_MALLOC=huge) cut the faults without that compile-time price: glibc's
-tunable `glibc.malloc.hugetlb=1` makes it
-`madvise(MADV_HUGEPAGE)` the memory it maps, so a 280 MB buffer faults in as 140 pages of 2 MB
-instead of 70,000 of 4 KB. glibc reads GLIBC_TUNABLES only when a process starts, so
-`restart_with_huge_pages` re-executes the process once with it set, at the start of
-`python -m ffkd_jax.main` and of `benchmarks/step_time.py`, and `with_huge_pages` adds it to
-the environment of the JAX workers `benchmarks/throughput.py` starts (not to PyTorch's, which
-runs as its users run it). Measured 2026-12-01 (`benchmarks/step_time.py --method ffkd
---teacher resnet56 --student resnet20 --steps 5`, three alternations, min): 661-709 -> 611-681
-ms, compile time unchanged (12.2-13.0 s); with 'keep' as well, no better (624-697 ms); the next
-sitting (00:15) 755-763 -> 657-683 ms; faults a step 117,000-119,000 -> 1,800-7,500. But with 4 s of
-idle before each step (step_time.py with a `time.sleep(4)` added, 4 steps) it was slower, 713 ->
-814 ms, cores busy 1.90 -> 1.83 (my guess, not measured: faulting huge pages in after idle time
-waits in the kernel, for compaction), and in `benchmarks/throughput.py --quick`, whose
-workers run one step a round between the other workers' turns, it changed nothing (torch_ratio
-0.901 / 0.801 without, 0.880 / 0.802 with, 00:12-00:16). So it is opt-in too, for runs whose
-steps follow each other without pauses. It needs glibc >= 2.35 and transparent huge pages in
-'madvise' or 'always' mode (/sys/kernel/mm/transparent_hugepage/enabled); elsewhere nothing is
-done. FFKD_JAX_MALLOC=default, or unset, leaves glibc alone.
+- 2026-12-02 01:55 (an Intel Xeon host), the resnet56 -> resnet20 FFKD step, two alternations:
+  glibc 790 / 865 ms (114,700-117,600 faults a step), tcmalloc 738 / 753 ms (1,200-25,200
+  faults), and compilation 13.7-14.1 -> 12.3-12.8 s; a second sitting (02:00): glibc 875 / 884,
+  tcmalloc 747-778, tcmalloc with TCMALLOC_RELEASE_RATE=0 735-752 (no faults, memory never
+  returned: not worth it), jemalloc 5.3 989-1013 with its defaults (it returns freed pages
+  within seconds: 280,000 faults) and 757 with decay off. In `benchmarks/throughput.py
+  --quick` (02:08, tcmalloc for every worker, PyTorch's too) compile times fell by about half
+  (the resnet56 CE step 7.0 -> 4.1 s). PyTorch itself gains 2-4% from tcmalloc (resnet56 CE
+  342-349 -> 336-338 ms): its CPU allocations do not follow XLA's pattern.
+- 'keep' (01:45): the resnet56 CE step 505 -> 412 ms with no faults left, but the FFKD step
+  917-947 -> 831-939 ms, and 8% of its CPU time in glibc's `_int_malloc` (`perf`): one heap
+  that large is slow to search. It also made compiling 10-20% slower (one arena serialises the
+  compiler threads' allocations). Its settings: M_MMAP_MAX = 0 (no allocation served by its own
+  mmap), M_ARENA_MAX = 1 (a thread's own arena cannot hold more than 64 MB, and freed memory
+  there is unmapped again), M_TRIM_THRESHOLD = 2 GiB - 1 (free memory at the top of the heap is
+  kept); `conv.prepare_backend('auto')` applies them, once per process, before JAX starts
+  where it is called that early.
+- 'huge' (2026-12-01): the FFKD step 661-709 -> 611-681 ms and 755-763 -> 657-683 ms in two
+  sittings (faults 117,000 -> 1,800-7,500), but with 4 s of idle before each step slower (713 ->
+  814 ms; the resnet56 CE step 511 -> 586 ms at 01:45 with 3 s), and no change in
+  `throughput.py --quick`, whose workers run one step a round between the others' turns. It
+  needs glibc >= 2.35 and transparent huge pages not 'never'
+  (/sys/kernel/mm/transparent_hugepage/enabled).
 """
 
 from __future__ import annotations
@@ -68,22 +67,29 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 SETTINGS = ((M_MMAP_MAX, 0), (M_ARENA_MAX, 1), (M_TRIM_THRESHOLD, 2**31 - 1))
-_OFF = 'default'
+_AUTO = 'auto'
+_TCMALLOC = 'tcmalloc'
 _HUGE = 'huge'
 _KEEP = 'keep'
+_OFF = 'default'
+CHOICES = (_AUTO, _TCMALLOC, _HUGE, _KEEP, _OFF)
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 _THP_MODES = '/sys/kernel/mm/transparent_hugepage/enabled'
+_TCMALLOC_NAMES = ('tcmalloc_minimal', 'tcmalloc')  # gperftools' libraries, the lighter first
+# tcmalloc reports every allocation above 1 GB on stderr (the resnet32x4 FFKD step's temporaries
+# come near it); a caller's own value is kept
+_TCMALLOC_QUIET = ('TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD', str(2**40))
 
 
 def setting(env: Mapping[str, str] | None = None) -> str:
-  """FFKD_JAX_MALLOC of `env` (default: this process's), checked: 'default' (also what an unset
-  variable means), 'huge' or 'keep'."""
-  value = (os.environ if env is None else env).get('FFKD_JAX_MALLOC', _OFF)
-  if value not in (_HUGE, _KEEP, _OFF):
+  """FFKD_JAX_MALLOC of `env` (default: this process's), checked: one of `CHOICES` ('auto' where
+  it is unset or empty)."""
+  value = (os.environ if env is None else env).get('FFKD_JAX_MALLOC') or _AUTO
+  if value not in CHOICES:
     raise ValueError(
-        f"FFKD_JAX_MALLOC={value!r}: expected 'huge' (huge pages from process start at the "
-        "entry points), 'keep' (freed memory kept for reuse) or 'default' (glibc's own "
-        'settings, also what an unset variable means).'
+        f"FFKD_JAX_MALLOC={value!r}: expected 'auto' (tcmalloc where installed, the default), "
+        "'tcmalloc', 'huge' (glibc's huge pages from process start), 'keep' (glibc keeps freed "
+        "memory for reuse) or 'default' (glibc's own settings)."
     )
   return value
 
@@ -96,6 +102,37 @@ def _libc():
     return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
   except OSError:
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def tcmalloc_library() -> str | None:
+  """The name of gperftools' tcmalloc library as the dynamic loader finds it (for LD_PRELOAD),
+  or None where it is not installed (or this is not Linux). Never loaded into this process:
+  memory from one allocator freed by another is corrupt."""
+  if platform.system() != 'Linux':
+    return None
+  for name in _TCMALLOC_NAMES:
+    found = ctypes.util.find_library(name)
+    if found:
+      return found
+  return None
+
+
+def tcmalloc_active() -> bool:
+  """Whether tcmalloc is mapped into this process (preloaded when it started)."""
+  try:
+    with open('/proc/self/maps', encoding='ascii', errors='replace') as maps:
+      return any('libtcmalloc' in line for line in maps)
+  except OSError:
+    return False
+
+
+def _allocator(env: Mapping[str, str]) -> str:
+  """What `env`'s setting comes to on this host: 'tcmalloc', 'huge', 'keep' or 'default'."""
+  value = setting(env)
+  if value == _AUTO:
+    return _TCMALLOC if tcmalloc_library() else _OFF
+  return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,10 +152,11 @@ def keep_freed_memory() -> bool:
 
 
 def describe() -> str:
-  """For logs and benchmarks: whether freed host memory is kept, and whether huge pages were
-  asked for (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)."""
+  """For logs and benchmarks: the allocator this process runs on."""
+  if tcmalloc_active():
+    return 'host memory: tcmalloc'
   kept = keep_freed_memory.cache_info().currsize and keep_freed_memory()
-  text = 'host memory: freed memory kept' if kept else "host memory: glibc's defaults"
+  text = 'host memory: glibc, freed memory kept' if kept else "host memory: glibc's defaults"
   return text + (', huge pages' if huge_pages_active() else '')
 
 
@@ -138,41 +176,53 @@ def _huge_pages_available() -> bool:
 
 def huge_pages_active() -> bool:
   """Whether this process started with glibc's huge-page tunable set (glibc before 2.35 ignores
-  it; `with_huge_pages` sets it only where it is known)."""
+  it; `for_new_process` sets it only where it is known)."""
   return HUGE_PAGES_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':')
 
 
-def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
-  """`env` with glibc's huge-page tunable added to GLIBC_TUNABLES, where `env`'s FFKD_JAX_MALLOC
-  is 'huge' (checked, as by `setting`) and the host supports it (for a process about to be
-  started); otherwise a copy of `env`."""
+def _preloaded(env: Mapping[str, str], library: str) -> bool:
+  return library in env.get('LD_PRELOAD', '').replace(':', ' ').split()
+
+
+def for_new_process(env: Mapping[str, str]) -> dict[str, str]:
+  """`env` for a process about to be started, with what its FFKD_JAX_MALLOC (checked, as by
+  `setting`) needs at process start: tcmalloc added to LD_PRELOAD ('tcmalloc', or 'auto' where
+  it is installed), or glibc's huge-page tunable to GLIBC_TUNABLES ('huge', where the host has
+  it). Otherwise, or when it is there already, a copy of `env`."""
   env = dict(env)
-  tunables = env.get('GLIBC_TUNABLES', '')
-  if (
-      setting(env) == _HUGE
-      and HUGE_PAGES_TUNABLE not in tunables.split(':')
-      and _huge_pages_available()
-  ):
-    env['GLIBC_TUNABLES'] = f'{tunables}:{HUGE_PAGES_TUNABLE}' if tunables else HUGE_PAGES_TUNABLE
+  allocator = _allocator(env)
+  if allocator == _TCMALLOC:
+    library = tcmalloc_library()
+    if library and not _preloaded(env, library):
+      preload = env.get('LD_PRELOAD', '')
+      env['LD_PRELOAD'] = f'{library}:{preload}' if preload else library
+      env.setdefault(*_TCMALLOC_QUIET)
+  elif allocator == _HUGE:
+    tunables = env.get('GLIBC_TUNABLES', '')
+    if HUGE_PAGES_TUNABLE not in tunables.split(':') and _huge_pages_available():
+      env['GLIBC_TUNABLES'] = f'{tunables}:{HUGE_PAGES_TUNABLE}' if tunables else HUGE_PAGES_TUNABLE
   return env
 
 
-def restart_with_huge_pages() -> None:
-  """At an entry point's very start: re-executes this process, once, with glibc's huge-page
-  tunable set (see the module docstring), where `setting()` is 'huge', the host supports it and
-  it is not set already. Returns (doing nothing) otherwise; on success it does not return. The
-  re-executed process has the tunable set, so it returns there: no marker is needed."""
-  if setting() != _HUGE:  # a bad value fails here, before any work
-    return
-  if huge_pages_active():
-    return
-  env = with_huge_pages(os.environ)
+def restart_with_allocator() -> None:
+  """At an entry point's very start: re-executes this process, once, with what `for_new_process`
+  adds to its environment (see the module docstring). Returns, doing nothing, where nothing is
+  to be added: the re-executed process has it already, so no marker is needed. On success it
+  does not return. An explicit 'tcmalloc' or 'huge' that this host cannot give is a warning."""
+  value = setting()  # a bad value fails here, before any work
+  env = for_new_process(os.environ)
   if env == dict(os.environ):
-    logging.warning(
-        'FFKD_JAX_MALLOC=huge: this host cannot give huge pages on request (needs Linux, glibc '
-        '>= 2.35 and transparent huge pages not "never" in %s); running without.',
-        _THP_MODES,
-    )
+    if value == _TCMALLOC and not tcmalloc_active():
+      logging.warning(
+          'FFKD_JAX_MALLOC=tcmalloc: no tcmalloc library found (Debian/Ubuntu: apt-get install '
+          "libtcmalloc-minimal4); running on glibc's allocator."
+      )
+    elif value == _HUGE and not huge_pages_active():
+      logging.warning(
+          'FFKD_JAX_MALLOC=huge: this host cannot give huge pages on request (needs Linux, '
+          'glibc >= 2.35 and transparent huge pages not "never" in %s); running without.',
+          _THP_MODES,
+      )
     return
   sys.stdout.flush()
   sys.stderr.flush()

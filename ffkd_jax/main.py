@@ -84,5 +84,5 @@ def main(argv):
 if __name__ == '__main__':
   from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
 
-  host_memory.restart_with_huge_pages()  # once, before any work (see ffkd_jax/host_memory.py)
+  host_memory.restart_with_allocator()  # once, before any work (see ffkd_jax/host_memory.py)
   app.run(main, flags_parser=parse_flags)
