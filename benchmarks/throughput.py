@@ -608,9 +608,10 @@ def main(argv=None) -> dict:
       'device': device,
       'load_average': {'start': load_start, 'end': common.load_average()},
       'torch_threads': args.threads,
-      'torch_host_memory': results[0]['configs'].get('torch_ffkd', {}).get('torch', {}).get(
-          'host_memory'
-      ),
+      'torch_host_memory': results[0]['configs']
+      .get('torch_ffkd', {})
+      .get('torch', {})
+      .get('host_memory'),
       'ffkd_images_per_s': results[0]['configs']['ffkd']['images_per_s'],
       **headline(results),
       'fastest': {

@@ -249,14 +249,17 @@ def test_the_cpu_kernel_builds_here():
 
 
 @pytest.fixture(scope='module')
-def avx2_target(tmp_path_factory) -> str:
-  """The kernel built without AVX-512 and registered under its own name (once per process)."""
-  path = str(tmp_path_factory.mktemp('kernel') / 'conv_weight_grad_avx2.so')
+def avx2_targets(tmp_path_factory) -> dict:
+  """The kernels built without AVX-512, registered under their own names (once per process):
+  {our target name: the AVX2 build's}."""
+  path = str(tmp_path_factory.mktemp('kernel') / 'conv_kernels_avx2.so')
   conv_kernel._build(conv_kernel._compiler(), path, ('-mno-avx512f',))
   library = ctypes.cdll.LoadLibrary(path)
-  target = conv_kernel.TARGET + '_avx2'
-  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.FfkdConvWeightGrad), 'cpu')
-  return target
+  targets = {}
+  for target, symbol in conv_kernel._SYMBOLS.items():
+    targets[target] = target + '_avx2'
+    jax.ffi.register_ffi_target(targets[target], jax.ffi.pycapsule(getattr(library, symbol)), 'cpu')
+  return targets
 
 
 # The AVX2 build is an x86-64 one; elsewhere only the native build is tested.
@@ -279,7 +282,9 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
 ):
   """Both vector widths of the C++: this host's (-march=native) and, on x86-64, the AVX2 one
   (built with -mno-avx512f, what an AVX2 host compiles; the same where the host is AVX2)."""
-  target = conv_kernel.TARGET if build == 'native' else request.getfixturevalue('avx2_target')
+  target = conv_kernel.TARGET
+  if build != 'native':
+    target = request.getfixturevalue('avx2_targets')[target]
   rng = np.random.default_rng(8)
   x = rng.normal(size=in_shape).astype(np.float32)
   w = np.zeros(kernel, np.float32)
@@ -302,6 +307,73 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
   atol = 1e-5 * np.abs(want).max()  # float32 sums of up to 3,072 products
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
   np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize(
+    'in_shape,kernel,strides,padding',
+    [
+        ((3, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+        ((3, 9, 7, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),  # odd sides, stride 2
+        ((2, 8, 8, 24), (1, 1, 24, 16), (2, 2), ((0, 0), (0, 0))),  # projection shortcut
+        ((2, 6, 5, 8), (3, 3, 8, 16), (1, 2), ((1, 1), (0, 2))),  # uneven strides and pads
+        ((2, 5, 8, 16), (3, 3, 16, 64), (1, 1), ((1, 1), (1, 1))),  # 4 vectors of outputs
+        ((2, 4, 19, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1))),  # 19: blocks and remainders
+        ((2, 7, 7, 16), (5, 5, 16, 16), (1, 1), ((2, 2), (2, 2))),  # a 5x5 kernel
+    ],
+)
+@pytest.mark.parametrize('build', _BUILDS)
+def test_the_forward_kernel_against_a_numpy_loop_and_xla(
+    in_shape, kernel, strides, padding, build, request
+):
+  """The direct convolution, both vector widths (as the weight-gradient test above)."""
+  target = conv_kernel.FORWARD_TARGET
+  if build != 'native':
+    target = request.getfixturevalue('avx2_targets')[target]
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=in_shape).astype(np.float32)
+  w = rng.normal(size=kernel).astype(np.float32)
+  got = np.asarray(jax.jit(lambda x, w: conv_kernel.forward(x, w, strides, padding, target))(x, w))
+  xla = np.asarray(conv._xla_conv(x, w, strides, padding, 1))
+  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
+  (sh, sw), (ho, wo) = strides, xla.shape[1:3]
+  want = np.zeros(xla.shape)
+  for i in range(kernel[0]):
+    for j in range(kernel[1]):
+      patch = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+      want += np.einsum('nhwc,co->nhwo', patch, w[i, j])
+  atol = 1e-5 * np.abs(want).max()
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+  np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
+
+
+def _forward_program(kernel_shape, platform='cpu', dtype=jnp.float32):
+  x = jnp.ones((2, 6, 6, kernel_shape[2]), dtype)
+  w = jnp.ones(kernel_shape, dtype)
+  fn = lambda x, w: conv.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC
+  )
+  with conv.using('auto'):
+    if platform == 'cpu':
+      return jax.jit(fn).lower(x, w).compile().as_text()
+    return jax.jit(fn).trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_uses_the_forward_kernel_where_it_applies_and_xla_elsewhere(monkeypatch):
+  assert conv_kernel.FORWARD_TARGET in _forward_program((3, 3, 16, 16))
+  assert conv_kernel.FORWARD_TARGET in _forward_program((1, 1, 128, 128))
+  for kernel_shape in ((3, 3, 3, 16), (3, 3, 256, 256), (3, 3, 16, 24)):  # stem, big, odd
+    assert conv_kernel.FORWARD_TARGET not in _forward_program(kernel_shape), kernel_shape
+  assert conv_kernel.FORWARD_TARGET not in _forward_program((3, 3, 16, 16), dtype=jnp.bfloat16)
+  assert conv_kernel.FORWARD_TARGET not in _forward_program((3, 3, 16, 16), 'cuda')
+  with conv.using('xla'):
+    fn = lambda x, w: conv.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC
+    )
+    program = jax.jit(fn).lower(jnp.ones((2, 6, 6, 16)), jnp.ones((3, 3, 16, 16))).as_text()
+  assert conv_kernel.FORWARD_TARGET not in program
+  monkeypatch.setattr(conv_kernel, 'available', lambda: False)  # no compiler: XLA's
+  assert conv_kernel.FORWARD_TARGET not in _forward_program((3, 3, 16, 16))
 
 
 def _weight_grad_hlo(kernel_shape, monkeypatch=None):

@@ -18,8 +18,12 @@ Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `co
             - where `conv_kernel.supports` it, the weight gradient is our own kernel (an XLA FFI
               custom call, `conv_kernel.py`), which reads the NHWC input in place where XLA
               transposes it for Eigen (isolated, 16 channels at 32x32: 2.8 against 5.9 ms on one
-              thread; in the whole step 1-6% here, benchmarks/README.md).
-              Without a C++ compiler XLA's weight gradient runs.
+              thread; in the whole step 1-6% here, benchmarks/README.md);
+            - where `conv_kernel.supports_forward` it, the forward convolution is our direct
+              convolution (another custom call, on XLA's two threads), which does not pack image
+              patches as Eigen does (isolated, 16 channels at 32x32: 1.79 against 2.53 ms; the
+              resnet56 -> resnet20 FFKD step 670-694 -> 591-626 ms, 2026-12-02).
+              Without a C++ compiler XLA's convolutions run.
             The barriers are `lax.platform_dependent`: on GPU and TPU the traced program is
             XLA's plain convolution. XLA's CPU pipeline removes optimization barriers before
             fusion unless its `cse_barrier_expander` pass is off, so 'auto' sets both XLA flags
@@ -282,9 +286,34 @@ def _backward(strides, padding, groups, residuals, dy):
 _matmul_grad_conv.defvjp(_forward, _backward)
 
 
+def _on_cpu() -> bool:
+  """Whether the CPU branch of a `platform_dependent` can run (else it is never built)."""
+  return jax.default_backend() == 'cpu'
+
+
+def _per_device(y, *inputs):
+  """A custom call's output inside shard_map (typed as replicated) marked as varying over the
+  mapped axes its inputs vary over."""
+  varying = frozenset().union(*(_varying(v) for v in inputs))
+  return lax.pcast(y, tuple(sorted(varying)), to='varying') if varying else y
+
+
+def _auto_conv(x, w, strides, padding, groups):
+  """The forward convolution of 'auto': `conv_kernel.forward` on the CPU where it applies."""
+  if _on_cpu() and conv_kernel.supports_forward(x, w.shape, groups) and conv_kernel.available():
+    kernel = lambda x, w: _per_device(conv_kernel.forward(x, w, strides, padding), x, w)
+    xla = lambda x, w: _xla_conv(x, w, strides, padding, groups)
+    return lax.platform_dependent(x, w, cpu=kernel, default=xla)
+  return _xla_conv(x, w, strides, padding, groups)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _barrier_grad_conv(x, w, strides, padding, groups):
-  return _xla_conv(x, w, strides, padding, groups)
+  return _auto_conv(x, w, strides, padding, groups)
+
+
+def _auto_forward(x, w, strides, padding, groups):
+  return _auto_conv(x, w, strides, padding, groups), (x, w)
 
 
 def _barrier_backward(strides, padding, groups, residuals, dy):
@@ -308,15 +337,14 @@ def _barrier_backward(strides, padding, groups, residuals, dy):
     summed = tuple(sorted(varying - _varying(w)))
     return lax.psum(dw, summed) if summed else dw
 
-  on_cpu = jax.default_backend() == 'cpu'  # else never built: only the default branch would run
-  if on_cpu and conv_kernel.supports(x, dy, w.shape, groups) and conv_kernel.available():
+  if _on_cpu() and conv_kernel.supports(x, dy, w.shape, groups) and conv_kernel.available():
     dw = lax.platform_dependent(x, dy, cpu=kernel_weight_gradient, default=xla_weight_gradient)
   else:
     dw = xla_weight_gradient(x, dy)
   return match_cotangent(dx, x), match_cotangent(dw, w)
 
 
-_barrier_grad_conv.defvjp(_forward, _barrier_backward)
+_barrier_grad_conv.defvjp(_auto_forward, _barrier_backward)
 
 
 def conv_general_dilated(

@@ -1,28 +1,34 @@
-"""The CPU weight-gradient kernel of `conv_impl='auto'`: build, registration and call.
+"""The CPU convolution kernels of `conv_impl='auto'`: build, registration and calls.
 
-`kernels/conv_weight_grad.cc` computes a float32 NHWC convolution's weight gradient in place,
-where XLA's CPU backend first transposes the input to (C, H, W, N) for an Eigen convolution
-(benchmarks/README.md, a 3x3 convolution at batch 64, ours on the one thread the step gives it
-against XLA's on two: 16 channels at 32x32 2.8 against 6.9 ms, 64 at 8x8 2.0 against 2.0, 64 at
-32x32 36.8 against 38.2; at 128 channels, 16x16, 37.3 against 23.3, which is why `supports`
-leaves those to XLA; in the step it gains by running beside XLA's input-gradient convolution).
-It is an XLA FFI custom call, compiled
-on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++`, `-O3
--march=native`) against jaxlib's FFI headers into a cache directory
-(`$FFKD_JAX_CACHE`, else `~/.cache/ffkd_jax/kernels`) keyed by the source, jaxlib's version and
-the host's CPU flags, so a second process loads it. Without a compiler, or when the build
-fails, or with FFKD_JAX_CPU_KERNEL=0 in the environment, `available()` is False (logged once)
-and the caller uses XLA's weight gradient.
+Two XLA FFI custom calls, float32 and NHWC, compiled together on first use with the host's C++
+compiler (`$CXX`, else `c++` / `g++` / `clang++`, `-O3 -march=native`) against jaxlib's FFI
+headers into one library in a cache directory (`$FFKD_JAX_CACHE`, else
+`~/.cache/ffkd_jax/kernels`) keyed by the sources, jaxlib's version and the host's CPU flags, so
+a second process loads it. Without a compiler, or when the build fails, or with
+FFKD_JAX_CPU_KERNEL=0 in the environment, `available()` is False (logged once) and the callers
+use XLA's convolutions.
 
-It runs on one thread. Two threads per call (an earlier version of the C++ split the batch)
-were slower in the step (resnet56 CE 449-460 against 417-423 ms, 2026-12-01): beside XLA's own
-two-thread work they contend for the two cores. With two, one run of tests/test_multihost.py
-(before commit ce3f7bd) ended 1% away from the one-process run; four later runs with two
-threads (22:10-22:20) matched as one thread does (6e-6), so that was not reproduced.
+- `kernels/conv_weight_grad.cc`, the weight gradient, read in place where XLA's CPU backend
+  first transposes the input to (C, H, W, N) for an Eigen convolution (benchmarks/README.md, a
+  3x3 convolution at batch 64, ours on the one thread the step gives it against XLA's on two:
+  16 channels at 32x32 2.8 against 6.9 ms, 64 at 8x8 2.0 against 2.0, 64 at 32x32 36.8 against
+  38.2; at 128 channels, 16x16, 37.3 against 23.3, which is why `supports` leaves those to XLA;
+  in the step it gains by running beside XLA's input-gradient convolution). It runs on one
+  thread: two threads per call (an earlier version split the batch) were slower in the step
+  (resnet56 CE 449-460 against 417-423 ms, 2026-12-01), beside XLA's own two-thread work.
+- `kernels/conv_forward.cc`, a direct convolution for the forward pass (no packing of image
+  patches), on XLA's intra-op threads. Isolated, batch 64, 3x3, stride 1 unless said, two
+  threads each (`benchmarks/README.md`, 2026-12-02): 16 -> 16 channels at 32x32 1.79 against
+  XLA's 2.53 ms, 32 at 16x16 1.25 / 1.37, 64 at 8x8 1.17 / 1.26, 16 -> 32 at stride 2 0.67 /
+  0.85, 64 at 32x32 15.8 / 18.5, 128 at 16x16 15.1 / 16.4, but 256 at 8x8 38.2 / 15.4 (its
+  kernel does not stay in cache), which is why `supports_forward` stops at 128 x 128 channels.
+  It could take the stride-1 input gradient too (the same convolution of dy with the kernel
+  flipped and its channel axes swapped) and was faster at it in isolation, but slower in the
+  step: XLA's CPU runtime runs one custom call at a time, so the one-thread weight-gradient
+  kernel stopped running beside it (resnet56 CE 357 -> 432 ms, cores busy 1.96 -> 1.63).
 
-`supports` says which convolutions it takes: float32, ungrouped, input channels a multiple of
-8 and output channels of 16, and shapes where it is faster than XLA's (in the CIFAR ResNets
-every convolution but the 3-channel stem, up to 64 channels or at 32x32).
+`supports` and `supports_forward` say which convolutions each takes (float32, ungrouped,
+channel counts the vector blocks divide, and where they were measured faster than XLA's).
 """
 
 from __future__ import annotations
@@ -41,8 +47,10 @@ import numpy as np
 from absl import logging
 
 TARGET = 'ffkd_conv_weight_grad'
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'conv_weight_grad.cc')
-_SYMBOL = 'FfkdConvWeightGrad'
+FORWARD_TARGET = 'ffkd_conv_forward'
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels')
+_SOURCES = tuple(os.path.join(_KERNELS, f) for f in ('conv_weight_grad.cc', 'conv_forward.cc'))
+_SYMBOLS = {TARGET: 'FfkdConvWeightGrad', FORWARD_TARGET: 'FfkdConvForward'}
 
 
 def _compiler() -> str | None:
@@ -68,8 +76,10 @@ def _cpu_flags() -> str:
 def _library_path(compiler: str) -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
 
-  with open(_SOURCE, 'rb') as f:
-    source = f.read()
+  source = b''
+  for name in _SOURCES:
+    with open(name, 'rb') as f:
+      source += f.read()
   key = hashlib.sha256(
       source + jaxlib.__version__.encode() + compiler.encode() + _cpu_flags().encode()
   ).hexdigest()[:16]
@@ -88,7 +98,7 @@ def _build(compiler: str, path: str, extra_flags: tuple[str, ...] = ()) -> None:
   os.close(handle)
   command = [
       compiler, '-O3', '-march=native', *extra_flags, '-std=c++17', '-shared', '-fPIC', '-w',
-      f'-I{jax.ffi.include_dir()}', _SOURCE, '-o', tmp,
+      f'-I{jax.ffi.include_dir()}', *_SOURCES, '-o', tmp,
   ]  # fmt: skip
   try:
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
@@ -101,7 +111,7 @@ def _build(compiler: str, path: str, extra_flags: tuple[str, ...] = ()) -> None:
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-  """Builds (once per host) and registers the kernel; False where that is not possible, or
+  """Builds (once per host) and registers the kernels; False where that is not possible, or
   where the environment variable FFKD_JAX_CPU_KERNEL=0 turns it off."""
   if os.environ.get('FFKD_JAX_CPU_KERNEL', '1') == '0':
     logging.info("FFKD_JAX_CPU_KERNEL=0: the CPU convolutions use XLA's weight gradient.")
@@ -115,7 +125,8 @@ def available() -> bool:
     if not os.path.exists(path):
       _build(compiler, path)
     library = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), 'cpu')
+    for target, symbol in _SYMBOLS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), 'cpu')
   except (subprocess.SubprocessError, OSError, AttributeError) as error:
     details = getattr(error, 'stderr', '') or error
     logging.warning("The CPU weight-gradient kernel did not build (%s); using XLA's.", details)
@@ -154,4 +165,41 @@ def weight_gradient(x, dy, kernel_shape, strides, padding, target: str = TARGET)
       sw=np.int64(strides[1]),
       pt=np.int64(padding[0][0]),
       pl=np.int64(padding[1][0]),
+  )
+
+
+def supports_forward(x, w_shape, groups: int) -> bool:
+  """Whether `forward` takes this convolution: float32, ungrouped, NHWC, input channels a
+  multiple of 8 (not the 3-channel stems), output channels of 16, a kernel at most 16 rows
+  tall, and at most 128 x 128 channels (see the module docstring)."""
+  return (
+      groups == 1
+      and x.dtype == jnp.float32
+      and x.ndim == 4
+      and x.shape[-1] % 8 == 0
+      and w_shape[-1] % 16 == 0
+      and w_shape[0] <= 16
+      and w_shape[2] * w_shape[3] <= 128 * 128
+  )
+
+
+def forward(x, w, strides, padding, target: str = FORWARD_TARGET) -> jax.Array:
+  """The NHWC convolution of `x` with the HWIO kernel `w`, `strides` and `padding` ((top,
+  bottom), (left, right)): the custom call (`target`: another registered build, in the tests)."""
+  if target == FORWARD_TARGET and not available():
+    raise RuntimeError('the CPU convolution kernels are not available here (see the log)')
+  n, h, width, _ = x.shape
+  kh, kw, _, o = w.shape
+  (pt, pb), (pl, pr) = padding
+  out_h = (h + pt + pb - kh) // strides[0] + 1
+  out_w = (width + pl + pr - kw) // strides[1] + 1
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n, out_h, out_w, o), jnp.float32))
+  return call(
+      x,
+      w,
+      sh=np.int64(strides[0]),
+      sw=np.int64(strides[1]),
+      pt=np.int64(pt),
+      pl=np.int64(pl),
+      pr=np.int64(pr),
   )

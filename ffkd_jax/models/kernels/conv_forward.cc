@@ -1,0 +1,190 @@
+// The zoo's small-channel convolutions on the CPU, as an XLA FFI custom call (float32, NHWC,
+// HWIO kernel, no groups):
+//
+//   y[n, ho, wo, o] = sum_{kh, kw, c} x[n, ho*sh + kh - pt, wo*sw + kw - pl, c] * w[kh, kw, c, o]
+//
+// A direct convolution: XLA's CPU backend runs this as an Eigen contraction over image patches,
+// which packs each patch block before its matrix product (a third of the convolutions' time in a
+// resnet56 step, `perf`) and is at its slowest with 16 channels. Here P output pixels of a row
+// times OV vectors of output channels stay in registers while the taps and input channels run:
+// per input channel and tap, OV vector loads of w, P broadcasts of x and P * OV fused
+// multiply-adds. The input rows a block reads are copied, zero-padded at both ends, into a
+// per-thread ring of KH rows (each input row is copied once per output row that reads it at
+// most), so the inner loop has no bounds checks.
+//
+// It takes the forward pass only. The input gradient of a stride-1 convolution is the same
+// operation on dy (the kernel flipped, its channel axes swapped, padding K - 1 - p), and this
+// kernel ran it 1.3-1.4x faster than Eigen in isolation, but in the step it was slower (resnet56
+// CE 357 -> 432 ms, 2026-12-02): XLA's CPU runtime does not run two custom calls at once, so
+// the weight-gradient kernel, one thread, no longer ran beside it, and a core sat idle.
+//
+// Work is split over (image, output row) pairs, taken from an atomic counter by the calling
+// thread and by tasks scheduled on XLA's intra-op thread pool (one fewer than its threads): a
+// task that starts late finds no work left, and the call returns once every taken row is done.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;  // floats per vector
+constexpr int REGS = 32;
+#else
+constexpr int VL = 8;
+constexpr int REGS = 16;
+#endif
+
+typedef float vec __attribute__((vector_size(VL * 4)));
+static inline vec loadv(const float* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
+static inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+
+struct Shape {
+  int64_t N, H, W, C, Ho, Wo, O, KH, KW, sh, sw, pt, pl, Wp;  // Wp: padded row width
+};
+
+// y[wo .. wo + P) x [ob, ob + OV * VL) of one output row, from the KH padded rows (nullptr: a
+// row of zeros, skipped).
+template <int P, int OV>
+static inline void block(const float* const* rows, const float* w, float* yrow, const Shape& s,
+                         int64_t wo, int64_t ob) {
+  vec acc[P][OV];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < OV; ++j) acc[p][j] = vec{};
+  for (int64_t kh = 0; kh < s.KH; ++kh) {
+    const float* row = rows[kh];
+    if (row == nullptr) continue;
+    for (int64_t kw = 0; kw < s.KW; ++kw) {
+      const float* xp = row + (wo * s.sw + kw) * s.C;
+      const float* wp = w + (kh * s.KW + kw) * s.C * s.O + ob;
+      for (int64_t c = 0; c < s.C; ++c) {
+        vec wv[OV];
+        for (int j = 0; j < OV; ++j) wv[j] = loadv(wp + c * s.O + j * VL);
+        for (int p = 0; p < P; ++p) {
+          const float xi = xp[p * s.sw * s.C + c];
+          for (int j = 0; j < OV; ++j) acc[p][j] += xi * wv[j];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < OV; ++j) storev(yrow + (wo + p) * s.O + ob + j * VL, acc[p][j]);
+}
+
+// One output row: blocks of P pixels, then the rest in blocks of 8, 4, 2 and 1 (no more than P).
+template <int P, int OV>
+static void output_row(const float* const* rows, const float* w, float* yrow, const Shape& s) {
+  for (int64_t ob = 0; ob < s.O; ob += OV * VL) {
+    int64_t wo = 0;
+    for (; wo + P <= s.Wo; wo += P) block<P, OV>(rows, w, yrow, s, wo, ob);
+    if constexpr (P > 8)
+      for (; wo + 8 <= s.Wo; wo += 8) block<8, OV>(rows, w, yrow, s, wo, ob);
+    if constexpr (P > 4)
+      for (; wo + 4 <= s.Wo; wo += 4) block<4, OV>(rows, w, yrow, s, wo, ob);
+    if constexpr (P > 2)
+      for (; wo + 2 <= s.Wo; wo += 2) block<2, OV>(rows, w, yrow, s, wo, ob);
+    for (; wo < s.Wo; ++wo) block<1, OV>(rows, w, yrow, s, wo, ob);
+  }
+}
+
+struct Work {
+  const float* x;
+  const float* w;
+  float* y;
+  Shape s;
+  void (*row_fn)(const float* const*, const float*, float*, const Shape&);
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+};
+
+// Takes (image, output row) items until none is left.
+static void run(Work* work) {
+  const Shape& s = work->s;
+  const bool copy = s.pl > 0 || s.Wp > s.W;
+  std::vector<float> ring(copy ? s.KH * s.Wp * s.C : 0, 0.0f);
+  std::vector<int64_t> held(s.KH, -1);  // which (n * H + hi) each ring slot holds
+  const float* rows[16];
+  int64_t finished = 0;
+  for (;;) {
+    const int64_t item = work->next.fetch_add(1, std::memory_order_relaxed);
+    if (item >= work->total) break;
+    const int64_t n = item / s.Ho, ho = item % s.Ho;
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const int64_t hi = ho * s.sh + kh - s.pt;
+      if (hi < 0 || hi >= s.H) {
+        rows[kh] = nullptr;
+        continue;
+      }
+      const float* src = work->x + (n * s.H + hi) * s.W * s.C;
+      if (!copy) {
+        rows[kh] = src;
+        continue;
+      }
+      const int64_t slot = hi % s.KH;
+      float* dst = ring.data() + slot * s.Wp * s.C;
+      if (held[slot] != n * s.H + hi) {  // the edges stay zero: only the middle is written
+        std::memcpy(dst + s.pl * s.C, src, s.W * s.C * sizeof(float));
+        held[slot] = n * s.H + hi;
+      }
+      rows[kh] = dst;
+    }
+    work->row_fn(rows, work->w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s);
+    ++finished;
+  }
+  work->done.fetch_add(finished, std::memory_order_acq_rel);
+}
+
+static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pr) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (wd[0] > 16) return ffi::Error::InvalidArgument("kernel taller than 16 rows");
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  work->s = Shape{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
+                  sh, sw, pt, pl, xd[2] + pl + pr};
+  const int64_t O = yd[3];
+  // P x OV accumulators, chosen so that they and the OV weight vectors fit the registers
+#if defined(__AVX512F__)
+  if (O % (4 * VL) == 0)
+    work->row_fn = output_row<6, 4>;
+  else if (O % (2 * VL) == 0)
+    work->row_fn = output_row<8, 2>;
+  else
+    work->row_fn = output_row<16, 1>;
+#else
+  if (O % (2 * VL) == 0)
+    work->row_fn = output_row<6, 2>;
+  else
+    work->row_fn = output_row<12, 1>;
+#endif
+  work->total = xd[0] * yd[1];
+  const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run(work.get()); });
+  run(work.get());
+  while (work->done.load(std::memory_order_acquire) < work->total) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FfkdConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr"));
