@@ -13,7 +13,8 @@ compile caches and memory never leak between configurations) builds and AOT-comp
                second batch), and FFKD's CKA part alone (see below)
   ffkd_no_cka  (full mode) the ffkd step with the stage CKA replaced by a constant
   torch_ffkd   the same FFKD step in PyTorch (benchmarks/torch_reference.py; eager, on CUDA when
-               torch sees a GPU, else on the CPU with --threads threads)
+               torch sees a GPU, else on the CPU with --threads threads; on the same
+               allocator as the JAX workers, ffkd_jax/host_memory.py)
   input        ffkd_jax.data.train_iterator on the CIFAR-10 image folder (cache on)
 
 All workers of a pair stay alive, idle, while the coordinator times them in alternation: each
@@ -37,8 +38,9 @@ given beside them.
 
 Top-level figures are the worst over pairs (highest sum_of_parts_ratio and cka_fraction, lowest
 torch_ratio and input_ratio); `ffkd_images_per_s` is the first pair's; `pairs` has everything.
-Compile time is `lower` + `compile` of the AOT step; FLOPs are XLA's cost analysis of the compiled
-step; peak memory is the worker's max RSS (getrusage) and the device's memory_stats where the
+Compile time is `lower` + `compile` of the AOT step; FLOPs are XLA's cost analysis of the same
+step traced with XLA's own convolutions (`conv_impl='xla'`, lowered, not compiled: the analysis
+cannot see into the custom calls of our CPU kernels); peak memory is the worker's max RSS (getrusage) and the device's memory_stats where the
 backend has them (not on CPU).
 
 Modes: default (every configuration, 5 rounds of ~8 s per worker, 2 warm-up steps, workers set
