@@ -347,6 +347,66 @@ def test_the_forward_kernel_against_a_numpy_loop_and_xla(
   np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize(
+    'in_shape,kernel,padding',
+    [
+        ((3, 8, 8, 16), (3, 3, 16, 16), ((1, 1), (1, 1))),
+        ((2, 6, 5, 32), (3, 3, 32, 16), ((1, 0), (0, 2))),  # uneven pads, more in than out
+        ((2, 5, 7, 16), (1, 1, 16, 64), ((0, 0), (0, 0))),
+        ((2, 7, 7, 16), (5, 5, 16, 32), ((2, 2), (2, 2))),
+    ],
+)
+@pytest.mark.parametrize('build', _BUILDS)
+def test_the_input_gradient_kernel_against_a_numpy_loop_and_xla(
+    in_shape, kernel, padding, build, request
+):
+  """dx of a stride-1 convolution: dx[n, h, w, c] = sum over taps and outputs of
+  dy[n, h + pt - i, w + pl - j, o] w[i, j, c, o], written as a scatter of each output's taps."""
+  target = conv_kernel.FORWARD_TARGET
+  if build != 'native':
+    target = request.getfixturevalue('avx2_targets')[target]
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=in_shape).astype(np.float32)
+  w = rng.normal(size=kernel).astype(np.float32)
+  conv_fn = lambda x: conv._xla_conv(x, w, (1, 1), padding, 1)
+  y, vjp = jax.vjp(conv_fn, x)
+  dy = rng.normal(size=y.shape).astype(np.float32)
+  xla = np.asarray(vjp(dy)[0])
+  assert conv_kernel.supports_input_gradient(dy, kernel, (1, 1), padding, 1)
+  got = np.asarray(jax.jit(lambda dy: conv_kernel.input_gradient(dy, w, padding, target))(dy))
+  (pt, pb), (pl, pr) = padding
+  dxp = np.zeros((in_shape[0], in_shape[1] + pt + pb, in_shape[2] + pl + pr, in_shape[3]))
+  ho, wo = y.shape[1:3]
+  for i in range(kernel[0]):
+    for j in range(kernel[1]):
+      dxp[:, i : i + ho, j : j + wo, :] += np.einsum('nhwo,co->nhwc', dy, w[i, j])
+  want = dxp[:, pt : pt + in_shape[1], pl : pl + in_shape[2], :]
+  atol = 1e-5 * np.abs(want).max()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+  np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
+
+
+def test_the_input_gradient_kernel_takes_stride_1_within_the_kernel_size_only():
+  dy = jnp.ones((2, 4, 4, 16))
+  assert conv_kernel.supports_input_gradient(dy, (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), 1)
+  assert not conv_kernel.supports_input_gradient(dy, (3, 3, 16, 16), (2, 2), ((1, 1), (1, 1)), 1)
+  assert not conv_kernel.supports_input_gradient(dy, (3, 3, 16, 16), (1, 1), ((3, 0), (1, 1)), 1)
+  assert not conv_kernel.supports_input_gradient(dy, (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), 1)
+
+
+def test_the_weight_gradient_kernel_is_deterministic():
+  """Its threads take fixed groups of images, added in order: equal bits on every call."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(16, 16, 16, 32)).astype(np.float32))
+  dy = jnp.asarray(rng.normal(size=(16, 16, 16, 32)).astype(np.float32))
+  fn = jax.jit(
+      lambda x, dy: conv_kernel.weight_gradient(x, dy, (3, 3, 32, 32), (1, 1), ((1, 1),) * 2)
+  )
+  first = np.asarray(fn(x, dy))
+  for _ in range(5):
+    np.testing.assert_array_equal(np.asarray(fn(x, dy)), first)
+
+
 def _forward_program(kernel_shape, platform='cpu', dtype=jnp.float32):
   x = jnp.ones((2, 6, 6, kernel_shape[2]), dtype)
   w = jnp.ones(kernel_shape, dtype)
@@ -387,6 +447,14 @@ def _weight_grad_hlo(kernel_shape, monkeypatch=None):
 
 def test_auto_uses_the_kernel_where_it_applies_and_xla_elsewhere(monkeypatch):
   assert conv_kernel.TARGET in _weight_grad_hlo((3, 3, 16, 16))
+  # the forward and the input gradient: two calls of the direct convolution
+  x = jnp.ones((2, 6, 6, 16))
+  loss = lambda x, w: jnp.sum(
+      conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC) ** 2
+  )
+  with conv.using('auto'):
+    program = jax.jit(jax.grad(loss)).lower(x, jnp.ones((3, 3, 16, 16))).compile().as_text()
+  assert program.count(f'custom_call_target="{conv_kernel.FORWARD_TARGET}"') == 2
   assert conv_kernel.TARGET not in _weight_grad_hlo((3, 3, 3, 16))  # the stem: 3 channels
   assert conv_kernel.TARGET not in _weight_grad_program('auto', 'cuda')
   monkeypatch.setattr(conv_kernel, 'available', lambda: False)  # no compiler: XLA's

@@ -20,9 +20,12 @@ Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `co
               transposes it for Eigen (isolated, 16 channels at 32x32: 2.8 against 5.9 ms on one
               thread; in the whole step 1-6% here, benchmarks/README.md);
             - where `conv_kernel.supports_forward` it, the forward convolution is our direct
-              convolution (another custom call, on XLA's two threads), which does not pack image
-              patches as Eigen does (isolated, 16 channels at 32x32: 1.79 against 2.53 ms; the
-              resnet56 -> resnet20 FFKD step 670-694 -> 591-626 ms, 2026-12-02).
+              convolution (another custom call), which does not pack image patches as Eigen
+              does (isolated, 16 channels at 32x32: 1.79 against 2.53 ms; the resnet56 ->
+              resnet20 FFKD step 670-694 -> 591-626 ms, 2026-12-02), and so is the input
+              gradient of a stride-1 convolution (`supports_input_gradient`: the convolution
+              of dy with the kernel flipped and its channel axes swapped; that FFKD step
+              586 -> 547-555 ms). Both kernels run on XLA's intra-op threads.
               Without a C++ compiler XLA's convolutions run.
             The barriers are `lax.platform_dependent`: on GPU and TPU the traced program is
             XLA's plain convolution. XLA's CPU pipeline removes optimization barriers before
@@ -319,8 +322,22 @@ def _auto_forward(x, w, strides, padding, groups):
 def _barrier_backward(strides, padding, groups, residuals, dy):
   x, w = residuals
   x, dy = _cpu_barrier(x, dy)
-  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, groups), x)
-  (dx,) = input_vjp(dy)
+
+  def xla_input_gradient(dy, w):
+    _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, groups), x)
+    return input_vjp(dy)[0]
+
+  def kernel_input_gradient(dy, w):
+    return _per_device(conv_kernel.input_gradient(dy, w, padding), dy, w)
+
+  if (
+      _on_cpu()
+      and conv_kernel.supports_input_gradient(dy, w.shape, strides, padding, groups)
+      and conv_kernel.available()
+  ):
+    dx = lax.platform_dependent(dy, w, cpu=kernel_input_gradient, default=xla_input_gradient)
+  else:
+    dx = xla_input_gradient(dy, w)
 
   def xla_weight_gradient(x, dy):
     _, weight_vjp = jax.vjp(lambda w: _xla_conv(x, w, strides, padding, groups), w)

@@ -10,22 +10,25 @@ use XLA's convolutions.
 
 - `kernels/conv_weight_grad.cc`, the weight gradient, read in place where XLA's CPU backend
   first transposes the input to (C, H, W, N) for an Eigen convolution (benchmarks/README.md, a
-  3x3 convolution at batch 64, ours on the one thread the step gives it against XLA's on two:
-  16 channels at 32x32 2.8 against 6.9 ms, 64 at 8x8 2.0 against 2.0, 64 at 32x32 36.8 against
-  38.2; at 128 channels, 16x16, 37.3 against 23.3, which is why `supports` leaves those to XLA;
-  in the step it gains by running beside XLA's input-gradient convolution). It runs on one
-  thread: two threads per call (an earlier version split the batch) were slower in the step
-  (resnet56 CE 449-460 against 417-423 ms, 2026-12-01), beside XLA's own two-thread work.
-- `kernels/conv_forward.cc`, a direct convolution for the forward pass (no packing of image
-  patches), on XLA's intra-op threads. Isolated, batch 64, 3x3, stride 1 unless said, two
-  threads each (`benchmarks/README.md`, 2026-12-02): 16 -> 16 channels at 32x32 1.79 against
-  XLA's 2.53 ms, 32 at 16x16 1.25 / 1.37, 64 at 8x8 1.17 / 1.26, 16 -> 32 at stride 2 0.67 /
-  0.85, 64 at 32x32 15.8 / 18.5, 128 at 16x16 15.1 / 16.4, but 256 at 8x8 38.2 / 15.4 (its
-  kernel does not stay in cache), which is why `supports_forward` stops at 128 x 128 channels.
-  It could take the stride-1 input gradient too (the same convolution of dy with the kernel
-  flipped and its channel axes swapped) and was faster at it in isolation, but slower in the
-  step: XLA's CPU runtime runs one custom call at a time, so the one-thread weight-gradient
-  kernel stopped running beside it (resnet56 CE 357 -> 432 ms, cores busy 1.96 -> 1.63).
+  3x3 convolution at batch 64, ours on one thread against XLA's on two: 16 channels at 32x32
+  2.8 against 6.9 ms, 64 at 8x8 2.0 against 2.0, 64 at 32x32 36.8 against 38.2; at 128
+  channels, 16x16, 37.3 against 23.3, which is why `supports` leaves those to XLA).
+- `kernels/conv_forward.cc`, a direct convolution (no packing of image patches): the forward
+  pass and the stride-1 input gradient (the same convolution of dy with the kernel flipped and
+  its channel axes swapped, `input_gradient`). Isolated, batch 64, 3x3, stride 1 unless said,
+  two threads each (`benchmarks/README.md`, 2026-12-02): 16 -> 16 channels at 32x32 1.79
+  against XLA's 2.53 ms, 32 at 16x16 1.25 / 1.37, 64 at 8x8 1.17 / 1.26, 16 -> 32 at stride 2
+  0.67 / 0.85, 64 at 32x32 15.8 / 18.5, 128 at 16x16 15.1 / 16.4, but 256 at 8x8 38.2 / 15.4
+  (its kernel does not stay in cache), which is why `supports_forward` stops at 128 x 128
+  channels.
+
+Both run on XLA's intra-op threads (the FFI's thread pool: the calling thread and tasks on the
+pool take work from a shared counter). XLA's CPU runtime runs one custom call at a time, so a
+one-thread kernel leaves a core idle: with the input gradient ours and the weight gradient on
+one thread (as it was while XLA's Eigen input gradient ran beside it), the resnet56 CE step
+went from 357 to 432 ms, cores busy 1.96 -> 1.63; with both on two threads, 345-360 -> 313-338
+ms (2026-12-02). The weight gradient splits the images into 4 fixed groups summed in order, so
+its result does not depend on which thread took which group.
 
 `supports` and `supports_forward` say which convolutions each takes (float32, ungrouped,
 channel counts the vector blocks divide, and where they were measured faster than XLA's).
@@ -203,3 +206,26 @@ def forward(x, w, strides, padding, target: str = FORWARD_TARGET) -> jax.Array:
       pl=np.int64(pl),
       pr=np.int64(pr),
   )
+
+
+def supports_input_gradient(dy, w_shape, strides, padding, groups: int) -> bool:
+  """Whether `input_gradient` takes this convolution's: stride 1, every padding at most the
+  kernel size - 1, and `supports_forward` of the transposed convolution (dy's channels in, the
+  input's out)."""
+  flipped = (w_shape[0], w_shape[1], w_shape[3], w_shape[2])
+  return (
+      tuple(strides) == (1, 1)
+      and all(0 <= p <= k - 1 for pair, k in zip(padding, w_shape[:2]) for p in pair)
+      and supports_forward(dy, flipped, groups)
+  )
+
+
+def input_gradient(dy, w, padding, target: str = FORWARD_TARGET) -> jax.Array:
+  """dx of a stride-1 NHWC convolution with kernel `w` and `padding`, from its output gradient
+  `dy`: the convolution of dy with w flipped in space and its channel axes swapped, padded by
+  kernel size - 1 - padding on each side (every padding at most kernel size - 1)."""
+  kh, kw = w.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  pads = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+  return forward(dy, flipped, (1, 1), pads, target)

@@ -9,14 +9,12 @@
 // times OV vectors of output channels stay in registers while the taps and input channels run:
 // per input channel and tap, OV vector loads of w, P broadcasts of x and P * OV fused
 // multiply-adds. The input rows a block reads are copied, zero-padded at both ends, into a
-// per-thread ring of KH rows (each input row is copied once per output row that reads it at
-// most), so the inner loop has no bounds checks.
+// per-thread ring of KH rows (a row already in the ring is not copied again), so the inner loop
+// has no bounds checks.
 //
-// It takes the forward pass only. The input gradient of a stride-1 convolution is the same
-// operation on dy (the kernel flipped, its channel axes swapped, padding K - 1 - p), and this
-// kernel ran it 1.3-1.4x faster than Eigen in isolation, but in the step it was slower (resnet56
-// CE 357 -> 432 ms, 2026-12-02): XLA's CPU runtime does not run two custom calls at once, so
-// the weight-gradient kernel, one thread, no longer ran beside it, and a core sat idle.
+// The input gradient of a stride-1 convolution is the same operation on dy, with the kernel
+// flipped and its channel axes swapped and padding K - 1 - p (ffkd_jax/models/conv_kernel.py
+// does that transformation in JAX, on the small kernel tensor).
 //
 // Work is split over (image, output row) pairs, taken from an atomic counter by the calling
 // thread and by tasks scheduled on XLA's intra-op thread pool (one fewer than its threads): a
@@ -32,6 +30,9 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+// Internal linkage for everything but the handler: the two sources share one library.
+namespace {
 
 #if defined(__AVX512F__)
 constexpr int VL = 16;  // floats per vector
@@ -176,6 +177,8 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   while (work->done.load(std::memory_order_acquire) < work->total) std::this_thread::yield();
   return ffi::Error::Success();
 }
+
+}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FfkdConvForward, ConvForwardImpl,
                               ffi::Ffi::Bind()

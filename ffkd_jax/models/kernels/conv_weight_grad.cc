@@ -16,17 +16,25 @@
 // (52.9 -> 38.4 ms there; a 1 MB chunk was slower on a strided 1x1 convolution, 6.1 against
 // 2.5 ms; benchmarks/README.md).
 //
-// One thread: the step runs it beside XLA's own two-thread work, and two threads per call were
-// slower there. Needs C % CB == 0 and O % 16 == 0. ffkd_jax/models/conv_kernel.py checks both
-// (otherwise XLA's path runs) and builds this file with the host's compiler (-O3 -march=native)
-// on first use.
+// On XLA's intra-op threads: 4 fixed groups of images, each summed into its own buffer by
+// whichever thread takes it, then added in group order (deterministic). XLA's CPU runtime runs
+// one custom call at a time, so a one-thread kernel here would leave a core idle. Needs
+// C % CB == 0 and O % 16 == 0. ffkd_jax/models/conv_kernel.py checks both (otherwise XLA's path
+// runs) and builds this file with the host's compiler (-O3 -march=native) on first use.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+// Internal linkage for everything but the handler: the two sources share one library.
+namespace {
 
 #if defined(__AVX512F__)
 constexpr int VL = 16;  // floats per vector
@@ -99,26 +107,73 @@ static void accumulate(const float* x, const float* dy, float* acc, int64_t n0, 
   }
 }
 
-static ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                     ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
-                                     int64_t pt, int64_t pl) {
+// The images are split into PARTS fixed groups, each summed into its own buffer, and the
+// buffers are added in group order: the result does not depend on which thread took which group.
+constexpr int64_t PARTS = 4;
+
+struct Work {
+  const float* x;
+  const float* dy;
+  float* out;
+  Shape s;
+  int64_t N = 0, size = 0;
+  void (*run)(const float*, const float*, float*, int64_t, int64_t, const Shape&);
+  std::vector<float> partial;  // groups 1 .. PARTS - 1 (group 0 goes straight to `out`)
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Takes groups until none is left.
+static void take(Work* work) {
+  int64_t finished = 0;
+  for (;;) {
+    const int64_t part = work->next.fetch_add(1, std::memory_order_relaxed);
+    if (part >= PARTS) break;
+    float* acc = part == 0 ? work->out : work->partial.data() + (part - 1) * work->size;
+    std::memset(acc, 0, work->size * sizeof(float));
+    work->run(work->x, work->dy, acc, work->N * part / PARTS, work->N * (part + 1) / PARTS,
+              work->s);
+    ++finished;
+  }
+  work->done.fetch_add(finished, std::memory_order_acq_rel);
+}
+
+static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                                     int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions();
   auto dd = dy.dimensions();
   auto wd = dw->dimensions();
-  const Shape s{xd[1], xd[2], xd[3], dd[1], dd[2], dd[3], wd[0], wd[1], sh, sw, pt, pl};
-  float* out = dw->typed_data();
-  std::memset(out, 0, s.KH * s.KW * s.C * s.O * sizeof(float));
+  auto work = std::make_shared<Work>();
+  work->s = Shape{xd[1], xd[2], xd[3], dd[1], dd[2], dd[3], wd[0], wd[1], sh, sw, pt, pl};
+  work->x = x.typed_data();
+  work->dy = dy.typed_data();
+  work->out = dw->typed_data();
+  work->N = xd[0];
+  work->size = wd[0] * wd[1] * wd[2] * wd[3];
+  work->partial.assign((PARTS - 1) * work->size, 0.0f);
 #if defined(__AVX512F__)
-  auto run = (s.O % 32 == 0) ? accumulate<8, 2> : accumulate<8, 1>;
+  work->run = (work->s.O % 32 == 0) ? accumulate<8, 2> : accumulate<8, 1>;
 #else
-  auto run = accumulate<4, 2>;
+  work->run = accumulate<4, 2>;
 #endif
-  run(x.typed_data(), dy.typed_data(), out, 0, xd[0], s);
+  const int64_t helpers = std::min<int64_t>(PARTS, pool.num_threads()) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { take(work.get()); });
+  take(work.get());
+  while (work->done.load(std::memory_order_acquire) < PARTS) std::this_thread::yield();
+  float* out = work->out;
+  for (int64_t part = 1; part < PARTS; ++part) {
+    const float* p = work->partial.data() + (part - 1) * work->size;
+    for (int64_t i = 0; i < work->size; ++i) out[i] += p[i];
+  }
   return ffi::Error::Success();
 }
 
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FfkdConvWeightGrad, ConvWeightGradImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
