@@ -10,9 +10,10 @@ use XLA's convolutions.
 
 - `kernels/conv_weight_grad.cc`, the weight gradient, read in place where XLA's CPU backend
   first transposes the input to (C, H, W, N) for an Eigen convolution (benchmarks/README.md, a
-  3x3 convolution at batch 64, ours on one thread against XLA's on two: 16 channels at 32x32
-  2.8 against 6.9 ms, 64 at 8x8 2.0 against 2.0, 64 at 32x32 36.8 against 38.2; at 128
-  channels, 16x16, 37.3 against 23.3, which is why `supports` leaves those to XLA).
+  3x3 convolution at batch 64, both on two threads, 2026-12-02: 16 channels at 32x32 1.39
+  against 5.40 ms, 32 at 16x16 1.09 / 2.21, 64 at 8x8 1.15 / 1.94, 64 at 32x32 17.5 / 37.8,
+  128 at 16x16 17.0 / 21.9, the strided 1x1 64 -> 128 1.30 / 7.17, but 256 at 8x8 18.0 / 17.5,
+  which `supports` leaves to XLA).
 - `kernels/conv_forward.cc`, a direct convolution (no packing of image patches): the forward
   pass and the stride-1 input gradient (the same convolution of dy with the kernel flipped and
   its channel axes swapped, `input_gradient`). Isolated, batch 64, 3x3, stride 1 unless said,
@@ -139,10 +140,11 @@ def available() -> bool:
 
 def supports(x, dy, kernel_shape, groups: int) -> bool:
   """Whether the kernel takes this convolution's weight gradient: float32, ungrouped, channels
-  multiples of 8 (in) and 16 (out), and where it was measured faster than XLA's (batch 64, 3x3,
-  benchmarks/README.md): at most 64 x 64 channels, or output rows of at least 32 pixels. At 128
-  and 256 channels on 16x16 and 8x8 maps XLA's Eigen kernel on two threads is faster than ours
-  on one (23.3 against 37.3 ms at 128 channels, 16x16; 19.3 against 37.5 at 256, 8x8)."""
+  multiples of 8 (in) and 16 (out), and where it was measured faster than XLA's (batch 64,
+  benchmarks/README.md, 2026-12-02, both on two threads): up to 128 x 256 channels (128 at
+  16x16 16.97 against 21.89 ms, 64 -> 128 at stride 2 9.45 against 16.70, 128 -> 256 at stride
+  2 10.27 against 10.55); at 256 x 256 on 8x8 maps it ties XLA's Eigen kernel (17.99 against
+  17.53 ms), which keeps those."""
   return (
       groups == 1
       and x.dtype == jnp.float32
@@ -150,7 +152,7 @@ def supports(x, dy, kernel_shape, groups: int) -> bool:
       and x.ndim == 4
       and x.shape[-1] % 8 == 0
       and kernel_shape[-1] % 16 == 0
-      and (kernel_shape[2] * kernel_shape[3] <= 64 * 64 or dy.shape[2] >= 32)
+      and kernel_shape[2] * kernel_shape[3] <= 128 * 256
   )
 
 

@@ -78,20 +78,20 @@ static inline void block(const float* const* rows, const float* w, float* yrow, 
     for (int j = 0; j < OV; ++j) storev(yrow + (wo + p) * s.O + ob + j * VL, acc[p][j]);
 }
 
-// One output row: blocks of P pixels, then the rest in blocks of 8, 4, 2 and 1 (no more than P).
+// One output row's channels [ob, ob + OV * VL): blocks of P pixels, then the rest in blocks of
+// 8, 4, 2 and 1 (no more than P).
 template <int P, int OV>
-static void output_row(const float* const* rows, const float* w, float* yrow, const Shape& s) {
-  for (int64_t ob = 0; ob < s.O; ob += OV * VL) {
-    int64_t wo = 0;
-    for (; wo + P <= s.Wo; wo += P) block<P, OV>(rows, w, yrow, s, wo, ob);
-    if constexpr (P > 8)
-      for (; wo + 8 <= s.Wo; wo += 8) block<8, OV>(rows, w, yrow, s, wo, ob);
-    if constexpr (P > 4)
-      for (; wo + 4 <= s.Wo; wo += 4) block<4, OV>(rows, w, yrow, s, wo, ob);
-    if constexpr (P > 2)
-      for (; wo + 2 <= s.Wo; wo += 2) block<2, OV>(rows, w, yrow, s, wo, ob);
-    for (; wo < s.Wo; ++wo) block<1, OV>(rows, w, yrow, s, wo, ob);
-  }
+static void output_row(const float* const* rows, const float* w, float* yrow, const Shape& s,
+                       int64_t ob) {
+  int64_t wo = 0;
+  for (; wo + P <= s.Wo; wo += P) block<P, OV>(rows, w, yrow, s, wo, ob);
+  if constexpr (P > 8)
+    for (; wo + 8 <= s.Wo; wo += 8) block<8, OV>(rows, w, yrow, s, wo, ob);
+  if constexpr (P > 4)
+    for (; wo + 4 <= s.Wo; wo += 4) block<4, OV>(rows, w, yrow, s, wo, ob);
+  if constexpr (P > 2)
+    for (; wo + 2 <= s.Wo; wo += 2) block<2, OV>(rows, w, yrow, s, wo, ob);
+  for (; wo < s.Wo; ++wo) block<1, OV>(rows, w, yrow, s, wo, ob);
 }
 
 struct Work {
@@ -99,7 +99,8 @@ struct Work {
   const float* w;
   float* y;
   Shape s;
-  void (*row_fn)(const float* const*, const float*, float*, const Shape&);
+  void (*row_fn)(const float* const*, const float*, float*, const Shape&, int64_t);
+  int64_t channels = 0;  // output channels a row_fn call computes (OV * VL)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t total = 0;
@@ -116,7 +117,11 @@ static void run(Work* work) {
   for (;;) {
     const int64_t item = work->next.fetch_add(1, std::memory_order_relaxed);
     if (item >= work->total) break;
-    const int64_t n = item / s.Ho, ho = item % s.Ho;
+    // the output-channel block outermost: a thread runs through every row with one block's
+    // weights (9 x 256 x 64 floats at most: in L2) before it moves on to the next block
+    const int64_t rows_total = s.N * s.Ho;
+    const int64_t ob = item / rows_total * work->channels;
+    const int64_t n = item % rows_total / s.Ho, ho = item % s.Ho;
     for (int64_t kh = 0; kh < s.KH; ++kh) {
       const int64_t hi = ho * s.sh + kh - s.pt;
       if (hi < 0 || hi >= s.H) {
@@ -136,7 +141,7 @@ static void run(Work* work) {
       }
       rows[kh] = dst;
     }
-    work->row_fn(rows, work->w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s);
+    work->row_fn(rows, work->w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s, ob);
     ++finished;
   }
   work->done.fetch_add(finished, std::memory_order_acq_rel);
@@ -159,18 +164,18 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // P x OV accumulators, chosen so that they and the OV weight vectors fit the registers
 #if defined(__AVX512F__)
   if (O % (4 * VL) == 0)
-    work->row_fn = output_row<6, 4>;
+    work->row_fn = output_row<6, 4>, work->channels = 4 * VL;
   else if (O % (2 * VL) == 0)
-    work->row_fn = output_row<8, 2>;
+    work->row_fn = output_row<8, 2>, work->channels = 2 * VL;
   else
-    work->row_fn = output_row<16, 1>;
+    work->row_fn = output_row<16, 1>, work->channels = VL;
 #else
   if (O % (2 * VL) == 0)
-    work->row_fn = output_row<6, 2>;
+    work->row_fn = output_row<6, 2>, work->channels = 2 * VL;
   else
-    work->row_fn = output_row<12, 1>;
+    work->row_fn = output_row<12, 1>, work->channels = VL;
 #endif
-  work->total = xd[0] * yd[1];
+  work->total = xd[0] * yd[1] * (O / work->channels);
   const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run(work.get()); });
   run(work.get());
