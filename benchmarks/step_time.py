@@ -38,6 +38,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--image-size', type=int, default=32)
   parser.add_argument('--steps', type=int, default=4)
+  parser.add_argument('--hlo', help='also write the compiled program (optimised HLO) here')
   args = parser.parse_args(argv)
   from ffkd_jax import host_memory  # pylint: disable=g-import-not-at-top
 
@@ -79,6 +80,9 @@ def main(argv=None) -> dict:
   compiled = step_lib.make_train_step(method, programs, mesh).jitted(0).lower(state, batch)
   compiled = compiled.compile()
   compile_s = time.perf_counter() - start
+  if args.hlo:
+    with open(args.hlo, 'w', encoding='utf-8') as f:
+      f.write(compiled.as_text())
   with conv.using('xla'):  # XLA's cost analysis cannot see inside our kernels' custom calls
     lowered = step_lib.make_train_step(method, programs, mesh).jitted(0).lower(state, batch)
     flops = lowered.cost_analysis()['flops']

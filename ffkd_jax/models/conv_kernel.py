@@ -17,11 +17,11 @@ use XLA's convolutions.
 - `kernels/conv_forward.cc`, a direct convolution (no packing of image patches): the forward
   pass and the stride-1 input gradient (the same convolution of dy with the kernel flipped and
   its channel axes swapped, `input_gradient`). Isolated, batch 64, 3x3, stride 1 unless said,
-  two threads each (`benchmarks/README.md`, 2026-12-02): 16 -> 16 channels at 32x32 1.79
-  against XLA's 2.53 ms, 32 at 16x16 1.25 / 1.37, 64 at 8x8 1.17 / 1.26, 16 -> 32 at stride 2
-  0.67 / 0.85, 64 at 32x32 15.8 / 18.5, 128 at 16x16 15.1 / 16.4, but 256 at 8x8 38.2 / 15.4
-  (its kernel does not stay in cache), which is why `supports_forward` stops at 128 x 128
-  channels.
+  both on two threads (`benchmarks/README.md`, 2026-12-02 02:50): 16 -> 16 channels at 32x32
+  1.23 against XLA's 2.20 ms, 32 at 16x16 0.91 / 1.29, 64 at 8x8 0.93 / 1.20, 16 -> 32 at
+  stride 2 0.55 / 0.76, the strided 1x1 0.14 / 0.27, 64 at 32x32 15.5 / 19.0, 128 at 16x16
+  15.2 / 15.7, but 256 at 8x8 36.5 / 15.9 (not found why), which is why `supports_forward` stops
+  at 128 x 128 channels.
 
 Both run on XLA's intra-op threads (the FFI's thread pool: the calling thread and tasks on the
 pool take work from a shared counter). XLA's CPU runtime runs one custom call at a time, so a

@@ -16,7 +16,7 @@
 // flipped and its channel axes swapped and padding K - 1 - p (ffkd_jax/models/conv_kernel.py
 // does that transformation in JAX, on the small kernel tensor).
 //
-// Work is split over (image, output row) pairs, taken from an atomic counter by the calling
+// Work is split over (output-channel block, image) pairs, taken from an atomic counter by the calling
 // thread and by tasks scheduled on XLA's intra-op thread pool (one fewer than its threads): a
 // task that starts late finds no work left, and the call returns once every taken row is done.
 #include <algorithm>
@@ -106,7 +106,9 @@ struct Work {
   int64_t total = 0;
 };
 
-// Takes (image, output row) items until none is left.
+// Takes (output-channel block, image) items until none is left. The block is outermost, so a
+// thread runs through the images with one block's weights (9 x 256 x 64 floats at most: in L2);
+// a whole image per item, so that each input row is copied into the ring once per item.
 static void run(Work* work) {
   const Shape& s = work->s;
   const bool copy = s.pl > 0 || s.Wp > s.W;
@@ -117,31 +119,29 @@ static void run(Work* work) {
   for (;;) {
     const int64_t item = work->next.fetch_add(1, std::memory_order_relaxed);
     if (item >= work->total) break;
-    // the output-channel block outermost: a thread runs through every row with one block's
-    // weights (9 x 256 x 64 floats at most: in L2) before it moves on to the next block
-    const int64_t rows_total = s.N * s.Ho;
-    const int64_t ob = item / rows_total * work->channels;
-    const int64_t n = item % rows_total / s.Ho, ho = item % s.Ho;
-    for (int64_t kh = 0; kh < s.KH; ++kh) {
-      const int64_t hi = ho * s.sh + kh - s.pt;
-      if (hi < 0 || hi >= s.H) {
-        rows[kh] = nullptr;
-        continue;
+    const int64_t ob = item / s.N * work->channels, n = item % s.N;
+    for (int64_t ho = 0; ho < s.Ho; ++ho) {
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t hi = ho * s.sh + kh - s.pt;
+        if (hi < 0 || hi >= s.H) {
+          rows[kh] = nullptr;
+          continue;
+        }
+        const float* src = work->x + (n * s.H + hi) * s.W * s.C;
+        if (!copy) {
+          rows[kh] = src;
+          continue;
+        }
+        const int64_t slot = hi % s.KH;
+        float* dst = ring.data() + slot * s.Wp * s.C;
+        if (held[slot] != n * s.H + hi) {  // the edges stay zero: only the middle is written
+          std::memcpy(dst + s.pl * s.C, src, s.W * s.C * sizeof(float));
+          held[slot] = n * s.H + hi;
+        }
+        rows[kh] = dst;
       }
-      const float* src = work->x + (n * s.H + hi) * s.W * s.C;
-      if (!copy) {
-        rows[kh] = src;
-        continue;
-      }
-      const int64_t slot = hi % s.KH;
-      float* dst = ring.data() + slot * s.Wp * s.C;
-      if (held[slot] != n * s.H + hi) {  // the edges stay zero: only the middle is written
-        std::memcpy(dst + s.pl * s.C, src, s.W * s.C * sizeof(float));
-        held[slot] = n * s.H + hi;
-      }
-      rows[kh] = dst;
+      work->row_fn(rows, work->w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s, ob);
     }
-    work->row_fn(rows, work->w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s, ob);
     ++finished;
   }
   work->done.fetch_add(finished, std::memory_order_acq_rel);
@@ -175,7 +175,7 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   else
     work->row_fn = output_row<12, 1>, work->channels = VL;
 #endif
-  work->total = xd[0] * yd[1] * (O / work->channels);
+  work->total = xd[0] * (O / work->channels);
   const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run(work.get()); });
   run(work.get());
