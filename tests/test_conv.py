@@ -319,6 +319,8 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
         ((2, 5, 8, 16), (3, 3, 16, 64), (1, 1), ((1, 1), (1, 1))),  # 4 vectors of outputs
         ((2, 4, 19, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1))),  # 19: blocks and remainders
         ((2, 7, 7, 16), (5, 5, 16, 16), (1, 1), ((2, 2), (2, 2))),  # a 5x5 kernel
+        ((2, 4, 6, 16), (3, 3, 16, 128), (1, 1), ((1, 1), (1, 1))),  # repacked: 2 blocks
+        ((2, 4, 6, 24), (3, 3, 24, 96), (2, 1), ((1, 1), (1, 1))),  # 3 blocks of 32 (AVX-512)
     ],
 )
 @pytest.mark.parametrize('build', _BUILDS)

@@ -21,7 +21,7 @@ Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `co
               thread; in the whole step 1-6% here, benchmarks/README.md);
             - where `conv_kernel.supports_forward` it, the forward convolution is our direct
               convolution (another custom call), which does not pack image patches as Eigen
-              does (isolated, 16 channels at 32x32: 1.23 against 2.20 ms; the resnet56 ->
+              does (isolated, 16 channels at 32x32: 1.12 against 1.99 ms; the resnet56 ->
               resnet20 FFKD step 670-694 -> 591-626 ms, 2026-12-02), and so is the input
               gradient of a stride-1 convolution (`supports_input_gradient`: the convolution
               of dy with the kernel flipped and its channel axes swapped; that FFKD step

@@ -17,11 +17,11 @@ use XLA's convolutions.
 - `kernels/conv_forward.cc`, a direct convolution (no packing of image patches): the forward
   pass and the stride-1 input gradient (the same convolution of dy with the kernel flipped and
   its channel axes swapped, `input_gradient`). Isolated, batch 64, 3x3, stride 1 unless said,
-  both on two threads (`benchmarks/README.md`, 2026-12-02 02:50): 16 -> 16 channels at 32x32
-  1.23 against XLA's 2.20 ms, 32 at 16x16 0.91 / 1.29, 64 at 8x8 0.93 / 1.20, 16 -> 32 at
-  stride 2 0.55 / 0.76, the strided 1x1 0.14 / 0.27, 64 at 32x32 15.5 / 19.0, 128 at 16x16
-  15.2 / 15.7, but 256 at 8x8 36.5 / 15.9 (not found why), which is why `supports_forward` stops
-  at 128 x 128 channels.
+  both on two threads (`benchmarks/README.md`, 2026-12-02 02:55): 16 -> 16 channels at 32x32
+  1.12 against XLA's 1.99 ms, 32 at 16x16 0.83 / 1.18, 64 at 8x8 0.83 / 1.15, 16 -> 32 at
+  stride 2 0.53 / 0.71, the strided 1x1 0.14 / 0.23, 64 at 32x32 14.2 / 17.8, 128 at 16x16
+  13.6 / 14.6, and 256 at 8x8 14.0 / 13.9, a tie, which `supports_forward` leaves to XLA
+  (before its weights were repacked by block of output channels, 36.5 ms there).
 
 Both run on XLA's intra-op threads (the FFI's thread pool: the calling thread and tasks on the
 pool take work from a shared counter). XLA's CPU runtime runs one custom call at a time, so a
@@ -176,7 +176,7 @@ def weight_gradient(x, dy, kernel_shape, strides, padding, target: str = TARGET)
 def supports_forward(x, w_shape, groups: int) -> bool:
   """Whether `forward` takes this convolution: float32, ungrouped, NHWC, input channels a
   multiple of 8 (not the 3-channel stems), output channels of 16, a kernel at most 16 rows
-  tall, and at most 128 x 128 channels (see the module docstring)."""
+  tall, and at most 128 x 128 channels (256 x 256 ties XLA's: see the module docstring)."""
   return (
       groups == 1
       and x.dtype == jnp.float32

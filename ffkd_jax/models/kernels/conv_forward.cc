@@ -48,10 +48,11 @@ static inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
 struct Shape {
   int64_t N, H, W, C, Ho, Wo, O, KH, KW, sh, sw, pt, pl, Wp;  // Wp: padded row width
+  int64_t WS = 0;  // floats between the weight rows of one input channel (see `pack`)
 };
 
 // y[wo .. wo + P) x [ob, ob + OV * VL) of one output row, from the KH padded rows (nullptr: a
-// row of zeros, skipped).
+// row of zeros, skipped) and w, the weights of this block of output channels.
 template <int P, int OV>
 static inline void block(const float* const* rows, const float* w, float* yrow, const Shape& s,
                          int64_t wo, int64_t ob) {
@@ -63,10 +64,10 @@ static inline void block(const float* const* rows, const float* w, float* yrow, 
     if (row == nullptr) continue;
     for (int64_t kw = 0; kw < s.KW; ++kw) {
       const float* xp = row + (wo * s.sw + kw) * s.C;
-      const float* wp = w + (kh * s.KW + kw) * s.C * s.O + ob;
+      const float* wp = w + (kh * s.KW + kw) * s.C * s.WS;
       for (int64_t c = 0; c < s.C; ++c) {
         vec wv[OV];
-        for (int j = 0; j < OV; ++j) wv[j] = loadv(wp + c * s.O + j * VL);
+        for (int j = 0; j < OV; ++j) wv[j] = loadv(wp + c * s.WS + j * VL);
         for (int p = 0; p < P; ++p) {
           const float xi = xp[p * s.sw * s.C + c];
           for (int j = 0; j < OV; ++j) acc[p][j] += xi * wv[j];
@@ -99,6 +100,7 @@ struct Work {
   const float* w;
   float* y;
   Shape s;
+  std::vector<float> packed;  // w by output-channel block, where there is more than one
   void (*row_fn)(const float* const*, const float*, float*, const Shape&, int64_t);
   int64_t channels = 0;  // output channels a row_fn call computes (OV * VL)
   std::atomic<int64_t> next{0};
@@ -120,6 +122,7 @@ static void run(Work* work) {
     const int64_t item = work->next.fetch_add(1, std::memory_order_relaxed);
     if (item >= work->total) break;
     const int64_t ob = item / s.N * work->channels, n = item % s.N;
+    const float* w = work->packed.empty() ? work->w : work->packed.data() + ob * s.KH * s.KW * s.C;
     for (int64_t ho = 0; ho < s.Ho; ++ho) {
       for (int64_t kh = 0; kh < s.KH; ++kh) {
         const int64_t hi = ho * s.sh + kh - s.pt;
@@ -140,7 +143,7 @@ static void run(Work* work) {
         }
         rows[kh] = dst;
       }
-      work->row_fn(rows, work->w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s, ob);
+      work->row_fn(rows, w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s, ob);
     }
     ++finished;
   }
@@ -175,7 +178,20 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   else
     work->row_fn = output_row<12, 1>, work->channels = VL;
 #endif
-  work->total = xd[0] * (O / work->channels);
+  // With several blocks, the weights are repacked so that each block's are contiguous: in HWIO
+  // one input channel's row of a block is 64 floats out of O, and rows O floats apart (1 KB at
+  // 256 channels) fall into a few cache sets.
+  const int64_t blocks = O / work->channels, taps = wd[0] * wd[1] * wd[2];
+  work->s.WS = blocks > 1 ? work->channels : O;
+  if (blocks > 1) {
+    work->packed.resize(taps * O);
+    const float* src = work->w;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t t = 0; t < taps; ++t)
+        std::memcpy(work->packed.data() + (b * taps + t) * work->channels,
+                    src + t * O + b * work->channels, work->channels * sizeof(float));
+  }
+  work->total = xd[0] * blocks;
   const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run(work.get()); });
   run(work.get());
