@@ -458,6 +458,8 @@ def test_auto_uses_the_kernel_where_it_applies_and_xla_elsewhere(monkeypatch):
     program = jax.jit(jax.grad(loss)).lower(x, jnp.ones((3, 3, 16, 16))).compile().as_text()
   assert program.count(f'custom_call_target="{conv_kernel.FORWARD_TARGET}"') == 2
   assert conv_kernel.TARGET not in _weight_grad_hlo((3, 3, 3, 16))  # the stem: 3 channels
+  assert conv_kernel.TARGET in _weight_grad_hlo((3, 3, 128, 256))
+  assert conv_kernel.TARGET not in _weight_grad_hlo((3, 3, 256, 256))  # XLA's is as fast
   assert conv_kernel.TARGET not in _weight_grad_program('auto', 'cuda')
   monkeypatch.setattr(conv_kernel, 'available', lambda: False)  # no compiler: XLA's
   assert conv_kernel.TARGET not in _weight_grad_hlo((3, 3, 16, 16))
