@@ -85,7 +85,10 @@ def main(argv=None) -> dict:
       f.write(compiled.as_text())
   with conv.using('xla'):  # XLA's cost analysis cannot see inside our kernels' custom calls
     lowered = step_lib.make_train_step(method, programs, mesh).jitted(0).lower(state, batch)
-    flops = lowered.cost_analysis()['flops']
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+      analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get('flops', float('nan'))
   state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   times = []

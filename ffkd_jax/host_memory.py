@@ -9,7 +9,9 @@ the step's CPU time in the kernel (`perf`; `benchmarks/step_time.py` prints the 
 FFKD_JAX_MALLOC says what to do about it:
 
   'auto'     (default, also what an unset variable means) 'tcmalloc' where its library is
-             installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`), else 'default';
+             installed (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`), else 'default'.
+             It is the host's allocator, whatever the JAX backend: measured on the CPU only,
+             and harmless elsewhere (the host side of a GPU or TPU run allocates little);
   'tcmalloc' gperftools' tcmalloc serves every allocation: it keeps freed spans for reuse (and
              hands them back to the kernel gradually), so a step reuses the last step's memory;
   'huge'     glibc with its tunable `glibc.malloc.hugetlb=1`: large buffers faulted in 2 MB pages;
@@ -180,20 +182,27 @@ def huge_pages_active() -> bool:
   return HUGE_PAGES_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':')
 
 
-def _preloaded(env: Mapping[str, str], library: str) -> bool:
-  return library in env.get('LD_PRELOAD', '').replace(':', ' ').split()
+_ALLOCATORS = ('tcmalloc', 'jemalloc', 'mimalloc')
+
+
+def _preloaded_allocator(env: Mapping[str, str]) -> str | None:
+  """The first allocator library `env`'s LD_PRELOAD names (a choice already made), or None."""
+  for entry in env.get('LD_PRELOAD', '').replace(':', ' ').split():
+    if any(name in os.path.basename(entry) for name in _ALLOCATORS):
+      return entry
+  return None
 
 
 def for_new_process(env: Mapping[str, str]) -> dict[str, str]:
   """`env` for a process about to be started, with what its FFKD_JAX_MALLOC (checked, as by
   `setting`) needs at process start: tcmalloc added to LD_PRELOAD ('tcmalloc', or 'auto' where
-  it is installed), or glibc's huge-page tunable to GLIBC_TUNABLES ('huge', where the host has
-  it). Otherwise, or when it is there already, a copy of `env`."""
+  it is installed, unless LD_PRELOAD names an allocator already), or glibc's huge-page tunable
+  to GLIBC_TUNABLES ('huge', where the host has it). Otherwise a copy of `env`."""
   env = dict(env)
   allocator = _allocator(env)
   if allocator == _TCMALLOC:
     library = tcmalloc_library()
-    if library and not _preloaded(env, library):
+    if library and not _preloaded_allocator(env):  # never two allocators in one process
       preload = env.get('LD_PRELOAD', '')
       env['LD_PRELOAD'] = f'{library}:{preload}' if preload else library
       env.setdefault(*_TCMALLOC_QUIET)
@@ -212,10 +221,19 @@ def restart_with_allocator() -> None:
   value = setting()  # a bad value fails here, before any work
   env = for_new_process(os.environ)
   if env == dict(os.environ):
-    if value == _TCMALLOC and not tcmalloc_active():
+    preloaded = _preloaded_allocator(env)
+    if value in (_TCMALLOC, _AUTO) and preloaded and 'tcmalloc' in preloaded:
+      if not tcmalloc_active():
+        logging.warning(
+            'LD_PRELOAD names %s, but it is not mapped (ld.so could not load it?): running on '
+            "glibc's allocator.",
+            preloaded,
+        )
+    elif value == _TCMALLOC and not tcmalloc_active():
       logging.warning(
           'FFKD_JAX_MALLOC=tcmalloc: no tcmalloc library found (Debian/Ubuntu: apt-get install '
-          "libtcmalloc-minimal4); running on glibc's allocator."
+          "libtcmalloc-minimal4)%s; running on glibc's allocator.",
+          f', and LD_PRELOAD names {preloaded}' if preloaded else '',
       )
     elif value == _HUGE and not huge_pages_active():
       logging.warning(

@@ -321,6 +321,11 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
         ((2, 7, 7, 16), (5, 5, 16, 16), (1, 1), ((2, 2), (2, 2))),  # a 5x5 kernel
         ((2, 4, 6, 16), (3, 3, 16, 128), (1, 1), ((1, 1), (1, 1))),  # repacked: 2 blocks
         ((2, 4, 6, 24), (3, 3, 24, 96), (2, 1), ((1, 1), (1, 1))),  # 3 blocks of 32 (AVX-512)
+        ((1, 32, 32, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),  # one image, full rows
+        ((2, 3, 11, 16), (3, 3, 16, 64), (1, 1), ((1, 1), (1, 1))),  # 6 + 4 + 1 pixels
+        ((2, 6, 7, 16), (1, 3, 16, 32), (1, 1), ((0, 0), (1, 1))),  # 1x3
+        ((2, 6, 7, 16), (3, 1, 16, 32), (1, 1), ((1, 1), (0, 0))),  # 3x1: no copy, rows padded
+        ((2, 12, 5, 8), (9, 1, 8, 16), (1, 1), ((4, 4), (0, 0))),  # 9 rows tall
     ],
 )
 @pytest.mark.parametrize('build', _BUILDS)
@@ -356,6 +361,8 @@ def test_the_forward_kernel_against_a_numpy_loop_and_xla(
         ((2, 6, 5, 32), (3, 3, 32, 16), ((1, 0), (0, 2))),  # uneven pads, more in than out
         ((2, 5, 7, 16), (1, 1, 16, 64), ((0, 0), (0, 0))),
         ((2, 7, 7, 16), (5, 5, 16, 32), ((2, 2), (2, 2))),
+        ((2, 6, 7, 16), (1, 3, 16, 16), ((0, 0), (1, 1))),  # 1x3
+        ((1, 6, 7, 32), (3, 1, 32, 16), ((1, 1), (0, 0))),  # 3x1, one image
     ],
 )
 @pytest.mark.parametrize('build', _BUILDS)
@@ -386,6 +393,24 @@ def test_the_input_gradient_kernel_against_a_numpy_loop_and_xla(
   atol = 1e-5 * np.abs(want).max()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
   np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
+
+
+def test_the_forward_kernel_takes_no_negative_padding_nor_an_empty_output():
+  x = jnp.ones((2, 4, 4, 16))
+  pad = ((1, 1), (1, 1))
+  assert conv_kernel.supports_forward(x, (3, 3, 16, 16), 1, pad)
+  assert not conv_kernel.supports_forward(x, (3, 3, 16, 16), 1, ((1, 1), (2, -1)))
+  assert not conv_kernel.supports_forward(x, (3, 3, 16, 16), 1, ((-1, 0), (1, 1)))
+  assert not conv_kernel.supports_forward(jnp.ones((2, 1, 4, 16)), (5, 3, 16, 16), 1, pad)
+  assert not conv_kernel.supports_forward(x, (3, 3, 16, 16), 2, pad)  # grouped
+  assert not conv_kernel.supports_forward(x, (3, 3, 16, 24), 1, pad)  # 24 outputs
+  assert not conv_kernel.supports_forward(x.astype(jnp.bfloat16), (3, 3, 16, 16), 1, pad)
+  with conv.using('auto'):  # negative padding: XLA's convolution, the same numbers
+    w = jnp.asarray(np.random.default_rng(12).normal(size=(3, 3, 16, 16)), jnp.float32)
+    xs = jnp.asarray(np.random.default_rng(13).normal(size=(2, 6, 6, 16)), jnp.float32)
+    got = conv.conv_general_dilated(xs, w, (1, 1), ((1, 1), (2, -1)), dimension_numbers=conv.NHWC)
+  want = conv._xla_conv(xs, w, (1, 1), ((1, 1), (2, -1)), 1)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
 
 
 def test_the_input_gradient_kernel_takes_stride_1_within_the_kernel_size_only():

@@ -140,6 +140,10 @@ def test_the_environment_for_a_new_process_names_tcmalloc_where_asked_and_instal
   assert env['LD_PRELOAD'] == 'libtcmalloc_minimal.so.4:libmine.so'  # a caller's own kept
   assert env['TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD'] == '5'
   assert 'LD_PRELOAD' not in host_memory.for_new_process({'FFKD_JAX_MALLOC': 'default'})
+  # an allocator the caller preloads already is their choice: never a second one
+  for preload in ('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2', '/opt/lib/libtcmalloc.so.4'):
+    env = {'LD_PRELOAD': preload}
+    assert host_memory.for_new_process(env) == env, preload
 
 
 _RESTART = r"""

@@ -193,10 +193,14 @@ def describe() -> str:
   kernels = 'Eigen' if eigen else 'YNNPACK'
   if name == 'auto':
     barriers = 'kept' if barriers_kept() else 'removed by XLA'
-    ours = 'ours' if conv_kernel.available() else "XLA's (no C++ compiler)"
+    ours = (
+        'forward, stride-1 input and weight gradients ours where faster'
+        if conv_kernel.available()
+        else "XLA's only (no C++ compiler)"
+    )
     return (
         f"auto (XLA's CPU convolutions, {kernels} kernels, backward barriers {barriers}, "
-        f'weight gradients {ours} where faster; {host_memory.describe()})'
+        f'{ours}; {host_memory.describe()})'
     )
   return f"{name} (XLA's CPU convolutions, {kernels} kernels)"
 
@@ -303,7 +307,11 @@ def _per_device(y, *inputs):
 
 def _auto_conv(x, w, strides, padding, groups):
   """The forward convolution of 'auto': `conv_kernel.forward` on the CPU where it applies."""
-  if _on_cpu() and conv_kernel.supports_forward(x, w.shape, groups) and conv_kernel.available():
+  if (
+      _on_cpu()
+      and conv_kernel.supports_forward(x, w.shape, groups, padding, strides)
+      and conv_kernel.available()
+  ):
     kernel = lambda x, w: _per_device(conv_kernel.forward(x, w, strides, padding), x, w)
     xla = lambda x, w: _xla_conv(x, w, strides, padding, groups)
     return lax.platform_dependent(x, w, cpu=kernel, default=xla)

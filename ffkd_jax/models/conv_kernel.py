@@ -173,18 +173,24 @@ def weight_gradient(x, dy, kernel_shape, strides, padding, target: str = TARGET)
   )
 
 
-def supports_forward(x, w_shape, groups: int) -> bool:
+def supports_forward(x, w_shape, groups: int, padding=((0, 0), (0, 0)), strides=(1, 1)) -> bool:
   """Whether `forward` takes this convolution: float32, ungrouped, NHWC, input channels a
   multiple of 8 (not the 3-channel stems), output channels of 16, a kernel at most 16 rows
-  tall, and at most 128 x 128 channels (256 x 256 ties XLA's: see the module docstring)."""
+  tall, at most 128 x 128 channels (256 x 256 ties XLA's: see the module docstring), padding
+  never negative and an output of at least one pixel."""
+  if not (x.ndim == 4 and len(w_shape) == 4):
+    return False
+  sides = zip(x.shape[1:3], w_shape[:2], padding)
   return (
       groups == 1
       and x.dtype == jnp.float32
-      and x.ndim == 4
       and x.shape[-1] % 8 == 0
       and w_shape[-1] % 16 == 0
       and w_shape[0] <= 16
       and w_shape[2] * w_shape[3] <= 128 * 128
+      and all(p >= 0 for pair in padding for p in pair)
+      and all(size + a + b >= k for size, k, (a, b) in sides)
+      and all(s >= 1 for s in strides)
   )
 
 
@@ -215,11 +221,10 @@ def supports_input_gradient(dy, w_shape, strides, padding, groups: int) -> bool:
   kernel size - 1, and `supports_forward` of the transposed convolution (dy's channels in, the
   input's out)."""
   flipped = (w_shape[0], w_shape[1], w_shape[3], w_shape[2])
-  return (
-      tuple(strides) == (1, 1)
-      and all(0 <= p <= k - 1 for pair, k in zip(padding, w_shape[:2]) for p in pair)
-      and supports_forward(dy, flipped, groups)
-  )
+  if not all(0 <= p <= k - 1 for pair, k in zip(padding, w_shape[:2]) for p in pair):
+    return False
+  pads = tuple((k - 1 - a, k - 1 - b) for (a, b), k in zip(padding, w_shape[:2]))
+  return tuple(strides) == (1, 1) and supports_forward(dy, flipped, groups, pads)
 
 
 def input_gradient(dy, w, padding, target: str = FORWARD_TARGET) -> jax.Array:

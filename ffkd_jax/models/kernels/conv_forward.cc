@@ -156,7 +156,10 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   auto yd = y->dimensions();
+  // conv_kernel.supports_forward keeps to these (else XLA's convolution runs)
   if (wd[0] > 16) return ffi::Error::InvalidArgument("kernel taller than 16 rows");
+  if (pt < 0 || pl < 0 || pr < 0) return ffi::Error::InvalidArgument("negative padding");
+  if (yd[3] % 16 != 0) return ffi::Error::InvalidArgument("output channels not a multiple of 16");
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
   work->w = w.typed_data();
@@ -173,10 +176,7 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   else
     work->row_fn = output_row<16, 1>, work->channels = VL;
 #else
-  if (O % (2 * VL) == 0)
-    work->row_fn = output_row<6, 2>, work->channels = 2 * VL;
-  else
-    work->row_fn = output_row<12, 1>, work->channels = VL;
+  work->row_fn = output_row<6, 2>, work->channels = 2 * VL;  // O % 16 == 0
 #endif
   // With several blocks, the weights are repacked so that each block's are contiguous: in HWIO
   // one input channel's row of a block is 64 floats out of O, and rows O floats apart (1 KB at
@@ -192,7 +192,7 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     src + t * O + b * work->channels, work->channels * sizeof(float));
   }
   work->total = xd[0] * blocks;
-  const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
+  const int64_t helpers = std::min(pool.num_threads(), work->total) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run(work.get()); });
   run(work.get());
   while (work->done.load(std::memory_order_acquire) < work->total) std::this_thread::yield();

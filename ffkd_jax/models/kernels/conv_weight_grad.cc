@@ -118,7 +118,7 @@ struct Work {
   Shape s;
   int64_t N = 0, size = 0;
   void (*run)(const float*, const float*, float*, int64_t, int64_t, const Shape&);
-  std::vector<float> partial;  // groups 1 .. PARTS - 1 (group 0 goes straight to `out`)
+  std::unique_ptr<float[]> partial;  // groups 1 .. PARTS - 1 (group 0 goes straight to `out`)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -129,7 +129,7 @@ static void take(Work* work) {
   for (;;) {
     const int64_t part = work->next.fetch_add(1, std::memory_order_relaxed);
     if (part >= PARTS) break;
-    float* acc = part == 0 ? work->out : work->partial.data() + (part - 1) * work->size;
+    float* acc = part == 0 ? work->out : work->partial.get() + (part - 1) * work->size;
     std::memset(acc, 0, work->size * sizeof(float));
     work->run(work->x, work->dy, acc, work->N * part / PARTS, work->N * (part + 1) / PARTS,
               work->s);
@@ -151,19 +151,19 @@ static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   work->out = dw->typed_data();
   work->N = xd[0];
   work->size = wd[0] * wd[1] * wd[2] * wd[3];
-  work->partial.assign((PARTS - 1) * work->size, 0.0f);
+  work->partial.reset(new float[(PARTS - 1) * work->size]);  // each group zeroes its own
 #if defined(__AVX512F__)
   work->run = (work->s.O % 32 == 0) ? accumulate<8, 2> : accumulate<8, 1>;
 #else
   work->run = accumulate<4, 2>;
 #endif
-  const int64_t helpers = std::min<int64_t>(PARTS, pool.num_threads()) - 1;
+  const int64_t helpers = std::min<int64_t>(PARTS, pool.num_threads()) - 1;  // 3 threads: 2+1+1
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { take(work.get()); });
   take(work.get());
   while (work->done.load(std::memory_order_acquire) < PARTS) std::this_thread::yield();
   float* out = work->out;
   for (int64_t part = 1; part < PARTS; ++part) {
-    const float* p = work->partial.data() + (part - 1) * work->size;
+    const float* p = work->partial.get() + (part - 1) * work->size;
     for (int64_t i = 0; i < work->size; ++i) out[i] += p[i];
   }
   return ffi::Error::Success();
