@@ -17,8 +17,8 @@ Every model convolution (`layers.conv2d`) calls `conv_general_dilated` here. `co
               the forward pass;
             - where `conv_kernel.supports` it, the weight gradient is our own kernel (an XLA FFI
               custom call, `conv_kernel.py`), which reads the NHWC input in place where XLA
-              transposes it for Eigen (isolated, 16 channels at 32x32: 2.8 against 5.9 ms on one
-              thread; in the whole step 1-6% here, benchmarks/README.md);
+              transposes it for Eigen (isolated, 16 channels at 32x32: 1.39 against 5.40 ms,
+              both on two threads, 2026-12-02; benchmarks/README.md);
             - where `conv_kernel.supports_forward` it, the forward convolution is our direct
               convolution (another custom call), which does not pack image patches as Eigen
               does (isolated, 16 channels at 32x32: 1.12 against 1.99 ms; the resnet56 ->
