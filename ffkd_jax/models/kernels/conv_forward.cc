@@ -48,7 +48,7 @@ static inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
 struct Shape {
   int64_t N, H, W, C, Ho, Wo, O, KH, KW, sh, sw, pt, pl, Wp;  // Wp: padded row width
-  int64_t WS = 0;  // floats between the weight rows of one input channel (O, or a block when repacked)
+  int64_t WS = 0;  // floats between one input channel's weight rows: O, or a block if repacked
 };
 
 // y[wo .. wo + P) x [ob, ob + OV * VL) of one output row, from the KH padded rows (nullptr: a
