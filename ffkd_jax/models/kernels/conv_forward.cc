@@ -16,9 +16,10 @@
 // flipped and its channel axes swapped and padding K - 1 - p (ffkd_jax/models/conv_kernel.py
 // does that transformation in JAX, on the small kernel tensor).
 //
-// Work is split over (output-channel block, image) pairs, taken from an atomic counter by the calling
-// thread and by tasks scheduled on XLA's intra-op thread pool (one fewer than its threads): a
-// task that starts late finds no work left, and the call returns once every taken row is done.
+// Work is split over (output-channel block, image) pairs, taken from an atomic counter by the
+// calling thread and by tasks scheduled on XLA's intra-op thread pool (one fewer than its
+// threads): a task that starts late finds no work left, and the call returns once every taken
+// item is done.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
