@@ -266,6 +266,21 @@ def avx2_targets(tmp_path_factory) -> dict:
 _BUILDS = ['native'] + (['avx2'] if platform_lib.machine() in ('x86_64', 'AMD64') else [])
 
 
+def _target(name, build, request):
+  """The registered name of kernel `name` in `build` ('native', or 'avx2')."""
+  return name if build == 'native' else request.getfixturevalue('avx2_targets')[name]
+
+
+def _taps(x, kernel, strides, padding, out_hw):
+  """(i, j, the float64 zero-padded input at tap (i, j) of every output pixel): the NumPy side
+  of the kernel tests."""
+  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
+  (sh, sw), (ho, wo) = strides, out_hw
+  for i in range(kernel[0]):
+    for j in range(kernel[1]):
+      yield i, j, xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+
+
 @pytest.mark.parametrize(
     'in_shape,kernel,strides,padding',
     [
@@ -282,9 +297,7 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
 ):
   """Both vector widths of the C++: this host's (-march=native) and, on x86-64, the AVX2 one
   (built with -mno-avx512f, what an AVX2 host compiles; the same where the host is AVX2)."""
-  target = conv_kernel.TARGET
-  if build != 'native':
-    target = request.getfixturevalue('avx2_targets')[target]
+  target = _target(conv_kernel.TARGET, build, request)
   rng = np.random.default_rng(8)
   x = rng.normal(size=in_shape).astype(np.float32)
   w = np.zeros(kernel, np.float32)
@@ -297,13 +310,9 @@ def test_the_cpu_kernel_against_a_numpy_loop_and_xla(
       )
   )
   xla = np.asarray(jax.vjp(lambda w: conv_fn(x, w), w)[1](dy)[0])
-  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
   want = np.zeros(kernel)
-  (sh, sw), (ho, wo) = strides, out_shape[1:3]
-  for i in range(kernel[0]):
-    for j in range(kernel[1]):
-      patch = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-      want[i, j] = np.einsum('nhwc,nhwo->co', patch, dy)
+  for i, j, patch in _taps(x, kernel, strides, padding, out_shape[1:3]):
+    want[i, j] = np.einsum('nhwc,nhwo->co', patch, dy)
   atol = 1e-5 * np.abs(want).max()  # float32 sums of up to 3,072 products
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
   np.testing.assert_allclose(got, xla, rtol=1e-5, atol=atol)
@@ -333,21 +342,15 @@ def test_the_forward_kernel_against_a_numpy_loop_and_xla(
     in_shape, kernel, strides, padding, build, request
 ):
   """The direct convolution, both vector widths (as the weight-gradient test above)."""
-  target = conv_kernel.FORWARD_TARGET
-  if build != 'native':
-    target = request.getfixturevalue('avx2_targets')[target]
+  target = _target(conv_kernel.FORWARD_TARGET, build, request)
   rng = np.random.default_rng(9)
   x = rng.normal(size=in_shape).astype(np.float32)
   w = rng.normal(size=kernel).astype(np.float32)
   got = np.asarray(jax.jit(lambda x, w: conv_kernel.forward(x, w, strides, padding, target))(x, w))
   xla = np.asarray(conv._xla_conv(x, w, strides, padding, 1))
-  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
-  (sh, sw), (ho, wo) = strides, xla.shape[1:3]
   want = np.zeros(xla.shape)
-  for i in range(kernel[0]):
-    for j in range(kernel[1]):
-      patch = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-      want += np.einsum('nhwc,co->nhwo', patch, w[i, j])
+  for i, j, patch in _taps(x, kernel, strides, padding, xla.shape[1:3]):
+    want += np.einsum('nhwc,co->nhwo', patch, w[i, j])
   atol = 1e-5 * np.abs(want).max()
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
@@ -371,9 +374,7 @@ def test_the_input_gradient_kernel_against_a_numpy_loop_and_xla(
 ):
   """dx of a stride-1 convolution: dx[n, h, w, c] = sum over taps and outputs of
   dy[n, h + pt - i, w + pl - j, o] w[i, j, c, o], written as a scatter of each output's taps."""
-  target = conv_kernel.FORWARD_TARGET
-  if build != 'native':
-    target = request.getfixturevalue('avx2_targets')[target]
+  target = _target(conv_kernel.FORWARD_TARGET, build, request)
   rng = np.random.default_rng(10)
   x = rng.normal(size=in_shape).astype(np.float32)
   w = rng.normal(size=kernel).astype(np.float32)

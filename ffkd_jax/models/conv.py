@@ -356,10 +356,8 @@ def _barrier_backward(strides, padding, groups, residuals, dy):
     # mark it per-device, then sum over the axes the kernel does not vary over (as XLA's own
     # transpose of the convolution does).
     dw = conv_kernel.weight_gradient(x, dy, w.shape, strides, padding).astype(w.dtype)
-    varying = _varying(x) | _varying(dy)
-    if varying:
-      dw = lax.pcast(dw, tuple(sorted(varying)), to='varying')
-    summed = tuple(sorted(varying - _varying(w)))
+    dw = _per_device(dw, x, dy)
+    summed = tuple(sorted(_varying(dw) - _varying(w)))
     return lax.psum(dw, summed) if summed else dw
 
   if _on_cpu() and conv_kernel.supports(x, dy, w.shape, groups) and conv_kernel.available():

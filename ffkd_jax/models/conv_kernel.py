@@ -54,6 +54,7 @@ TARGET = 'ffkd_conv_weight_grad'
 FORWARD_TARGET = 'ffkd_conv_forward'
 _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels')
 _SOURCES = tuple(os.path.join(_KERNELS, f) for f in ('conv_weight_grad.cc', 'conv_forward.cc'))
+_HEADER = os.path.join(_KERNELS, 'pool.h')  # included by both: part of the cache key
 _SYMBOLS = {TARGET: 'FfkdConvWeightGrad', FORWARD_TARGET: 'FfkdConvForward'}
 
 
@@ -81,7 +82,7 @@ def _library_path(compiler: str) -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
 
   source = b''
-  for name in _SOURCES:
+  for name in _SOURCES + (_HEADER,):
     with open(name, 'rb') as f:
       source += f.read()
   key = hashlib.sha256(

@@ -16,18 +16,14 @@
 // flipped and its channel axes swapped and padding K - 1 - p (ffkd_jax/models/conv_kernel.py
 // does that transformation in JAX, on the small kernel tensor).
 //
-// Work is split over (output-channel block, image) pairs, taken from an atomic counter by the
-// calling thread and by tasks scheduled on XLA's intra-op thread pool (one fewer than its
-// threads): a task that starts late finds no work left, and the call returns once every taken
-// item is done.
-#include <algorithm>
-#include <atomic>
+// Work is split over (output-channel block, image) pairs, shared by the calling thread and tasks
+// on XLA's intra-op thread pool (pool.h).
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -96,17 +92,18 @@ static void output_row(const float* const* rows, const float* w, float* yrow, co
   for (; wo < s.Wo; ++wo) block<1, OV>(rows, w, yrow, s, wo, ob);
 }
 
+using RowFn = void (*)(const float* const*, const float*, float*, const Shape&, int64_t);
+
 struct Work {
   const float* x;
   const float* w;
   float* y;
   Shape s;
   std::vector<float> packed;  // w by output-channel block, where there is more than one
-  void (*row_fn)(const float* const*, const float*, float*, const Shape&, int64_t);
+  RowFn row_fn;
   int64_t channels = 0;  // output channels a row_fn call computes (OV * VL)
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
+  ffkd_pool::Items items;
+  explicit Work(int64_t total) : items(total) {}
 };
 
 // Takes (output-channel block, image) items until none is left. The block is outermost, so a
@@ -118,10 +115,7 @@ static void run(Work* work) {
   std::vector<float> ring(copy ? s.KH * s.Wp * s.C : 0, 0.0f);
   std::vector<int64_t> held(s.KH, -1);  // which (n * H + hi) each ring slot holds
   const float* rows[16];
-  int64_t finished = 0;
-  for (;;) {
-    const int64_t item = work->next.fetch_add(1, std::memory_order_relaxed);
-    if (item >= work->total) break;
+  work->items.take([&](int64_t item) {
     const int64_t ob = item / s.N * work->channels, n = item % s.N;
     const float* w = work->packed.empty() ? work->w : work->packed.data() + ob * s.KH * s.KW * s.C;
     for (int64_t ho = 0; ho < s.Ho; ++ho) {
@@ -146,9 +140,7 @@ static void run(Work* work) {
       }
       work->row_fn(rows, w, work->y + (n * s.Ho + ho) * s.Wo * s.O, s, ob);
     }
-    ++finished;
-  }
-  work->done.fetch_add(finished, std::memory_order_acq_rel);
+  });
 }
 
 static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -161,42 +153,41 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (wd[0] > 16) return ffi::Error::InvalidArgument("kernel taller than 16 rows");
   if (pt < 0 || pl < 0 || pr < 0) return ffi::Error::InvalidArgument("negative padding");
   if (yd[3] % 16 != 0) return ffi::Error::InvalidArgument("output channels not a multiple of 16");
-  auto work = std::make_shared<Work>();
+  const int64_t O = yd[3];
+  // P x OV accumulators, chosen so that they and the OV weight vectors fit the registers
+  RowFn row_fn;
+  int64_t channels;
+#if defined(__AVX512F__)
+  if (O % (4 * VL) == 0)
+    row_fn = output_row<6, 4>, channels = 4 * VL;
+  else if (O % (2 * VL) == 0)
+    row_fn = output_row<8, 2>, channels = 2 * VL;
+  else
+    row_fn = output_row<16, 1>, channels = VL;
+#else
+  row_fn = output_row<6, 2>, channels = 2 * VL;  // O % 16 == 0
+#endif
+  const int64_t blocks = O / channels, taps = wd[0] * wd[1] * wd[2];
+  auto work = std::make_shared<Work>(xd[0] * blocks);
   work->x = x.typed_data();
   work->w = w.typed_data();
   work->y = y->typed_data();
   work->s = Shape{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
                   sh, sw, pt, pl, xd[2] + pl + pr};
-  const int64_t O = yd[3];
-  // P x OV accumulators, chosen so that they and the OV weight vectors fit the registers
-#if defined(__AVX512F__)
-  if (O % (4 * VL) == 0)
-    work->row_fn = output_row<6, 4>, work->channels = 4 * VL;
-  else if (O % (2 * VL) == 0)
-    work->row_fn = output_row<8, 2>, work->channels = 2 * VL;
-  else
-    work->row_fn = output_row<16, 1>, work->channels = VL;
-#else
-  work->row_fn = output_row<6, 2>, work->channels = 2 * VL;  // O % 16 == 0
-#endif
+  work->row_fn = row_fn;
+  work->channels = channels;
   // With several blocks, the weights are repacked so that each block's are contiguous: in HWIO
   // one input channel's row of a block is 64 floats out of O, and rows O floats apart (1 KB at
   // 256 channels) fall into a few cache sets.
-  const int64_t blocks = O / work->channels, taps = wd[0] * wd[1] * wd[2];
-  work->s.WS = blocks > 1 ? work->channels : O;
+  work->s.WS = blocks > 1 ? channels : O;
   if (blocks > 1) {
     work->packed.resize(taps * O);
-    const float* src = work->w;
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t t = 0; t < taps; ++t)
-        std::memcpy(work->packed.data() + (b * taps + t) * work->channels,
-                    src + t * O + b * work->channels, work->channels * sizeof(float));
+        std::memcpy(work->packed.data() + (b * taps + t) * channels,
+                    work->w + t * O + b * channels, channels * sizeof(float));
   }
-  work->total = xd[0] * blocks;
-  const int64_t helpers = std::min(pool.num_threads(), work->total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run(work.get()); });
-  run(work.get());
-  while (work->done.load(std::memory_order_acquire) < work->total) std::this_thread::yield();
+  ffkd_pool::share(pool, work, run);
   return ffi::Error::Success();
 }
 

@@ -16,19 +16,17 @@
 // (52.9 -> 38.4 ms there; a 1 MB chunk was slower on a strided 1x1 convolution, 6.1 against
 // 2.5 ms; benchmarks/README.md).
 //
-// On XLA's intra-op threads: 4 fixed groups of images, each summed into its own buffer by
+// On XLA's intra-op threads (pool.h): 4 fixed groups of images, each summed into its own buffer by
 // whichever thread takes it, then added in group order (deterministic). XLA's CPU runtime runs
 // one custom call at a time, so a one-thread kernel here would leave a core idle. Needs
 // C % CB == 0 and O % 16 == 0. ffkd_jax/models/conv_kernel.py checks both (otherwise XLA's path
 // runs) and builds this file with the host's compiler (-O3 -march=native) on first use.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
-#include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -119,23 +117,17 @@ struct Work {
   int64_t N = 0, size = 0;
   void (*run)(const float*, const float*, float*, int64_t, int64_t, const Shape&);
   std::unique_ptr<float[]> partial;  // groups 1 .. PARTS - 1 (group 0 goes straight to `out`)
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  ffkd_pool::Items items{PARTS};
 };
 
 // Takes groups until none is left.
 static void take(Work* work) {
-  int64_t finished = 0;
-  for (;;) {
-    const int64_t part = work->next.fetch_add(1, std::memory_order_relaxed);
-    if (part >= PARTS) break;
+  work->items.take([work](int64_t part) {
     float* acc = part == 0 ? work->out : work->partial.get() + (part - 1) * work->size;
     std::memset(acc, 0, work->size * sizeof(float));
     work->run(work->x, work->dy, acc, work->N * part / PARTS, work->N * (part + 1) / PARTS,
               work->s);
-    ++finished;
-  }
-  work->done.fetch_add(finished, std::memory_order_acq_rel);
+  });
 }
 
 static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -157,10 +149,7 @@ static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
 #else
   work->run = accumulate<4, 2>;
 #endif
-  const int64_t helpers = std::min<int64_t>(PARTS, pool.num_threads()) - 1;  // 3 threads: 2+1+1
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { take(work.get()); });
-  take(work.get());
-  while (work->done.load(std::memory_order_acquire) < PARTS) std::this_thread::yield();
+  ffkd_pool::share(pool, work, take);  // 3 threads: groups of 2 + 1 + 1
   float* out = work->out;
   for (int64_t part = 1; part < PARTS; ++part) {
     const float* p = work->partial.get() + (part - 1) * work->size;
